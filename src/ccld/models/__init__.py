@@ -1,0 +1,1 @@
+"""The three frozen networks: the conditioned U-Net, CLOOB and the KL-f8 autoencoder."""

@@ -1,0 +1,216 @@
+"""The CLOOB-conditioned residual U-Net of cloob-latent-diffusion, predicting v in continuous time.
+
+The module tree mirrors the released checkpoints key for key (`net.4.main.9.main.1.main.0.weight`
+...), so bare state dicts, Lightning EMA weights and our safetensors all load with a plain
+`load_state_dict`. Unlike the original, the conditioning vector is passed down explicitly instead
+of through a shared mutable dict, which makes the model reentrant (threads, torch.compile).
+
+Layout at 32x32 latents (cs = base_channels * channel_multipliers):
+    32x32: 4 conv blocks              -> [16x16: 4 x (conv, attn) -> [8x8: 4 x (conv, attn)
+    -> [4x4: 8 x (conv, attn)] -> 4 x (conv, attn)] -> 4 x (conv, attn)] -> 4 conv blocks
+Every conv block is modulated (scale and shift) by a 1024-wide vector that a small mapping
+network computes from the CLOOB embedding and the timestep.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MAPPING_WIDTH = 1024
+MAPPING_FOURIER = 128
+PLANE_FOURIER = 16
+
+
+class FourierFeatures(nn.Module):
+    """Random Fourier features of the timestep; the weights are fixed at initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, std: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn([out_features // 2, in_features]) * std,
+                                   requires_grad=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * t @ self.weight.T
+        return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class ResLinearBlock(nn.Module):
+    def __init__(self, f_in: int, f_mid: int, f_out: int, is_last: bool = False):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Linear(f_in, f_mid), nn.ReLU(),
+            nn.Linear(f_mid, f_out), nn.Identity() if is_last else nn.ReLU())
+        self.skip = nn.Identity() if f_in == f_out else nn.Linear(f_in, f_out, bias=False)
+
+    def forward(self, x):
+        return self.main(x) + self.skip(x)
+
+
+class Modulation2d(nn.Module):
+    """Feature-wise affine modulation: x * (1 + scale) + shift, both predicted from cond."""
+
+    def __init__(self, cond_features: int, channels: int):
+        super().__init__()
+        self.layer = nn.Linear(cond_features, channels * 2, bias=False)
+
+    def forward(self, x, cond):
+        scales, shifts = self.layer(cond).chunk(2, dim=-1)
+        return torch.addcmul(shifts[..., None, None], x, scales[..., None, None] + 1)
+
+
+class ResModConvBlock(nn.Module):
+    """conv -> GroupNorm(1) -> modulation -> ReLU, twice, plus a (1x1 conv) skip.
+
+    Indices in `main` follow the release (0 conv, 1 norm, 2 modulation, 3 ReLU, 4 conv, ...);
+    the last block of the net ends at its second conv.
+    """
+
+    def __init__(self, cond_features: int, c_in: int, c_mid: int, c_out: int,
+                 is_last: bool = False):
+        super().__init__()
+        self.is_last = is_last
+        self.main = nn.ModuleList([
+            nn.Conv2d(c_in, c_mid, 3, padding=1),
+            nn.GroupNorm(1, c_mid, affine=False),
+            Modulation2d(cond_features, c_mid),
+            nn.ReLU(),
+            nn.Conv2d(c_mid, c_out, 3, padding=1),
+            nn.Identity() if is_last else nn.GroupNorm(1, c_out, affine=False),
+            nn.Identity() if is_last else Modulation2d(cond_features, c_out),
+            nn.Identity() if is_last else nn.ReLU(),
+        ])
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x, cond):
+        conv1, norm1, mod1, _, conv2, norm2, mod2, _ = self.main
+        h = F.relu(mod1(norm1(conv1(x)), cond))
+        h = conv2(h)
+        if not self.is_last:
+            h = F.relu(mod2(norm2(h), cond))
+        return h + self.skip(x)
+
+
+class SelfAttention2d(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, n_head: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, channels)
+        self.n_head = n_head
+        self.qkv_proj = nn.Conv2d(channels, channels * 3, 1)
+        self.out_proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, cond=None):
+        n, c, h, w = x.shape
+        qkv = self.qkv_proj(self.norm(x))
+        # channels are laid out [q heads | k heads | v heads], each head a contiguous run
+        qkv = qkv.view(n, 3 * self.n_head, c // self.n_head, h * w).transpose(2, 3)
+        q, k, v = qkv.chunk(3, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = y.transpose(2, 3).reshape(n, c, h, w)
+        return x + self.out_proj(y)
+
+
+class CondSequential(nn.Sequential):
+    """A Sequential whose blocks may take the conditioning vector as a second argument."""
+
+    def forward(self, x, cond):
+        for layer in self:
+            x = layer(x, cond) if isinstance(layer, _TAKES_COND) else layer(x)
+        return x
+
+
+class SkipBlock(nn.Module):
+    """U-Net level: runs `main` (down ... up) and concatenates its input along channels."""
+
+    def __init__(self, *main: nn.Module):
+        super().__init__()
+        self.main = CondSequential(*main)
+
+    def forward(self, x, cond):
+        return torch.cat([self.main(x, cond), x], dim=1)
+
+
+_TAKES_COND = (ResModConvBlock, SelfAttention2d, SkipBlock)
+
+
+def _heads(channels: int) -> int:
+    # the release uses 64-channel heads; tiny test nets narrower than 64 get one head
+    return max(1, channels // 64)
+
+
+class CCLDUNet(nn.Module):
+    """v-prediction U-Net for 4-channel latents, conditioned on a CLOOB embedding.
+
+    `forward(x, t, embed)`: x [n, 4, H, W] noised latents, t [n] in [0, 1] with
+    alpha = cos(pi t / 2), sigma = sin(pi t / 2), embed [n, embed_dim] (zeros = unconditional).
+    `autoencoder_scale` is the latent scale the net was trained with (latents = z / scale).
+    """
+
+    def __init__(self, base_channels: int = 192, channel_multipliers=(1, 1, 2, 2),
+                 embed_dim: int = 512, autoencoder_scale: float = 1.0):
+        super().__init__()
+        self.base_channels = int(base_channels)
+        self.channel_multipliers = tuple(int(m) for m in channel_multipliers)
+        if len(self.channel_multipliers) != 4:
+            raise ValueError("channel_multipliers must have four entries, one per resolution")
+        self.embed_dim = int(embed_dim)
+        cs = [self.base_channels * m for m in self.channel_multipliers]
+
+        self.mapping_timestep_embed = FourierFeatures(1, MAPPING_FOURIER)
+        self.mapping = nn.Sequential(
+            ResLinearBlock(embed_dim + MAPPING_FOURIER, MAPPING_WIDTH, MAPPING_WIDTH),
+            ResLinearBlock(MAPPING_WIDTH, MAPPING_WIDTH, MAPPING_WIDTH, is_last=True))
+        self.register_buffer("autoencoder_scale", torch.tensor(float(autoencoder_scale)))
+        self.timestep_embed = FourierFeatures(1, PLANE_FOURIER)
+
+        def conv(c_in, c_mid, c_out, is_last=False):
+            return ResModConvBlock(MAPPING_WIDTH, c_in, c_mid, c_out, is_last)
+
+        def stage(c_in, c, c_out, n_blocks):
+            """n_blocks (conv, attention) pairs; the first takes c_in, the last gives c_out."""
+            layers = []
+            for i in range(n_blocks):
+                out = c_out if i == n_blocks - 1 else c
+                layers += [conv(c_in if i == 0 else c, c, out), SelfAttention2d(out, _heads(out))]
+            return layers
+
+        down = nn.AvgPool2d(2)
+        up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        level3 = SkipBlock(down, *stage(cs[2], cs[3], cs[2], 8), up)
+        level2 = SkipBlock(down, *stage(cs[1], cs[2], cs[2], 4), level3,
+                           *stage(cs[2] * 2, cs[2], cs[1], 4), up)
+        level1 = SkipBlock(down, *stage(cs[0], cs[1], cs[1], 4), level2,
+                           *stage(cs[1] * 2, cs[1], cs[0], 4), up)
+        self.net = CondSequential(
+            conv(4 + PLANE_FOURIER, cs[0], cs[0]), conv(cs[0], cs[0], cs[0]),
+            conv(cs[0], cs[0], cs[0]), conv(cs[0], cs[0], cs[0]),
+            level1,
+            conv(cs[0] * 2, cs[0], cs[0]), conv(cs[0], cs[0], cs[0]),
+            conv(cs[0], cs[0], cs[0]), conv(cs[0], cs[0], 4, is_last=True))
+
+        # the release's initialisation: residual branches scaled by 1/sqrt(2)
+        with torch.no_grad():
+            for p in [*self.mapping.parameters(), *self.net.parameters()]:
+                p.mul_(0.5 ** 0.5)
+
+    @property
+    def config(self) -> dict:
+        return {"base_channels": self.base_channels,
+                "channel_multipliers": list(self.channel_multipliers),
+                "embed_dim": self.embed_dim}
+
+    def mapping_cond(self, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """The 1024-wide vector that modulates every conv block."""
+        embed = F.normalize(embed, dim=-1) * embed.shape[-1] ** 0.5
+        return self.mapping(torch.cat([embed, self.mapping_timestep_embed(t[:, None])], dim=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        cond = self.mapping_cond(t, embed)
+        planes = self.timestep_embed(t[:, None])[..., None, None].expand(
+            -1, -1, x.shape[2], x.shape[3])
+        return self.net(torch.cat([x, planes.to(x.dtype)], dim=1), cond)

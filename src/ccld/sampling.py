@@ -1,0 +1,271 @@
+"""Noise schedules, samplers and classifier-free guidance for a v-predicting diffusion model.
+
+Time t in [0, 1] maps to alpha = cos(pi t / 2), sigma = sin(pi t / 2); a noised latent is
+x = alpha * x0 + sigma * eps and the model predicts v = alpha * eps - sigma * x0.
+
+Every sampler is one function `sampler(model, x, steps, ...)`: `model(x, t)` returns v for a batch
+(`t` has one entry per row), `x` is the starting noise (or noised latent), `steps` the decreasing
+timesteps to visit. The v-diffusion family (ddim/ddpm, prk, plms, pie, plms2, iplms) keeps the
+reference semantics exactly, quirks included: DDIM returns its last clean-latent prediction;
+the pseudo-numerical methods step on to t = 0 and return x. `dpmpp_2m` is DPM-Solver++(2M)
+written for this continuous-time v-model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None] | None
+
+
+# Schedules
+
+def t_to_alpha_sigma(t):
+    return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+
+
+def alpha_sigma_to_t(alpha, sigma):
+    return torch.atan2(sigma, alpha) / math.pi * 2
+
+
+def ddpm_schedule(ddpm_t):
+    """Timesteps of the linear-beta DDPM schedule, in continuous time."""
+    log_snr = -torch.special.expm1(1e-4 + 10 * ddpm_t ** 2).log()
+    alpha, sigma = log_snr.sigmoid().sqrt(), log_snr.neg().sigmoid().sqrt()
+    return alpha_sigma_to_t(alpha, sigma)
+
+
+def spliced_ddpm_cosine_schedule(t):
+    """Cosine at low noise, DDPM at high noise, joined where their slopes match."""
+    ddpm_crossover = 0.48536712
+    cosine_crossover = 0.80074257
+    big_t = t * (1 + cosine_crossover - ddpm_crossover)
+    ddpm_part = ddpm_schedule(big_t + ddpm_crossover - cosine_crossover)
+    return torch.where(big_t < cosine_crossover, big_t, ddpm_part)
+
+
+def get_timesteps(n_steps: int, start: float = 1.0, device=None) -> torch.Tensor:
+    """The demo's timesteps: `n_steps` points from `start` down to (not including) 0, spliced."""
+    t = torch.linspace(start, 0, n_steps + 1, device=device)[:-1]
+    return spliced_ddpm_cosine_schedule(t)
+
+
+# Classifier-free guidance
+
+def guided_model(model: Callable, embeds: torch.Tensor, weights: torch.Tensor) -> Model:
+    """v = sum_i weights[i] * model(x, t, embeds[i]), all conditions in one batched forward.
+
+    Row 0 of `embeds` is normally the zero (unconditional) embedding with weight
+    1 - sum(user weights), which makes this the usual classifier-free guidance.
+    """
+    k = embeds.shape[0]
+
+    def fn(x, t):
+        n = x.shape[0]
+        embed_in = embeds.repeat_interleave(n, 0)
+        vs = model(x.repeat(k, 1, 1, 1), t.repeat(k), embed_in).view(k, n, *x.shape[1:])
+        return (vs * weights.view(k, 1, 1, 1, 1).to(vs.dtype)).sum(0)
+
+    return fn
+
+
+def condition_weights(user_weights, device=None) -> torch.Tensor:
+    """Prepends the unconditional weight 1 - sum(w), as the reference demo does."""
+    user_weights = [float(w) for w in user_weights]
+    return torch.tensor([1 - sum(user_weights), *user_weights], device=device)
+
+
+# Helpers
+
+def _randn_like(x, generator):
+    # noise is drawn on the CPU so that a seed means the same picture on every device
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+
+def _eps(model, x, t):
+    """The model's noise prediction at scalar time t."""
+    alpha, sigma = t_to_alpha_sigma(t)
+    v = model(x, t.expand(x.shape[0])).float()
+    return x * sigma + v * alpha
+
+
+def _transfer(x, eps, t_1, t_2):
+    """Moves x from t_1 to t_2 along the direction eps (a DDIM step); also returns x0."""
+    alpha_1, sigma_1 = t_to_alpha_sigma(t_1)
+    alpha_2, sigma_2 = t_to_alpha_sigma(t_2)
+    pred = (x - eps * sigma_1) / alpha_1
+    return pred * alpha_2 + eps * sigma_2, pred
+
+
+def _notify(callback, i, t, x, pred):
+    if callback is not None:
+        callback({"i": i, "t": t, "x": x, "pred": pred})
+
+
+# DDIM / DDPM
+
+@torch.no_grad()
+def ddim(model: Model, x, steps, eta: float = 0.0, generator=None, callback: Callback = None):
+    """DDIM with noise level eta (eta=1 is DDPM ancestral sampling). Returns the last x0 estimate."""
+    alphas, sigmas = t_to_alpha_sigma(steps)
+    for i in range(len(steps)):
+        v = model(x, steps[i].expand(x.shape[0])).float()
+        pred = x * alphas[i] - v * sigmas[i]
+        eps = x * sigmas[i] + v * alphas[i]
+        _notify(callback, i, steps[i], x, pred)
+        if i < len(steps) - 1:
+            ddim_sigma = eta * (sigmas[i + 1] ** 2 / sigmas[i] ** 2).sqrt() * \
+                (1 - alphas[i] ** 2 / alphas[i + 1] ** 2).sqrt()
+            adjusted_sigma = (sigmas[i + 1] ** 2 - ddim_sigma ** 2).sqrt()
+            x = pred * alphas[i + 1] + eps * adjusted_sigma
+            if eta:
+                x = x + _randn_like(x, generator) * ddim_sigma
+    return pred
+
+
+def ddpm(model: Model, x, steps, generator=None, callback: Callback = None):
+    return ddim(model, x, steps, eta=1.0, generator=generator, callback=callback)
+
+
+# Pseudo numerical methods (PNDM, Liu et al. 2022): a classical integrator in the eps space,
+# each step projected back with a DDIM transfer.
+
+ADAMS_BASHFORTH = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def _prk_step(model, x, history, t_1, t_2):
+    """Fourth-order pseudo Runge-Kutta; the history gets the combined eps."""
+    t_mid = (t_1 + t_2) / 2
+    eps_1 = _eps(model, x, t_1)
+    eps_2 = _eps(model, _transfer(x, eps_1, t_1, t_mid)[0], t_mid)
+    eps_3 = _eps(model, _transfer(x, eps_2, t_1, t_mid)[0], t_mid)
+    eps_4 = _eps(model, _transfer(x, eps_3, t_1, t_2)[0], t_2)
+    eps_prime = (eps_1 + 2 * eps_2 + 2 * eps_3 + eps_4) / 6
+    return *_transfer(x, eps_prime, t_1, t_2), eps_prime
+
+
+def _pie_step(model, x, history, t_1, t_2):
+    """Pseudo improved Euler (Heun); the history gets the averaged eps."""
+    eps_1 = _eps(model, x, t_1)
+    eps_2 = _eps(model, _transfer(x, eps_1, t_1, t_2)[0], t_2)
+    eps_prime = (eps_1 + eps_2) / 2
+    return *_transfer(x, eps_prime, t_1, t_2), eps_prime
+
+
+def _lms_step(model, x, history, t_1, t_2, order):
+    """Pseudo linear multistep of `order`; the history gets this step's own eps."""
+    eps = _eps(model, x, t_1)
+    coeffs = ADAMS_BASHFORTH[order]
+    eps_prime = coeffs[0] * eps + sum(c * e for c, e in zip(coeffs[1:], reversed(history)))
+    x_new, _ = _transfer(x, eps_prime, t_1, t_2)
+    return x_new, _transfer(x, eps, t_1, t_2)[1], eps
+
+
+@torch.no_grad()
+def _pseudo_sample(model, x, steps, choose_step, callback):
+    steps = torch.cat([steps, steps.new_zeros([1])])
+    history = []
+    for i in range(len(steps) - 1):
+        step = choose_step(len(history))
+        x, pred, eps = step(model, x, history, steps[i], steps[i + 1])
+        history = (history + [eps])[-3:]
+        _notify(callback, i, steps[i], x, pred)
+    return x
+
+
+def _lms(order):
+    return lambda model, x, history, t_1, t_2: _lms_step(model, x, history, t_1, t_2, order)
+
+
+def prk(model: Model, x, steps, callback: Callback = None):
+    return _pseudo_sample(model, x, steps, lambda n: _prk_step, callback)
+
+
+def plms(model: Model, x, steps, callback: Callback = None):
+    """Fourth-order PLMS, started with three PRK steps (24 forwards for 15 steps)."""
+    return _pseudo_sample(model, x, steps, lambda n: _prk_step if n < 3 else _lms(4), callback)
+
+
+def pie(model: Model, x, steps, callback: Callback = None):
+    return _pseudo_sample(model, x, steps, lambda n: _pie_step, callback)
+
+
+def plms2(model: Model, x, steps, callback: Callback = None):
+    """Second-order PLMS, started with one PIE step."""
+    return _pseudo_sample(model, x, steps, lambda n: _pie_step if n < 1 else _lms(2), callback)
+
+
+def iplms(model: Model, x, steps, callback: Callback = None):
+    """Improved PLMS: lower-order Adams-Bashforth while the history fills (one forward a step)."""
+    return _pseudo_sample(model, x, steps, lambda n: _lms(min(n + 1, 4)), callback)
+
+
+# DPM-Solver++(2M) (Lu et al. 2022) in continuous time for a v-model
+
+@torch.no_grad()
+def dpmpp_2m(model: Model, x, steps, callback: Callback = None):
+    """Second-order multistep solver in log-SNR on the data prediction; one forward a step.
+
+    Steps from each timestep to the next and finally to t = 0, where it returns the clean
+    latent. lambda = log(alpha / sigma) is the half log-SNR.
+    """
+    steps = torch.cat([steps, steps.new_zeros([1])])
+    alphas, sigmas = t_to_alpha_sigma(steps)
+    lambdas = torch.log(alphas) - torch.log(sigmas)
+    old_pred, h_last = None, None
+    for i in range(len(steps) - 1):
+        v = model(x, steps[i].expand(x.shape[0])).float()
+        pred = x * alphas[i] - v * sigmas[i]
+        _notify(callback, i, steps[i], x, pred)
+        if sigmas[i + 1] == 0:
+            x = pred  # the final step lands on the data prediction itself
+            break
+        h = lambdas[i + 1] - lambdas[i]
+        denoised = pred
+        if old_pred is not None:
+            r = h_last / h
+            denoised = (1 + 1 / (2 * r)) * pred - (1 / (2 * r)) * old_pred
+        x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * torch.expm1(-h) * denoised
+        old_pred, h_last = pred, h
+    return x
+
+
+SAMPLERS = {
+    "plms": plms, "ddim": ddim, "ddpm": ddpm, "prk": prk, "pie": pie,
+    "plms2": plms2, "iplms": iplms, "dpm++2m": dpmpp_2m,
+}
+STOCHASTIC = {"ddim", "ddpm"}  # samplers that take eta / a generator
+
+
+def sample(method: str, model: Model, x, steps, eta: float = 0.0, generator=None,
+           callback: Callback = None):
+    """Runs the named sampler; eta and generator reach only the methods that use them."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampling method {method!r}; choose from {', '.join(SAMPLERS)}")
+    if method == "ddim":
+        return ddim(model, x, steps, eta=eta, generator=generator, callback=callback)
+    if method == "ddpm":
+        return ddpm(model, x, steps, generator=generator, callback=callback)
+    return SAMPLERS[method](model, x, steps, callback=callback)
+
+
+def forwards_per_image(method: str, n_steps: int) -> int:
+    """How many (guided) model evaluations a method makes for n_steps steps."""
+    if method == "prk":
+        return 4 * n_steps
+    if method == "pie":
+        return 2 * n_steps
+    if method == "plms":
+        return 4 * min(3, n_steps) + max(0, n_steps - 3)
+    if method == "plms2":
+        return 2 * min(1, n_steps) + max(0, n_steps - 1)
+    return n_steps
