@@ -1,0 +1,194 @@
+"""The `ccld` command: generate, download, convert, info.
+
+Problems the user can fix arrive as `CCLDError` and are printed as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__, sampling
+from .errors import CCLDError
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options that choose the three models; shared by generate, convert and serve."""
+    g = p.add_argument_group("models (default: the distilled WikiArt student, downloaded once)")
+    g.add_argument("--model", metavar="FOLDER",
+                   help="a pipeline folder written by `ccld convert` (loads fastest)")
+    g.add_argument("--unet", metavar="PATH",
+                   help="U-Net checkpoint: bare state dict, Lightning .ckpt or .safetensors; "
+                        "its architecture is read from the weights")
+    g.add_argument("--autoencoder", metavar="PATH", help="LDM KL-f8 autoencoder .ckpt")
+    g.add_argument("--autoencoder-config", metavar="YAML",
+                   help="its yaml config (default: the .yaml beside the .ckpt)")
+    g.add_argument("--cloob", metavar="PATH", help="CLOOB checkpoint (.pkl release or .safetensors)")
+    g.add_argument("--cloob-config", metavar="JSON",
+                   help="CLOOB config: a JSON file or a built-in name (default: inferred from "
+                        "the checkpoint's file name)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: auto)")
+
+
+def load_pipeline(args):
+    import torch
+
+    from .pipeline import CCLDPipeline
+
+    if args.model:
+        pipe = CCLDPipeline.from_pretrained(args.model)
+    else:
+        pipe = CCLDPipeline.from_files(unet=args.unet, autoencoder=args.autoencoder,
+                                       autoencoder_config=args.autoencoder_config,
+                                       cloob=args.cloob, cloob_config=args.cloob_config)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return pipe.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise CCLDError(f"cannot use device {device!r} ({str(e).splitlines()[0][:120]}); "
+                        "pass --device cpu or an available device") from None
+
+
+def next_index(out: Path) -> int:
+    """The first free image number in out, so earlier pictures are never overwritten."""
+    taken = [int(p.stem) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]*.png") if p.stem.isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def cmd_generate(args) -> int:
+    from .images import make_grid, save_png
+
+    if args.n < 1:
+        raise CCLDError(f"-n must be at least 1 (got {args.n})")
+    if args.steps < 1:
+        raise CCLDError(f"--steps must be at least 1 (got {args.steps})")
+    if args.init_image is None and args.strength is not None:
+        raise CCLDError("--strength needs --init-image PATH")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CCLDError(f"{out}: cannot create the output folder ({e.strerror}); pass another --out") from None
+    pipe = load_pipeline(args)
+    images = pipe(args.prompts, image_prompts=args.image_prompt, num_images=args.n,
+                  steps=args.steps, method=args.method, guidance=args.guidance, seed=args.seed,
+                  eta=args.eta, init_image=args.init_image,
+                  strength=0.6 if args.strength is None else args.strength,
+                  latent_scale=args.latent_scale, progress=not args.quiet)
+    start = next_index(out)
+    for i, image in enumerate(images):
+        path = out / f"{start + i:05}.png"
+        save_png(image, path, json.loads(image.info["parameters"]))
+        print(path)
+    if args.grid:
+        path = out / "grid.png"
+        save_png(make_grid(images), path, {**json.loads(images[0].info["parameters"]), "grid": True})
+        print(path)
+    return 0
+
+
+def cmd_download(args) -> int:
+    from . import checkpoints
+    from .pipeline import download_cloob
+
+    repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
+    paths = [checkpoints.hub_download(*checkpoints.DEFAULT_UNET),
+             checkpoints.hub_download(repo, ckpt), checkpoints.hub_download(repo, yaml),
+             download_cloob(args.cloob)]
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    pipe = load_pipeline(args)
+    folder = pipe.save_pretrained(args.output)
+    print(f"wrote {folder}; use it with `ccld generate --model {folder}` or "
+          f"CCLDPipeline.from_pretrained({str(folder)!r})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoints import describe_checkpoint
+
+    info = describe_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ccld", description="CLOOB-conditioned latent diffusion: "
+                                "paint from text and image prompts.")
+    p.add_argument("--version", action="version", version=f"ccld {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="paint pictures from prompts",
+                       description="Paint pictures from text and image prompts. Each PNG records "
+                       "its parameters; the same seed and settings paint the same picture.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("prompts", nargs="*", metavar="PROMPT[:WEIGHT]",
+                   help="text prompts; a weight after the last colon (negative steers away)")
+    g.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="an image prompt (repeatable)")
+    g.add_argument("--init-image", metavar="PATH", help="start from this image (image to image)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how far to noise the init image, 0..1 (default 0.6)")
+    g.add_argument("-n", type=int, default=1, help="number of images")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
+    g.add_argument("--method", default=DEFAULT_METHOD, choices=list(sampling.SAMPLERS),
+                   help="sampler")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic)")
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help="default prompt weight (classifier-free guidance scale)")
+    g.add_argument("--latent-scale", type=float, default=None,
+                   help="latent scale for decoding (default: the U-Net's stored "
+                        "autoencoder_scale; the original demo decoded with 2.55)")
+    g.add_argument("--out", default="out", help="output folder")
+    g.add_argument("--grid", action="store_true", help="also write grid.png")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("download", help="fetch the default models into the Hugging Face cache")
+    d.add_argument("--cloob", default=None, help="built-in CLOOB config name")
+    d.set_defaults(func=cmd_download)
+
+    c = sub.add_parser("convert", help="write a safetensors pipeline folder from release files")
+    c.add_argument("output", help="the folder to write")
+    add_model_options(c)
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="say what a checkpoint is")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        return args.func(args)
+    except CCLDError as e:
+        print(f"ccld: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ccld: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""`CCLDPipeline`: prompts in, paintings out, in the style of a diffusers pipeline.
+
+    pipe = CCLDPipeline.from_pretrained()                  # the distilled WikiArt student
+    images = pipe("a snowy landscape, oil on canvas", num_images=4, seed=0)
+
+The three frozen parts are a CLOOB model (text and image prompts to one embedding space), the
+conditioned U-Net (predicts v on 4x32x32 latents) and the KL-f8 autoencoder (latents to pixels).
+With the same seed the initial noise is the reference demo's (`torch.manual_seed(seed);
+torch.randn([n, 4, 32, 32])` on the CPU), so the same settings paint the same pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from . import __version__, checkpoints, sampling
+from .errors import CCLDError
+from .prompts import parse_weighted
+
+DEFAULT_STEPS = 15
+DEFAULT_METHOD = "plms"
+DEFAULT_GUIDANCE = 3.0
+LATENT_CHANNELS = 4
+DOWNSCALE = 8
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass
+class Prompt:
+    """A text or an image prompt with its guidance weight (negative steers away)."""
+    value: object  # str for text; a path, PIL image or [3,H,W] tensor in [0,1] for images
+    weight: float = DEFAULT_GUIDANCE
+    label: str = field(default="")
+
+
+def _as_prompts(items, default_weight, what) -> list[Prompt]:
+    if items is None:
+        return []
+    if isinstance(items, (str, Prompt, tuple)) or not isinstance(items, Sequence):
+        items = [items]
+    out = []
+    for item in items:
+        if isinstance(item, Prompt):
+            out.append(item)
+        elif isinstance(item, tuple):
+            value, weight = item
+            out.append(Prompt(value, float(weight), str(value) if isinstance(value, (str, os.PathLike)) else what))
+        elif isinstance(item, (str, os.PathLike)) and what == "image prompt":
+            path, weight = parse_weighted(str(item), default_weight, what, is_path=True)
+            out.append(Prompt(path, weight, path))
+        elif isinstance(item, str):
+            text, weight = parse_weighted(item, default_weight, what)
+            out.append(Prompt(text, weight, text))
+        else:  # a PIL image or a tensor, at the default weight
+            out.append(Prompt(item, float(default_weight), what))
+    return out
+
+
+class CCLDPipeline:
+    def __init__(self, unet, autoencoder, cloob, sources: dict | None = None):
+        self.unet = unet.eval().requires_grad_(False)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.cloob = cloob.eval().requires_grad_(False)
+        self.sources = dict(sources or {})  # where each part came from, recorded in PNGs
+        self.device = torch.device("cpu")
+
+    # Loading and saving
+
+    @classmethod
+    def from_files(cls, unet=None, autoencoder=None, autoencoder_config=None, cloob=None,
+                   cloob_config=None) -> "CCLDPipeline":
+        """Builds from release files; any part left out is the default model (downloaded)."""
+        from .models.autoencoder import load_autoencoder
+        from .models.cloob import load_cloob
+
+        if unet is None:
+            unet = checkpoints.hub_download(*checkpoints.DEFAULT_UNET)
+        if autoencoder is None:
+            repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
+            autoencoder = checkpoints.hub_download(repo, ckpt)
+            autoencoder_config = autoencoder_config or checkpoints.hub_download(repo, yaml)
+        if cloob is None:
+            cloob = download_cloob(cloob_config if isinstance(cloob_config, str) and
+                                   not cloob_config.endswith(".json") else None)
+        sources = {"unet": str(unet), "autoencoder": str(autoencoder), "cloob": str(cloob)}
+        return cls(checkpoints.load_unet(unet), load_autoencoder(autoencoder, autoencoder_config),
+                   load_cloob(cloob, cloob_config), sources)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, device=None,
+                        **files) -> "CCLDPipeline":
+        """A pipeline from a folder written by `save_pretrained`, a known hub repo, or (None)
+        the default student; `files` (unet=, autoencoder=, cloob=, ...) override single parts."""
+        if source is not None and Path(source).is_dir():
+            pipe = cls._from_folder(Path(source))
+        elif source is None or str(source) == checkpoints.DEFAULT_UNET[0]:
+            pipe = cls.from_files(**files)
+        elif str(source) == checkpoints.TEACHER_REPO:
+            names = [f for f in checkpoints.hub_list_files(source)
+                     if f.endswith((".ckpt", ".safetensors")) and not f.startswith("ae_model")]
+            if not names:
+                raise CCLDError(f"the hub repo {source} holds no U-Net checkpoint")
+            pipe = cls.from_files(unet=checkpoints.hub_download(source, names[0]), **files)
+        else:
+            raise CCLDError(f"{source}: not a pipeline folder (no {MODEL_INDEX}) nor a known hub "
+                            f"model ({checkpoints.DEFAULT_UNET[0]}, {checkpoints.TEACHER_REPO}); "
+                            "pass a folder written by `ccld convert`")
+        return pipe.to(device) if device is not None else pipe
+
+    @classmethod
+    def _from_folder(cls, folder: Path) -> "CCLDPipeline":
+        from .models.autoencoder import load_autoencoder
+        from .models.cloob import cloob_from_state_dict
+        from .models.unet import CCLDUNet
+
+        index_path = folder / MODEL_INDEX
+        if not index_path.is_file():
+            raise CCLDError(f"{folder}: no {MODEL_INDEX}; give a folder written by "
+                            "`ccld convert` or `CCLDPipeline.save_pretrained`")
+        try:
+            index = json.loads(index_path.read_text())
+            unet_config = json.loads((folder / "unet" / "config.json").read_text())
+            cloob_config = json.loads((folder / "cloob" / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CCLDError(f"{folder}: unreadable pipeline config ({e}); convert again") from None
+        unet = CCLDUNet(**{k: unet_config[k] for k in ("base_channels", "channel_multipliers",
+                                                        "embed_dim")})
+        sd = checkpoints.load_safetensors_file(folder / "unet" / "diffusion_pytorch_model.safetensors", "U-Net weights")
+        try:
+            unet.load_state_dict(sd)
+        except RuntimeError as e:
+            raise CCLDError(f"{folder}/unet: weights do not match its config.json "
+                            f"({str(e).splitlines()[-1].strip()[:160]}); convert again") from None
+        cloob_sd = checkpoints.load_safetensors_file(folder / "cloob" / "model.safetensors", "CLOOB weights")
+        return cls(unet, load_autoencoder(folder / "vae"), cloob_from_state_dict(cloob_config, cloob_sd),
+                   index.get("sources", {}))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Writes a self-contained folder of safetensors and JSON configs."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        (folder / "unet").mkdir(parents=True, exist_ok=True)
+        (folder / "cloob").mkdir(parents=True, exist_ok=True)
+        unet_sd = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
+        save_file(unet_sd, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+        unet_config = {**self.unet.config, "autoencoder_scale": float(self.unet.autoencoder_scale)}
+        (folder / "unet" / "config.json").write_text(json.dumps(unet_config, indent=2))
+        cloob_sd = {k: v.detach().contiguous().cpu() for k, v in self.cloob.state_dict().items()}
+        save_file(cloob_sd, str(folder / "cloob" / "model.safetensors"))
+        (folder / "cloob" / "config.json").write_text(json.dumps(self.cloob.config, indent=2))
+        self.autoencoder.save_pretrained(folder / "vae", safe_serialization=True)
+        index = {"_class_name": type(self).__name__, "ccld_version": __version__,
+                 "unet": ["ccld", "CCLDUNet"], "vae": ["diffusers", "AutoencoderKL"],
+                 "cloob": ["ccld", "CLOOB"], "sources": self.sources}
+        (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2))
+        return folder
+
+    def to(self, device) -> "CCLDPipeline":
+        self.device = torch.device(device)
+        for part in (self.unet, self.autoencoder, self.cloob):
+            part.to(self.device)
+        return self
+
+    # Conditioning
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.cloob.encode_text(list(texts)).float()
+
+    @torch.no_grad()
+    def encode_image(self, image) -> torch.Tensor:
+        """CLOOB embedding of an image prompt: path, PIL image, or [3,H,W] tensor in [0,1]."""
+        from .images import load_image, pil_to_tensor, resize_and_center_crop
+
+        size = self.cloob.config["image_encoder"]["image_size"]
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if not isinstance(image, torch.Tensor):
+            image = pil_to_tensor(resize_and_center_crop(image.convert("RGB"), size))
+        batch = image.reshape(1, *image.shape[-3:]).to(self.device, torch.float32)
+        if batch.shape[-2:] != (size, size):
+            raise CCLDError(f"image prompt tensor is {tuple(batch.shape[-2:])}, CLOOB needs "
+                            f"{size}x{size}; pass a PIL image or a path to have it resized")
+        return F.normalize(self.cloob.encode_image(batch).float(), dim=-1)
+
+    def conditions(self, prompts=(), image_prompts=(), guidance=DEFAULT_GUIDANCE):
+        """The embeddings [zero, prompts..., image prompts...] and their guidance weights."""
+        texts = _as_prompts(prompts, guidance, "prompt")
+        images = _as_prompts(image_prompts, guidance, "image prompt")
+        d = self.cloob.config["d_embed"]
+        embeds = [torch.zeros([1, d], device=self.device)]
+        embeds += [self.encode_text([p.value]) for p in texts]
+        embeds += [self.encode_image(p.value) for p in images]
+        weights = sampling.condition_weights([p.weight for p in texts + images], self.device)
+        return torch.cat(embeds), weights, texts, images
+
+    # Sampling
+
+    def initial_noise(self, num_images: int, seed: int, size: int = 256) -> tuple[torch.Tensor, torch.Generator]:
+        """The reference demo's starting noise for a seed, drawn on the CPU on every device."""
+        generator = torch.Generator().manual_seed(int(seed))
+        shape = [num_images, LATENT_CHANNELS, size // DOWNSCALE, size // DOWNSCALE]
+        return torch.randn(shape, generator=generator), generator
+
+    @torch.no_grad()
+    def generate_latents(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
+                         method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
+                         init_image=None, strength=0.6, size=256, callback=None):
+        """Samples latents (in the U-Net's scaled space); see `__call__` for the arguments."""
+        if method not in sampling.SAMPLERS:
+            raise CCLDError(f"unknown method {method!r}; choose from {', '.join(sampling.SAMPLERS)}")
+        if steps < 1:
+            raise CCLDError(f"steps must be at least 1 (got {steps})")
+        if size % 64:
+            raise CCLDError(f"size must be a multiple of 64 pixels (got {size})")
+        embeds, weights, _, _ = self.conditions(prompts, image_prompts, guidance)
+        noise, generator = self.initial_noise(num_images, seed, size)
+        x = noise.to(self.device)
+        start = 1.0
+        if init_image is not None:
+            if not 0 < strength <= 1:
+                raise CCLDError(f"strength must be in (0, 1] (got {strength}); 1 ignores the init image")
+            start = float(strength)
+        t = sampling.get_timesteps(steps, start, device=self.device)
+        if init_image is not None:
+            alpha, sigma = sampling.t_to_alpha_sigma(t[0])
+            x = self.encode_init_image(init_image, size).expand_as(x) * alpha + x * sigma
+        model = sampling.guided_model(self.unet, embeds, weights)
+        return sampling.sample(method, model, x, t, eta=eta, generator=generator, callback=callback)
+
+    @torch.no_grad()
+    def encode_init_image(self, image, size=256) -> torch.Tensor:
+        """The posterior mean latent of an init image, in the U-Net's scaled space."""
+        from .images import load_image, pil_to_tensor, resize_and_center_crop
+        from .models.autoencoder import encode_moments
+
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        pixels = pil_to_tensor(resize_and_center_crop(image.convert("RGB"), size))
+        mean, _ = encode_moments(self.autoencoder, pixels[None].to(self.device) * 2 - 1)
+        return mean / self.unet.autoencoder_scale
+
+    @torch.no_grad()
+    def decode(self, latents, latent_scale=None) -> torch.Tensor:
+        """Pixels in [-1, 1] (unclamped) from latents; the scale defaults to the U-Net's own."""
+        from .models.autoencoder import decode_latents
+
+        scale = self.unet.autoencoder_scale if latent_scale is None else float(latent_scale)
+        return decode_latents(self.autoencoder, latents * scale)
+
+    def __call__(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
+                 method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
+                 init_image=None, strength=0.6, latent_scale=None, size=256, progress=True):
+        """Paints `num_images` PIL images.
+
+        prompts / image_prompts: a string (`"text:weight"`, `"path:weight"`), a (value, weight)
+        tuple, or a list of them; a weight left out is `guidance` (the demo's 3). Negative
+        weights steer away. Each image carries its generation parameters in `image.info`.
+        """
+        from tqdm.auto import tqdm
+
+        from .images import tensor_to_pil
+
+        total = steps
+        with tqdm(total=total, desc=f"{method} sampling", disable=not progress, leave=False) as bar:
+            latents = self.generate_latents(prompts, image_prompts, num_images, steps, method,
+                                            guidance, seed, eta, init_image, strength, size,
+                                            callback=lambda info: bar.update(1))
+        pixels = self.decode(latents, latent_scale).float().cpu()
+        params = self.describe(prompts, image_prompts, num_images, steps, method, guidance, seed,
+                               eta, init_image, strength, latent_scale, size)
+        images = []
+        for i, p in enumerate(pixels):
+            image = tensor_to_pil(p)
+            image.info["parameters"] = json.dumps({**params, "index": i})
+            images.append(image)
+        return images
+
+    def describe(self, prompts, image_prompts, num_images, steps, method, guidance, seed, eta,
+                 init_image, strength, latent_scale, size) -> dict:
+        """Everything needed to paint the same picture again, as recorded in each PNG."""
+        texts = _as_prompts(prompts, guidance, "prompt")
+        images = _as_prompts(image_prompts, guidance, "image prompt")
+        params = {
+            "prompts": [[p.value, p.weight] for p in texts],
+            "image_prompts": [[p.label, p.weight] for p in images],
+            "num_images": num_images, "seed": seed, "steps": steps, "method": method,
+            "guidance": guidance, "size": size,
+            "latent_scale": float(self.unet.autoencoder_scale if latent_scale is None else latent_scale),
+            "models": self.sources, "ccld_version": __version__,
+        }
+        if method in sampling.STOCHASTIC:
+            params["eta"] = 1.0 if method == "ddpm" else eta
+        if init_image is not None:
+            params["init_image"] = str(init_image) if isinstance(init_image, (str, os.PathLike)) else "image"
+            params["strength"] = strength
+        return params
+
+
+def download_cloob(name: str | None = None) -> Path:
+    """The released CLOOB pickle for a built-in config, downloaded once and verified."""
+    from .models.cloob import BUILTIN_CONFIGS
+
+    name = name or checkpoints.DEFAULT_CLOOB
+    if name not in BUILTIN_CONFIGS:
+        raise CCLDError(f"unknown CLOOB model {name!r}; choose from {', '.join(BUILTIN_CONFIGS)} "
+                        "or pass --cloob PATH with --cloob-config JSON")
+    config = BUILTIN_CONFIGS[name]
+    url = config["url"]
+    filename = url.rpartition("/")[2]
+    return checkpoints.download_verified(url, checkpoints.cache_dir() / filename, config["sha256"])

@@ -1,0 +1,42 @@
+"""`PROMPT[:WEIGHT]` parsing, shared by the CLI, the web app and the Python API."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from .errors import CCLDError
+
+_NUMBERISH = re.compile(r"^[+\-.\d]")
+
+
+def parse_weighted(spec: str, default_weight: float, what: str = "prompt",
+                   is_path: bool = False) -> tuple[str, float]:
+    """Splits `TEXT:WEIGHT` at the last colon.
+
+    A suffix that is not a number is part of the text ("Monet: water lilies"), unless it looks
+    like a mistyped number ("cat:3x", "cat:"), which is an error rather than a silent guess. For
+    image prompts an existing path wins, so "C:/art.png" and "a:b.png" stay paths.
+    """
+    if is_path and Path(spec).exists():
+        return spec, float(default_weight)
+    text, sep, suffix = spec.rpartition(":")
+    if not sep:
+        return spec, float(default_weight)
+    try:
+        weight = float(suffix)
+    except ValueError:
+        s = suffix.strip()
+        if is_path:
+            raise CCLDError(f"{what} {spec!r}: no such file, and {suffix!r} is not a weight; "
+                            "give an existing image, optionally as PATH:WEIGHT") from None
+        if s == "" or (_NUMBERISH.match(s) and " " not in s):
+            raise CCLDError(f"bad {what} weight in {spec!r}: {suffix!r} is not a number; "
+                            f"write TEXT:WEIGHT, e.g. '{text.strip() or 'a castle'}:2.5'") from None
+        return spec, float(default_weight)
+    if not math.isfinite(weight):
+        raise CCLDError(f"bad {what} weight in {spec!r}: it must be a finite number, e.g. 3")
+    if not text:
+        raise CCLDError(f"bad {what} {spec!r}: nothing before the weight; write TEXT:WEIGHT")
+    return text, weight

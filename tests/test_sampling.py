@@ -1,0 +1,91 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ccld import sampling
+from ccld.checkpoints import load_unet
+from conftest import max_rel_err
+
+METHODS = ["ddpm", "ddim_eta0.0", "ddim_eta0.7", "prk", "plms", "pie", "plms2", "iplms"]
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures):
+    return load_unet(fixtures / "unet.ckpt"), load_file(fixtures / "sampling.safetensors")
+
+
+def test_spliced_schedule(reference):
+    _, ref = reference
+    assert max_rel_err(sampling.get_timesteps(8), ref["steps"]) < 1e-6
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_sampler_matches_reference(reference, name):
+    unet, ref = reference
+    model = sampling.guided_model(unet, ref["embeds"], ref["weights"])
+    generator = torch.Generator().manual_seed(3)  # the fixture reseeds before each method
+    method, _, eta = name.partition("_eta")
+    out = sampling.sample(method, model, ref["noise"], ref["steps"], eta=float(eta or 0),
+                          generator=generator)
+    assert max_rel_err(out, ref[name]) < 1e-4
+
+
+def test_guidance_is_one_batched_forward(reference):
+    unet, ref = reference
+    calls = []
+
+    def counting(x, t, embed):
+        calls.append(x.shape[0])
+        return unet(x, t, embed)
+
+    x = ref["noise"]
+    v = sampling.guided_model(counting, ref["embeds"], ref["weights"])(x, torch.full([2], 0.5))
+    assert calls == [2 * 3]
+    with torch.no_grad():
+        expected = sum(w * unet(x, torch.full([2], 0.5), e[None].expand(2, -1))
+                       for w, e in zip(ref["weights"], ref["embeds"]))
+    assert max_rel_err(v, expected) < 1e-5
+
+
+def test_condition_weights_put_the_rest_on_unconditional():
+    assert sampling.condition_weights([3.0, -1.0]).tolist() == [-1.0, 3.0, -1.0]
+
+
+@pytest.mark.parametrize("method", list(sampling.SAMPLERS))
+def test_forward_counts(method):
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    steps = sampling.get_timesteps(15)
+    sampling.sample(method, model, torch.randn(1, 4, 8, 8), steps, generator=torch.Generator())
+    assert len(calls) == sampling.forwards_per_image(method, 15)
+
+
+def _gaussian_model(mean, std):
+    """The exact v of data ~ N(mean, std^2) per element: a model whose solution is known."""
+    def model(x, t):
+        alpha, sigma = sampling.t_to_alpha_sigma(t.view(-1, 1, 1, 1))
+        var = alpha ** 2 * std ** 2 + sigma ** 2
+        x0 = mean + alpha * std ** 2 * (x - alpha * mean) / var  # E[x0 | x]
+        eps = sigma * (x - alpha * mean) / var  # E[eps | x], written to stay finite at t = 0
+        return alpha * eps - sigma * x0
+    return model
+
+
+# first-order DDIM also stops one step short of t = 0 (it returns its x0 estimate there)
+@pytest.mark.parametrize("method,tol", [("plms", 2e-2), ("dpm++2m", 2e-2), ("iplms", 2e-2),
+                                        ("prk", 2e-2), ("plms2", 2e-2), ("ddim", 1e-1)])
+def test_deterministic_samplers_solve_the_probability_flow_ode(method, tol):
+    # for Gaussian data the ODE maps noise z to mean + std * z exactly
+    model = _gaussian_model(0.3, 0.5)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    steps = sampling.get_timesteps(50)
+    alpha, sigma = sampling.t_to_alpha_sigma(steps[0])
+    x0 = 0.3 + 0.5 * z
+    # start on the exact ODE trajectory at steps[0]: x = alpha * mean + sqrt(var) * z
+    x = alpha * 0.3 + (alpha ** 2 * 0.25 + sigma ** 2).sqrt() * z
+    out = sampling.sample(method, model, x, steps)
+    assert (out - x0).abs().max() < tol

@@ -1,0 +1,101 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ccld.checkpoints import describe_checkpoint, infer_unet_config, load_unet
+from ccld.errors import CCLDError
+from ccld.models.unet import CCLDUNet
+from conftest import max_rel_err
+
+
+def test_bare_state_dict_matches_reference(fixtures):
+    unet = load_unet(fixtures / "unet.ckpt")
+    assert unet.config == {"base_channels": 64, "channel_multipliers": [1, 1, 2, 2], "embed_dim": 512}
+    assert float(unet.autoencoder_scale) == 3.25
+    assert sum(p.numel() for p in unet.parameters()) == 23912012
+    io = load_file(fixtures / "unet_io.safetensors")
+    with torch.no_grad():
+        v = unet(io["x"], io["t"], io["embed"])
+    assert max_rel_err(v, io["v"]) < 1e-4
+
+
+def test_lightning_checkpoint_uses_ema_weights(fixtures):
+    unet = load_unet(fixtures / "unet_lightning.ckpt")
+    assert unet.config["channel_multipliers"] == [1, 1, 1, 1]
+    assert float(unet.autoencoder_scale) == 5.0
+    io = load_file(fixtures / "unet_io.safetensors")
+    ref = load_file(fixtures / "unet_lightning_io.safetensors")["v_ema"]
+    with torch.no_grad():
+        v = unet(io["x"], io["t"], io["embed"])
+    assert max_rel_err(v, ref) < 1e-4
+
+
+def test_safetensors_round_trip(fixtures, tmp_path):
+    unet = load_unet(fixtures / "unet.ckpt")
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp_path / "u.safetensors")
+    again = load_unet(tmp_path / "u.safetensors")
+    io = load_file(fixtures / "unet_io.safetensors")
+    with torch.no_grad():
+        assert torch.equal(unet(io["x"], io["t"], io["embed"]), again(io["x"], io["t"], io["embed"]))
+
+
+@pytest.mark.parametrize("base,mults", [(192, (1, 1, 2, 2)), (192, (4, 4, 8, 8)),
+                                        (128, (4, 4, 8, 8)), (32, (1, 2, 3, 4))])
+def test_architecture_is_inferred_from_shapes(base, mults):
+    # meta tensors: the 1.2B teacher's shapes without allocating its weights
+    with torch.device("meta"):
+        sd = CCLDUNet(base, mults).state_dict()
+    assert infer_unet_config(sd) == {"base_channels": base, "channel_multipliers": list(mults),
+                                     "embed_dim": 512}
+
+
+def test_published_sizes():
+    with torch.device("meta"):
+        student = CCLDUNet(192, (1, 1, 2, 2))
+    assert round(sum(p.numel() for p in student.parameters()) / 1e6, 1) == 105.4
+
+
+def test_info_describes_checkpoints(fixtures):
+    info = describe_checkpoint(fixtures / "unet_lightning.ckpt")
+    assert info["kind"].startswith("CCLD U-Net (Lightning")
+    assert info["autoencoder_scale"] == 5.0
+    assert describe_checkpoint(fixtures / "cloob.pkl")["kind"].startswith("CLOOB")
+    assert describe_checkpoint(fixtures / "autoencoder.ckpt")["kind"].startswith("KL autoencoder")
+
+
+def test_wrong_kind_and_damaged_files(fixtures, tmp_path):
+    with pytest.raises(CCLDError, match="not a CCLD U-Net checkpoint.*autoencoder"):
+        load_unet(fixtures / "autoencoder.ckpt")
+    data = (fixtures / "unet.ckpt").read_bytes()
+    (tmp_path / "half.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CCLDError, match="half.ckpt: not a readable U-Net checkpoint"):
+        load_unet(tmp_path / "half.ckpt")
+    with pytest.raises(CCLDError, match="no such U-Net checkpoint file"):
+        load_unet(tmp_path / "missing.ckpt")
+    sd = torch.load(fixtures / "unet.ckpt", weights_only=True)
+    sd["net.0.main.4.weight"] = sd["net.0.main.4.weight"][:, :3]
+    torch.save(sd, tmp_path / "bad_shape.ckpt")
+    with pytest.raises(CCLDError, match="bad_shape.ckpt: weights do not fit"):
+        load_unet(tmp_path / "bad_shape.ckpt")
+
+
+class _Planted:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_checkpoint_with_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {"x": _Planted()}}, tmp_path / "evil.ckpt")
+    with pytest.raises(CCLDError, match="refused to load"):
+        load_unet(tmp_path / "evil.ckpt")
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"params": _Planted()}, f)
+    from ccld.checkpoints import load_array_pickle
+    with pytest.raises(CCLDError, match="refused to load.*posix.system|refused to load.*os.system"):
+        load_array_pickle(tmp_path / "evil.pkl")
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
