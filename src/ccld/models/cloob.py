@@ -1,0 +1,346 @@
+"""CLOOB: the frozen text and image encoders whose embeddings condition the diffusion model.
+
+A plain PyTorch version of the released JAX/Haiku CLOOB (crowsonkb/cloob-training), computing
+what its PyTorch port (`model_pt.py`) computes, with the same state-dict keys, so a state dict
+saved by the port loads here unchanged. Both encoders are pre-LayerNorm transformers whose first
+position, projected and L2-normalised, is the embedding.
+
+Configs use the schema of the released `pretrained_configs/*.json`; the two published
+checkpoints' configs ship in `cloob_configs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import CCLDError
+from . import tokenizer
+
+CONFIG_DIR = Path(__file__).resolve().parent / "cloob_configs"
+_URL_BASE = "https://the-eye.eu/public/AI/models/cloob/"
+# name -> where the released Haiku pickle lives and its sha256 (also the tail of its file name)
+BUILTIN_CONFIGS = {
+    name: {"url": f"{_URL_BASE}{name}-{sha}.pkl", "sha256": sha}
+    for name, sha in [
+        ("cloob_laion_400m_vit_b_16_16_epochs",
+         "405a3c31572e0a38f8632fa0db704d0e4521ad663555479f86babd3d178b1892"),
+        ("cloob_laion_400m_vit_b_16_32_epochs",
+         "646f61628eb4bc03a01ce5c23b727a348105f0405b6037a329da062739a06441"),
+    ]
+}
+
+
+# The model
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        assert d_model % n_heads == 0
+        self.n_heads = n_heads
+        self.norm = nn.LayerNorm(d_model)
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x, query_mask=None):
+        n, s, d = x.shape
+        x = self.norm(x)
+        q, k, v = (lin(x).view(n, s, self.n_heads, -1).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v)  # scaled by 1/sqrt(head size), as released
+        if query_mask is not None:
+            # The released model applies its text padding mask to the *queries*, not the keys (the
+            # JAX code comments that this is a bug): a masked query row gets -1e30 for every key
+            # logit, so that position attends uniformly to all positions, padding included, and
+            # every position still serves as a key. Its embeddings were trained that way, so this
+            # reproduces it: uniform attention is exactly the mean of the values.
+            y = torch.where(query_mask[:, None, :, None], y, v.mean(dim=2, keepdim=True))
+        return self.out(y.transpose(1, 2).reshape(n, s, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.linear_0 = nn.Linear(d_model, d_ff)
+        self.linear_1 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        # Exact erf GELU, as the PyTorch port (and so the reference embeddings) use; the JAX
+        # original used the tanh approximation, which differs by about 1e-3 per activation.
+        return self.linear_1(F.gelu(self.linear_0(self.norm(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.attn = SelfAttention(d_model, n_heads)
+        self.ff = FeedForward(d_model, 4 * d_model)
+
+    def forward(self, x, query_mask=None):
+        x = x + self.attn(x, query_mask)
+        return x + self.ff(x)
+
+
+class Encoder(nn.Module):
+    """The transformer both encoders share: blocks, then the first position projected."""
+
+    def __init__(self, d_embed, n_layers, d_model, n_heads, seq_len):
+        super().__init__()
+        # An Embedding only to hold a [seq_len, d_model] table under the key `pos_embed.weight`.
+        self.pos_embed = nn.Embedding(seq_len, d_model)
+        self.layers = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.proj = nn.Linear(d_model, d_embed)
+
+    def transform(self, x, query_mask=None):
+        x = x + self.pos_embed.weight
+        for layer in self.layers:
+            x = layer(x, query_mask)
+        return F.normalize(self.proj(x[:, 0]), dim=-1)  # no final LayerNorm in this model
+
+
+class TextEncoder(Encoder):
+    def __init__(self, d_embed, n_layers, d_model, n_heads, text_size, vocab_size):
+        super().__init__(d_embed, n_layers, d_model, n_heads, text_size)
+        self.eot_token = vocab_size - 1
+        self.embed = nn.Embedding(vocab_size, d_model)
+
+    def forward(self, tokens):
+        eot = tokens == self.eot_token
+        # True up to and including the first end-of-text token, False after it.
+        query_mask = eot.cumsum(-1) - eot.long() == 0
+        # The embedding is read at position 0, the start token (not at the end token, as CLIP).
+        return self.transform(self.embed(tokens), query_mask)
+
+
+class ViTImageEncoder(Encoder):
+    def __init__(self, d_embed, n_layers, d_model, n_heads, image_size, patch_size, input_channels):
+        super().__init__(d_embed, n_layers, d_model, n_heads, (image_size // patch_size) ** 2 + 1)
+        self.image_size = image_size
+        self.embed = nn.Conv2d(input_channels, d_model, patch_size, patch_size, bias=False)
+        self.class_embed = nn.Parameter(torch.randn(d_model) / d_model**0.5)
+
+    def forward(self, images):
+        x = self.embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1), x], dim=1)
+        return self.transform(x)
+
+
+class CLOOB(nn.Module):
+    """Both encoders, with the preprocessing each expects."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config = validate_cloob_config(config)
+        c, ci, ct = config, config["image_encoder"], config["text_encoder"]
+        self.image_encoder = ViTImageEncoder(c["d_embed"], ci["n_layers"], ci["d_model"],
+                                             ci["n_heads"], ci["image_size"], ci["patch_size"],
+                                             ci["input_channels"])
+        self.text_encoder = TextEncoder(c["d_embed"], ct["n_layers"], ct["d_model"], ct["n_heads"],
+                                        ct["text_size"], ct["vocab_size"])
+        # Not persistent: they come from the config, and the port's state dicts lack them.
+        norm = ci["normalize"]
+        self.register_buffer("mean", torch.tensor(norm["mean"])[:, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(norm["std"])[:, None, None], persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.proj.weight.device
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] to the per-channel standardised input of the image encoder."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor:
+        return tokenizer.tokenize(texts, self.config["text_encoder"]["text_size"])
+
+    def encode_text(self, texts: str | list[str]) -> torch.Tensor:
+        """[n, d_embed] unit vectors for n texts."""
+        return self.text_encoder(self.tokenize(texts).to(self.device))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, d_embed] unit vectors for images [n, C, H, W] in [0, 1], already resized."""
+        size = self.image_encoder.image_size
+        if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"encode_image expects images [n, C, {size}, {size}] in [0, 1], "
+                             f"got {list(images.shape)}; resize them first")
+        weight = self.image_encoder.embed.weight
+        return self.image_encoder(self.normalize(images.to(weight.device, weight.dtype)))
+
+
+# Configs
+
+_REQUIRED = {
+    "": ["d_embed", "image_encoder", "text_encoder"],
+    "image_encoder": ["type", "image_size", "input_channels", "normalize", "patch_size",
+                      "n_layers", "d_model", "n_heads"],
+    "text_encoder": ["type", "tokenizer", "text_size", "vocab_size", "n_layers", "d_model",
+                     "n_heads"],
+}
+
+
+def validate_cloob_config(config: dict, source: str = "CLOOB config") -> dict:
+    """Checks the keys the model needs; one-line CCLDError naming the first problem."""
+    fix = "use the schema of the released CLOOB configs (see ccld/models/cloob_configs/)"
+    if not isinstance(config, dict):
+        raise CCLDError(f"{source}: a CLOOB config is a JSON object, not a "
+                        f"{type(config).__name__}; {fix}")
+    for section, keys in _REQUIRED.items():
+        part = config[section] if section else config
+        if not isinstance(part, dict):
+            raise CCLDError(f"{source}: '{section}' is not an object; {fix}")
+        for key in keys:
+            if key not in part:
+                raise CCLDError(f"{source}: missing '{section + '.' if section else ''}{key}'; {fix}")
+    ci, ct = config["image_encoder"], config["text_encoder"]
+    for what, got, want in [("image_encoder.type", ci["type"], "ViT"),
+                            ("text_encoder.type", ct["type"], "transformer"),
+                            ("text_encoder.tokenizer", ct["tokenizer"], "clip")]:
+        if got != want:
+            raise CCLDError(f"{source}: {what} is {got!r}, but ccld supports only {want!r}")
+    norm = ci["normalize"]
+    if not (isinstance(norm, dict) and len(norm.get("mean", ())) == ci["input_channels"]
+            and len(norm.get("std", ())) == ci["input_channels"]):
+        raise CCLDError(f"{source}: image_encoder.normalize needs 'mean' and 'std' lists of "
+                        f"input_channels ({ci['input_channels']}) numbers; {fix}")
+    return config
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CCLDError(f"{path}: cannot read the CLOOB config ({e.__class__.__name__}); "
+                        "check the path") from None
+    except json.JSONDecodeError as e:
+        raise CCLDError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file or "
+                        f"pass a built-in --cloob-config ({', '.join(BUILTIN_CONFIGS)})") from None
+    config = validate_cloob_config(config, str(path))
+    config.setdefault("name", path.stem)
+    return config
+
+
+def resolve_cloob_config(config: str | os.PathLike | dict | None = None,
+                         checkpoint_path: str | os.PathLike | None = None) -> dict:
+    """A CLOOB config from a built-in name, a JSON file, a dict, or (None) the checkpoint's name.
+
+    The released checkpoints are named `<builtin name>-<sha256>.pkl`, which is how None works.
+    """
+    if isinstance(config, dict):
+        return validate_cloob_config(dict(config))
+    if config is None:
+        stem = Path(checkpoint_path).name if checkpoint_path is not None else ""
+        for name in sorted(BUILTIN_CONFIGS, key=len, reverse=True):
+            if stem.startswith(name):
+                return resolve_cloob_config(name)
+        where = f"{checkpoint_path}: " if checkpoint_path is not None else ""
+        raise CCLDError(f"{where}cannot tell which CLOOB config this checkpoint needs from its "
+                        f"name; pass --cloob-config (one of {', '.join(BUILTIN_CONFIGS)}, "
+                        "or a JSON config file)")
+    name = os.fspath(config)
+    if name in BUILTIN_CONFIGS:
+        return _read_config_file(CONFIG_DIR / f"{name}.json")
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _read_config_file(path)
+    raise CCLDError(f"unknown CLOOB config {name!r}: neither a built-in one "
+                    f"({', '.join(BUILTIN_CONFIGS)}) nor an existing JSON file")
+
+
+# Weights
+
+# Haiku module path (below the encoder's base module) -> PyTorch module path, and each Haiku
+# parameter name -> (PyTorch parameter name, layout change). Haiku's Linear keeps w as [in, out],
+# PyTorch's weight is [out, in]; its Conv2D kernel is HWIO, PyTorch's OIHW.
+_LINEAR = {"w": ("weight", torch.t), "b": ("bias", None)}
+_LAYER_NORM = {"scale": ("weight", None), "offset": ("bias", None)}
+_MODULES = {
+    "": ("", {"class_embed": ("class_embed", None)}),
+    "embed": ("embed", {"w": ("weight", lambda a: a.permute(3, 2, 0, 1)),  # ViT patch conv
+                        "embeddings": ("weight", None)}),  # text token table
+    "pos_embed": ("pos_embed", {"w": ("weight", None)}),
+    "proj": ("proj", _LINEAR),
+    "self_attention/layer_norm": ("attn.norm", _LAYER_NORM),
+    "self_attention/multi_head_attention/query": ("attn.query", _LINEAR),
+    "self_attention/multi_head_attention/key": ("attn.key", _LINEAR),
+    "self_attention/multi_head_attention/value": ("attn.value", _LINEAR),
+    "self_attention/multi_head_attention/linear": ("attn.out", _LINEAR),
+    "feed_forward/layer_norm": ("ff.norm", _LAYER_NORM),
+    "feed_forward/linear_0": ("ff.linear_0", _LINEAR),
+    "feed_forward/linear_1": ("ff.linear_1", _LINEAR),
+}
+_BASES = {"vi_t_image_encoder": "image_encoder", "text_encoder": "text_encoder"}
+
+
+def convert_haiku_params(image_params: dict, text_params: dict,
+                         source: str = "CLOOB checkpoint") -> dict:
+    """The PyTorch state dict of the released Haiku parameter trees (module path -> {name: array})."""
+    state = {}
+    for tree in (image_params, text_params):
+        for module_path, params in tree.items():
+            base, _, rest = module_path.partition("/")
+            layer = re.match(r"layer_(\d+)/(.*)", rest)
+            if layer:
+                rest = layer[2]
+            if base not in _BASES or rest not in _MODULES or not isinstance(params, dict):
+                raise CCLDError(f"{source}: unexpected Haiku module {module_path!r}; this is not "
+                                "a CLOOB checkpoint ccld knows")
+            module, names = _MODULES[rest]
+            prefix = ".".join(filter(None, [_BASES[base], layer and f"layers.{layer[1]}", module]))
+            for name, array in params.items():
+                if name not in names:
+                    raise CCLDError(f"{source}: unexpected Haiku parameter {module_path}/{name}; "
+                                    "this is not a CLOOB checkpoint ccld knows")
+                key, relayout = names[name]
+                t = torch.tensor(array, dtype=torch.float32)
+                state[f"{prefix}.{key}"] = (relayout(t) if relayout else t).contiguous()
+    return state
+
+
+def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB checkpoint") -> CLOOB:
+    """A frozen CLOOB in eval mode; CCLDError if the weights do not fit the config."""
+    model = CLOOB(config)
+    expected = model.state_dict()
+    name = model.config.get("name", "given")
+    fix = "pass the right --cloob-config"
+    for key, value in expected.items():
+        got = state_dict.get(key)
+        if got is None:
+            raise CCLDError(f"{source}: does not match the CLOOB config {name} ({key}: expected "
+                            f"{list(value.shape)}, missing); {fix}")
+        if tuple(got.shape) != tuple(value.shape):
+            raise CCLDError(f"{source}: does not match the CLOOB config {name} ({key}: expected "
+                            f"{list(value.shape)}, got {list(got.shape)}); {fix}")
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        raise CCLDError(f"{source}: does not match the CLOOB config {name} ({extra[0]}: not in "
+                        f"the model, {len(extra)} such keys); {fix}")
+    model.load_state_dict(state_dict)
+    return model.eval().requires_grad_(False)
+
+
+def load_cloob(path: str | os.PathLike, config: str | os.PathLike | dict | None = None) -> CLOOB:
+    """CLOOB from a released Haiku pickle (.pkl), a safetensors file, or a torch state dict."""
+    from ..checkpoints import load_array_pickle, load_state_file
+
+    config = resolve_cloob_config(config, path)
+    if str(path).endswith(".pkl"):
+        obj = load_array_pickle(path)
+        params = obj.get("params")
+        if not (isinstance(params, (tuple, list)) and len(params) == 2
+                and all(isinstance(p, dict) for p in params)):
+            raise CCLDError(f"{path}: a pickle, but not a CLOOB checkpoint (no 'params' pair of "
+                            "image and text parameters)")
+        state_dict = convert_haiku_params(*params, source=str(path))
+    else:
+        state_dict = load_state_file(path, "CLOOB checkpoint")
+    return cloob_from_state_dict(config, state_dict, str(path))
