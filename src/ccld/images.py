@@ -1,0 +1,211 @@
+"""Reading image prompts, preparing them for the encoders, and writing results.
+
+`load_image` turns whatever a user points at (grayscale, 16-bit, transparent, CMYK, rotated by
+EXIF) into an RGB image, or raises a one-line `CCLDError` naming the file and the fix.
+`resize_and_center_crop`, `pil_to_tensor` and `tensor_to_pil` reproduce the reference demo's
+torchvision-based transforms bit for bit without importing torchvision. `save_png` writes results
+atomically with their generation parameters in a PNG text chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .errors import CCLDError
+
+MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before their pixels are decoded
+PARAMETERS_KEY = "parameters"
+
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+                IndexError, TypeError, MemoryError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning)
+
+
+def _too_big(path, width: int, height: int) -> CCLDError:
+    return CCLDError(f"{path}: the image is {width}x{height} ({width * height / 1e6:.0f} "
+                     f"megapixels), more than the {MAX_PIXELS / 1e6:.0f} megapixel limit; "
+                     "resize it to a few megapixels first")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image from any common file; transparency composited onto white, EXIF applied."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CCLDError(f"{path}: is a folder, not an image file; give the path of an image")
+    if not path.is_file():
+        raise CCLDError(f"{path}: no such image file; check the path")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns about decompression bombs below twice its own limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise _too_big(path, im.width, im.height)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except CCLDError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CCLDError(f"{path}: the image is larger than the {MAX_PIXELS / 1e6:.0f} megapixel "
+                        "limit; resize it to a few megapixels first") from None
+    except UnidentifiedImageError:
+        raise CCLDError(f"{path}: not an image file ccld can read; give a PNG, JPEG, WebP, BMP, "
+                        "GIF or TIFF image") from None
+    except _READ_ERRORS as e:
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise CCLDError(f"{path}: the image could not be read (damaged or truncated: {detail}); "
+                        "open and re-save it, or use another copy") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_high_depth_to_8bit(im), "L").convert("RGB")
+    if mode == "CMYK" or mode not in ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa"):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV: no alpha to keep
+        return im
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")  # also turns palette/colour-key transparency into alpha
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _high_depth_to_8bit(im: Image.Image) -> np.ndarray:
+    """8-bit grey from 16-bit, 32-bit integer or float grey, scaled by the format's range."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.float64)
+        a = a / 257.0  # 65535 -> 255; a plain conversion to "L" would clip to white
+    else:
+        a = np.asarray(im.convert("F") if mode == "I" and im.format != "PNG" else im,
+                       dtype=np.float64)
+        if not np.isfinite(a).all():
+            a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "F" and lo >= 0.0 and hi <= 1.0:
+            a = a * 255.0  # float images in [0, 1]
+        elif mode == "I" and (im.format == "PNG" or 255 < hi <= 65535) and lo >= 0:
+            a = a / 257.0  # older Pillow opens 16-bit grey PNGs as "I"
+        elif lo < 0.0 or hi > 255.0:
+            a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+
+
+def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The reference demo's transform: scale so the short side is `size` (LANCZOS), crop the middle.
+
+    The crop is torchvision's `center_crop` arithmetic. `int(fac * w)` can fall one pixel short of
+    `size` through floating-point rounding; torchvision then pads with black, and so does PIL's
+    crop outside the image, so that corner case is reproduced as well.
+    """
+    w, h = image.size
+    fac = max(size / w, size / h)
+    image = image.resize((int(fac * w), int(fac * h)), Image.LANCZOS)
+    w, h = image.size
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """float [3, H, W] in [0, 1], like torchvision's `to_tensor` on an RGB image."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    a = np.array(image, dtype=np.uint8, copy=True)
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous().float().div(255)
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """An RGB image from one image tensor [3, H, W] in [-1, 1].
+
+    Like the reference demo's `to_pil_image((x.clamp(-1, 1) + 1) / 2)`: torchvision converts a
+    float tensor with `mul(255).byte()`, which truncates rather than rounds; kept so that outputs
+    are bit-identical to the reference.
+    """
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"tensor_to_pil expects one image [3, H, W], got {list(x.shape)}")
+    x = x.detach().to("cpu", torch.float32).clamp(-1, 1).add(1).div(2)
+    a = x.mul(255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(a), "RGB")
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
+    """Writes a PNG holding `json.dumps(parameters)` in its `parameters` text chunk, atomically.
+
+    The image goes to a temporary file in the same folder, which then replaces `path`, so a crash
+    never leaves a half-written PNG under the final name.
+    """
+    path = Path(path).expanduser()
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, json.dumps(parameters))
+    info.add_text("Software", "ccld")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        # os.open with 0o666 respects the umask, as an ordinary file creation would.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror or str(e)
+        raise CCLDError(f"{path}: could not write the image ({reason}); check that the folder "
+                        "exists and is writable") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_png_parameters(path: str | os.PathLike) -> dict:
+    """The parameters `save_png` stored in a PNG; {} if it has none."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CCLDError(f"{path}: no such image file; check the path")
+    try:
+        with Image.open(path) as im:
+            im.load()  # text chunks after the image data are read only with the pixels
+            text = getattr(im, "text", None) or im.info
+            raw = text.get(PARAMETERS_KEY)
+    except _READ_ERRORS as e:
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise CCLDError(f"{path}: not a readable PNG ({detail}); give a PNG written by ccld") from None
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        raise CCLDError(f"{path}: its 'parameters' text is not JSON; it was not written by ccld") from None
+    if not isinstance(value, dict):
+        raise CCLDError(f"{path}: its 'parameters' text is not a JSON object; it was not written by ccld")
+    return value
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """The images in a near-square grid, row by row, without padding; empty cells are black."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    n = len(images)
+    cols = max(1, min(n, cols if cols else math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    cw = max(im.width for im in images)
+    ch = max(im.height for im in images)
+    grid = Image.new("RGB", (cols * cw, rows * ch))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % cols) * cw, (i // cols) * ch))
+    return grid
