@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -45,10 +46,11 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
         # weights_only refuses anything but tensors and plain containers, which is exactly a
         # file that would run code (or a format that is not a checkpoint at all).
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in first or "Unsupported global" in str(e):
-            raise CCLDError(f"{path}: refused to load: the file holds Python objects other than "
-                            "tensors, which could run code; use a trusted release file or a "
-                            "safetensors conversion") from None
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused:
+            raise CCLDError(f"{path}: refused to load: the file asks for {refused.group(1)}, "
+                            "which could run code; a checkpoint holds only tensors, so use a "
+                            "trusted release file or a safetensors conversion") from None
         raise CCLDError(f"{path}: not a readable {what} (corrupt or truncated: {first}); "
                         "download it again") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as e:

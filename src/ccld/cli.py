@@ -174,12 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    from .web import add_serve_command
+    add_serve_command(sub)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line errors
     try:
         return args.func(args)
     except CCLDError as e:

@@ -43,7 +43,9 @@ class Prompt:
 def _as_prompts(items, default_weight, what) -> list[Prompt]:
     if items is None:
         return []
-    if isinstance(items, (str, Prompt, tuple)) or not isinstance(items, Sequence):
+    single_pair = (isinstance(items, tuple) and len(items) == 2
+                   and isinstance(items[1], (int, float)))
+    if single_pair or isinstance(items, (str, os.PathLike, Prompt)) or not isinstance(items, Sequence):
         items = [items]
     out = []
     for item in items:
@@ -80,18 +82,34 @@ class CCLDPipeline:
         from .models.autoencoder import load_autoencoder
         from .models.cloob import load_cloob
 
-        if unet is None:
-            unet = checkpoints.hub_download(*checkpoints.DEFAULT_UNET)
-        if autoencoder is None:
+        def default_autoencoder():
             repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
-            autoencoder = checkpoints.hub_download(repo, ckpt)
-            autoencoder_config = autoencoder_config or checkpoints.hub_download(repo, yaml)
-        if cloob is None:
-            cloob = download_cloob(cloob_config if isinstance(cloob_config, str) and
-                                   not cloob_config.endswith(".json") else None)
-        sources = {"unet": str(unet), "autoencoder": str(autoencoder), "cloob": str(cloob)}
-        return cls(checkpoints.load_unet(unet), load_autoencoder(autoencoder, autoencoder_config),
-                   load_cloob(cloob, cloob_config), sources)
+            return checkpoints.hub_download(repo, ckpt), checkpoints.hub_download(repo, yaml)
+
+        def default_cloob():
+            builtin = cloob_config if isinstance(cloob_config, str) and not cloob_config.endswith(".json") else None
+            return download_cloob(builtin)
+
+        # Parts given as files load first, so a bad path is reported before any download.
+        parts = {
+            "unet": (unet, lambda: checkpoints.hub_download(*checkpoints.DEFAULT_UNET),
+                     checkpoints.load_unet),
+            "autoencoder": ((autoencoder, autoencoder_config) if autoencoder else None,
+                            default_autoencoder,
+                            lambda given: load_autoencoder(given[0], autoencoder_config or given[1])),
+            "cloob": (cloob, default_cloob, lambda path: load_cloob(path, cloob_config)),
+        }
+        loaded, sources = {}, {}
+        for name, (given, _, load) in parts.items():
+            if given is not None:
+                loaded[name] = load(given)
+                sources[name] = str(given[0] if isinstance(given, tuple) else given)
+        for name, (given, fetch, load) in parts.items():
+            if given is None:
+                given = fetch()
+                loaded[name] = load(given)
+                sources[name] = str(given[0] if isinstance(given, tuple) else given)
+        return cls(loaded["unet"], loaded["autoencoder"], loaded["cloob"], sources)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, device=None,

@@ -156,14 +156,14 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
     if not path.is_file():
         raise CCLDError(f"{path}: no such autoencoder checkpoint file; check the path, or run "
                         "`ccld download` to fetch the published models")
+    # the weights first: a file of the wrong kind is the more useful thing to hear about
+    state_dict = _ldm_state_dict(load_state_file(path, "autoencoder checkpoint"), path)
     if config_path is None:
         config_path = _default_config_path(path)
         if not config_path.is_file():
             raise CCLDError(f"{path}: no autoencoder config {config_path.name} beside it; pass the "
                             "LDM yaml (e.g. ae_model.yaml) with --autoencoder-config")
-    ae_config = read_autoencoder_config(config_path)
-    obj = load_state_file(path, "autoencoder checkpoint")
-    return autoencoder_from_ldm(_ldm_state_dict(obj, path), ae_config, path)
+    return autoencoder_from_ldm(state_dict, read_autoencoder_config(config_path), path)
 
 
 def _load_diffusers_folder(folder: Path):

@@ -1,0 +1,134 @@
+"""Bad input: one line naming the problem and the fix, exit status 2, no traceback."""
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ccld.cli import main
+
+
+class _Planted:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.fixture
+def files(fixtures):
+    return {"--unet": fixtures / "unet.ckpt", "--autoencoder": fixtures / "autoencoder.ckpt",
+            "--cloob": fixtures / "cloob.pkl", "--cloob-config": fixtures / "cloob.json"}
+
+
+def run(files, *args, **overrides):
+    model_args = []
+    for k, v in {**files, **overrides}.items():
+        model_args += [k, str(v)]
+    return main(["generate", "a castle", "--steps", "1", "-q", *args, *model_args])
+
+
+def one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ccld: error: ")
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+    return err[0]
+
+
+def test_missing_file(files, tmp_path, capsys):
+    assert run(files, "--out", str(tmp_path), **{"--unet": tmp_path / "nope.ckpt"}) == 2
+    one_line_error(capsys, "nope.ckpt", "no such U-Net checkpoint file", "ccld download")
+
+
+def test_truncated_and_corrupt_checkpoints(files, fixtures, tmp_path, capsys):
+    data = (fixtures / "unet.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[:1000])
+    assert run(files, "--out", str(tmp_path), **{"--unet": tmp_path / "cut.ckpt"}) == 2
+    one_line_error(capsys, "cut.ckpt", "corrupt or truncated", "download it again")
+    (tmp_path / "noise.ckpt").write_bytes(np.random.default_rng(0).bytes(5000))
+    assert run(files, "--out", str(tmp_path), **{"--unet": tmp_path / "noise.ckpt"}) == 2
+    one_line_error(capsys, "noise.ckpt", "not a readable")
+    pkl = (fixtures / "cloob.pkl").read_bytes()
+    (tmp_path / "cut.pkl").write_bytes(pkl[: len(pkl) // 2])
+    assert run(files, "--out", str(tmp_path), **{"--cloob": tmp_path / "cut.pkl"}) == 2
+    one_line_error(capsys, "cut.pkl", "corrupt or truncated")
+
+
+def test_wrong_kinds(files, fixtures, capsys, tmp_path):
+    assert run(files, "--out", str(tmp_path), **{"--unet": fixtures / "autoencoder.ckpt"}) == 2
+    one_line_error(capsys, "autoencoder.ckpt", "not a CCLD U-Net checkpoint")
+    assert run(files, "--out", str(tmp_path), **{"--autoencoder": fixtures / "unet.ckpt"}) == 2
+    one_line_error(capsys, "unet.ckpt", "not an autoencoder checkpoint")
+    assert run(files, "--out", str(tmp_path), **{"--cloob": fixtures / "unet.ckpt"}) == 2
+    one_line_error(capsys, "unet.ckpt")
+
+
+def test_shape_mismatch(files, fixtures, tmp_path, capsys):
+    sd = torch.load(fixtures / "unet.ckpt", weights_only=True)
+    sd["mapping.1.main.0.weight"] = sd["mapping.1.main.0.weight"][:10]
+    torch.save(sd, tmp_path / "odd.ckpt")
+    assert run(files, "--out", str(tmp_path), **{"--unet": tmp_path / "odd.ckpt"}) == 2
+    one_line_error(capsys, "odd.ckpt", "do not fit")
+    assert run(files, "--out", str(tmp_path), **{"--cloob-config": fixtures / "autoencoder.yaml"}) == 2
+    one_line_error(capsys, "autoencoder.yaml")
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "cloob_evil.pkl", "wb") as f:
+        pickle.dump({"params": (_Planted(), {})}, f)
+    assert run(files, "--out", str(tmp_path), **{"--cloob": tmp_path / "cloob_evil.pkl"}) == 2
+    one_line_error(capsys, "cloob_evil.pkl", "refused to load", "system")
+    torch.save({"w": _Planted()}, tmp_path / "evil.ckpt")
+    assert run(files, "--out", str(tmp_path), **{"--unet": tmp_path / "evil.ckpt"}) == 2
+    one_line_error(capsys, "evil.ckpt", "refused to load")
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("spec,fragment", [("a castle:3x", "'3x' is not a number"),
+                                           ("a castle:", "is not a number"),
+                                           ("a castle:inf", "finite")])
+def test_bad_prompt_weight(files, tmp_path, capsys, spec, fragment):
+    assert main(["generate", spec, "--out", str(tmp_path), "-q",
+                 *[str(x) for kv in files.items() for x in kv]]) == 2
+    one_line_error(capsys, fragment)
+
+
+def test_odd_images_work_and_broken_ones_are_refused(files, tmp_path, capsys):
+    gray16 = Image.fromarray(np.full((40, 70), 30000, dtype=np.uint16))
+    gray16.save(tmp_path / "g16.png")
+    Image.new("RGBA", (50, 50), (255, 0, 0, 128)).save(tmp_path / "rgba.png")
+    Image.new("CMYK", (50, 90), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("L", (64, 64), 128).save(tmp_path / "gray.png")
+    for name in ["g16.png", "rgba.png", "cmyk.jpg", "gray.png"]:
+        assert run(files, "--out", str(tmp_path / "o"), "--image-prompt", str(tmp_path / name)) == 0
+    assert run(files, "--out", str(tmp_path / "o"), "--init-image", str(tmp_path / "cmyk.jpg"),
+               "--strength", "0.5") == 0
+    capsys.readouterr()
+    (tmp_path / "notes.png").write_text("not an image")
+    assert run(files, "--out", str(tmp_path), "--image-prompt", str(tmp_path / "notes.png")) == 2
+    one_line_error(capsys, "notes.png")
+    assert run(files, "--out", str(tmp_path), "--init-image", str(tmp_path / "none.png")) == 2
+    one_line_error(capsys, "none.png")
+
+
+def test_bad_numbers(files, tmp_path, capsys):
+    assert run(files, "--out", str(tmp_path), "-n", "0") == 2
+    one_line_error(capsys, "-n must be at least 1")
+    assert run(files, "--out", str(tmp_path), "--init-image", str(tmp_path / "x.png"),
+               "--strength", "1.5") == 2
+    one_line_error(capsys)
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ccld", "generate", "x", "--unet",
+                           str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]

@@ -1,0 +1,111 @@
+"""The real download code, run against local stand-ins: a loopback HTTP server for the CLOOB
+pickle and a pre-filled Hugging Face cache (offline mode) for the hub files."""
+
+import hashlib
+import http.server
+import socket
+import threading
+from functools import partial
+
+import huggingface_hub.constants as hf_constants
+import pytest
+
+from ccld import checkpoints
+from ccld.cli import main
+from ccld.errors import CCLDError
+from ccld.models import cloob as cloob_module
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Serves tmp_path/www on 127.0.0.1; yields the base URL."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in tmp_path; returns a function that puts a file in it."""
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+    def put(repo_id, filename, data: bytes):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(COMMIT)
+        snap = repo / "snapshots" / COMMIT
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / filename).write_bytes(data)
+        return snap / filename
+    return put
+
+
+def test_verified_download_lands_only_when_the_hash_matches(server, tmp_path):
+    www, url = server
+    (www / "model.pkl").write_bytes(b"weights" * 1000)
+    good = hashlib.sha256(b"weights" * 1000).hexdigest()
+    dest = tmp_path / "cache" / "model.pkl"
+    assert checkpoints.download_verified(f"{url}/model.pkl", dest, good, progress=False) == dest
+    assert dest.read_bytes() == b"weights" * 1000
+    other = tmp_path / "cache" / "other.pkl"
+    with pytest.raises(CCLDError, match="sha256"):
+        checkpoints.download_verified(f"{url}/model.pkl", other, "0" * 64, progress=False)
+    assert not other.exists() and not list(other.parent.glob("*.part"))
+
+
+def test_no_network_is_a_clear_error(tmp_path):
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CCLDError, match="could not download.*check the network"):
+        checkpoints.download_verified(f"http://127.0.0.1:{port}/x.pkl", tmp_path / "x.pkl",
+                                      "0" * 64, progress=False)
+
+
+def test_hub_file_from_cache_and_missing_offline(offline_hub):
+    path = offline_hub("huggan/distill-ccld-wa", "model_student.ckpt", b"abc")
+    assert checkpoints.hub_download("huggan/distill-ccld-wa", "model_student.ckpt").read_bytes() == b"abc"
+    with pytest.raises(CCLDError, match="could not get ae_model.ckpt from the hub repo huggan/ccld_wa"):
+        checkpoints.hub_download("huggan/ccld_wa", "ae_model.ckpt")
+    assert path.is_file()
+
+
+def test_ccld_download_fetches_the_default_set(fixtures, server, offline_hub, monkeypatch, capsys):
+    www, url = server
+    name = checkpoints.DEFAULT_CLOOB
+    data = (fixtures / "cloob.pkl").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    (www / f"{name}-{sha}.pkl").write_bytes(data)
+    monkeypatch.setitem(cloob_module.BUILTIN_CONFIGS, name,
+                        {"url": f"{url}/{name}-{sha}.pkl", "sha256": sha})
+    offline_hub(*checkpoints.DEFAULT_UNET, (fixtures / "unet.ckpt").read_bytes())
+    repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
+    offline_hub(repo, ckpt, (fixtures / "autoencoder.ckpt").read_bytes())
+    offline_hub(repo, yaml, (fixtures / "autoencoder.yaml").read_bytes())
+
+    assert main(["download"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 4 and printed[-1].endswith(f"{name}-{sha}.pkl")
+    # the default pipeline now builds from the cache alone, with no arguments at all
+    from ccld import CCLDPipeline
+    # (the stand-in CLOOB is the tiny fixture, so it needs its own config)
+    pipe = CCLDPipeline.from_pretrained(cloob_config=fixtures / "cloob.json")
+    assert pipe.unet.config["base_channels"] == 64
+    assert pipe.sources["cloob"].endswith(f"{name}-{sha}.pkl")
+
+
+def test_ccld_download_offline_exits_2_with_one_line(offline_hub, capsys):
+    assert main(["download"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ccld: error: could not get model_student.ckpt")

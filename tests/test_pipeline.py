@@ -1,0 +1,155 @@
+"""End to end: the pipeline and `ccld generate` reproduce the reference demo on the fixtures."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ccld import CCLDPipeline
+from ccld.cli import main
+from ccld.images import read_png_parameters
+from conftest import max_rel_err
+
+PROMPT = "A martian landscape painting, oil on canvas"
+
+
+@pytest.fixture(scope="module")
+def files(fixtures):
+    return {"unet": fixtures / "unet.ckpt", "autoencoder": fixtures / "autoencoder.ckpt",
+            "cloob": fixtures / "cloob.pkl", "cloob_config": fixtures / "cloob.json"}
+
+
+@pytest.fixture(scope="module")
+def pipe(files):
+    return CCLDPipeline.from_files(**files)
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures):
+    return load_file(fixtures / "end_to_end.safetensors")
+
+
+def reference_uint8(pixels):
+    # the demo's to_pil_image: clamp, to [0, 1], then mul(255).byte() truncation
+    return ((pixels.clamp(-1, 1) + 1) / 2).mul(255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def assert_pixels_match(images, reference):
+    expected = reference_uint8(reference["pixels"]).astype(int)
+    for image, exp in zip(images, expected, strict=True):
+        assert np.abs(np.asarray(image).astype(int) - exp).max() <= 1
+
+
+def test_end_to_end_latents_and_pixels(pipe, reference):
+    image_prompt = (reference["image_prompt"][0], 1.0)
+    latents = pipe.generate_latents([PROMPT], [image_prompt], num_images=2, steps=6,
+                                    method="plms", seed=42)
+    assert max_rel_err(latents, reference["latents"]) < 1e-4
+    assert max_rel_err(pipe.decode(latents, latent_scale=2.55), reference["pixels"]) < 1e-4
+
+
+def test_call_returns_pil_images_with_parameters(pipe, reference):
+    images = pipe(f"{PROMPT}:3", image_prompts=[(reference["image_prompt"][0], 1.0)],
+                  num_images=2, steps=6, seed=42, latent_scale=2.55, progress=False)
+    assert [im.size for im in images] == [(256, 256)] * 2
+    assert_pixels_match(images, reference)
+    params = json.loads(images[1].info["parameters"])
+    assert params["prompts"] == [[PROMPT, 3.0]] and params["seed"] == 42 and params["index"] == 1
+
+
+def test_seed_noise_is_the_demo_noise(pipe):
+    noise, _ = pipe.initial_noise(3, 1234)
+    torch.manual_seed(1234)
+    assert torch.equal(noise, torch.randn([3, 4, 32, 32]))
+
+
+def test_same_seed_same_picture_and_other_seed_differs(pipe):
+    kw = dict(num_images=1, steps=3, method="ddpm", progress=False)
+    a, b = pipe("a red circle", seed=5, **kw), pipe("a red circle", seed=5, **kw)
+    c = pipe("a red circle", seed=6, **kw)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+
+
+def test_default_latent_scale_is_the_unets(pipe):
+    latents = torch.randn(1, 4, 32, 32)
+    assert torch.equal(pipe.decode(latents), pipe.decode(latents, latent_scale=3.25))
+
+
+def test_image_to_image_starts_from_the_noised_init(pipe, tmp_path):
+    Image.new("RGB", (300, 200), (200, 40, 40)).save(tmp_path / "init.png")
+    seen = []
+    latents = pipe.generate_latents("a red circle", init_image=tmp_path / "init.png", strength=0.3,
+                                    steps=4, method="ddim", seed=0,
+                                    callback=lambda info: seen.append(float(info["t"])))
+    assert latents.shape == (1, 4, 32, 32)
+    # strength is a position on the demo's schedule: it starts there, never at full noise
+    from ccld.sampling import get_timesteps
+    assert seen == pytest.approx(get_timesteps(4, start=0.3).tolist()) and seen[0] < 0.5
+
+
+def test_save_pretrained_round_trip_paints_the_same(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    again = CCLDPipeline.from_pretrained(tmp_path / "model")
+    kw = dict(num_images=1, steps=3, seed=1, progress=False)
+    assert np.array_equal(np.asarray(pipe("a red circle", **kw)[0]),
+                          np.asarray(again("a red circle", **kw)[0]))
+    assert float(again.unet.autoencoder_scale) == 3.25
+
+
+def cli_files(files):
+    return ["--unet", str(files["unet"]), "--autoencoder", str(files["autoencoder"]),
+            "--cloob", str(files["cloob"]), "--cloob-config", str(files["cloob_config"])]
+
+
+def test_cli_generate_reproduces_the_reference(files, reference, tmp_path, capsys):
+    prompt_png = tmp_path / "prompt.png"
+    arr = (reference["image_prompt"][0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(arr).save(prompt_png)
+    out = tmp_path / "out"
+    code = main(["generate", f"{PROMPT}:3", "--image-prompt", f"{prompt_png}:1", "-n", "2",
+                 "--seed", "42", "--steps", "6", "--method", "plms", "--latent-scale", "2.55",
+                 "--out", str(out), "--grid", "-q", "--device", "cpu", *cli_files(files)])
+    assert code == 0
+    images = [Image.open(out / f"{i:05}.png") for i in range(2)]
+    assert_pixels_match(images, reference)
+    params = read_png_parameters(out / "00000.png")
+    assert params["method"] == "plms" and params["steps"] == 6 and params["latent_scale"] == 2.55
+    assert params["image_prompts"] == [[str(prompt_png), 1.0]]
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (512, 256)
+    # a second run numbers on instead of overwriting
+    assert main(["generate", "x", "--steps", "1", "--out", str(out), "-q", *cli_files(files)]) == 0
+    assert (out / "00002.png").is_file()
+
+
+def test_cli_convert_then_generate_from_the_folder(files, tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "m"), *cli_files(files)]) == 0
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    for args, out in [(["--model", str(tmp_path / "m")], "a"), (cli_files(files), "b")]:
+        assert main(["generate", "a red circle", "--steps", "2", "--out", str(tmp_path / out),
+                     "-q", *args]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "00000.png")),
+                          np.asarray(Image.open(tmp_path / "b" / "00000.png")))
+
+
+def test_cli_info(fixtures, capsys):
+    assert main(["info", str(fixtures / "unet.ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "CCLD U-Net" in out and "23912012" in out and "3.25" in out
+    assert main(["info", "--json", str(fixtures / "unet_lightning.ckpt")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["channel_multipliers"] == [1, 1, 1, 1] and info["autoencoder_scale"] == 5.0
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for option in ["--image-prompt", "--init-image", "--strength", "--method", "--latent-scale",
+                   "--unet", "--cloob-config", "--grid", "dpm++2m", "2.55"]:
+        assert option in out
