@@ -1,0 +1,523 @@
+"""The training commands: encode-dataset, autoencoder-scale, train, distill, evaluate.
+
+Only argparse is imported at module level, so `ccld --help` stays fast; the heavy modules load
+when a command runs. Every command works alone or under `accelerate launch -m ccld ...` /
+`torchrun -m ccld ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import CCLDError
+
+TEACHER_ARCHITECTURE = (192, "4,4,8,8")  # the WikiArt teacher
+STUDENT_ARCHITECTURE = (192, "1,1,2,2")  # the distilled WikiArt student
+
+
+# Shared pieces
+
+def parse_multipliers(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or any(v < 1 for v in values):
+        raise CCLDError(f"--channel-multipliers {text!r}: give four positive integers separated "
+                        "by commas, e.g. 1,1,2,2")
+    return values
+
+
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
+    """An `Accelerator`; in a single process an earlier one with other settings is replaced."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise CCLDError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError:
+        if PartialState().num_processes > 1:
+            raise
+        # Accelerate keeps one global state per process; several runs in one Python process
+        # (notebooks, tests, the benchmark) may each ask for their own precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(f"frozen encoders ({what})")
+    g.add_argument("--autoencoder", metavar="PATH", help="LDM KL-f8 autoencoder .ckpt")
+    g.add_argument("--autoencoder-config", metavar="YAML",
+                   help="its yaml config (default: the .yaml beside the .ckpt)")
+    g.add_argument("--cloob", metavar="PATH", help="CLOOB checkpoint (.pkl release or .safetensors)")
+    g.add_argument("--cloob-config", metavar="JSON", help="CLOOB config: a JSON file or a built-in name")
+
+
+def add_data_options(p: argparse.ArgumentParser, cache_ok: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, metavar="SOURCE",
+                   help=("a latent cache from `ccld encode-dataset` (fastest), " if cache_ok else "")
+                   + "an image folder (recursive), a .txt path list, WikiArt-layout parquet "
+                     "file(s) or a hub dataset id such as huggan/wikiart")
+    g.add_argument("--image-size", type=int, default=256,
+                   help="images are resized (short side, Lanczos) and center-cropped to this")
+    g.add_argument("--image-column", default="image", help="the parquet column of encoded images")
+    g.add_argument("--num-workers", type=int, default=4, help="data loading processes per GPU")
+
+
+def encoder_files(args, data=None) -> dict:
+    """The autoencoder and CLOOB files to use: given, recorded in the latent cache, or released."""
+    recorded = data.dataset.index if data is not None and data.cached else {}
+    return {"autoencoder": args.autoencoder or recorded.get("autoencoder"),
+            "autoencoder_config": args.autoencoder_config or recorded.get("autoencoder_config"),
+            "cloob": args.cloob or recorded.get("cloob"),
+            "cloob_config": args.cloob_config or recorded.get("cloob_config")}
+
+
+def resolve_encoder_files(files: dict, accelerator) -> dict:
+    """Absolute paths, downloading the released models for parts not given (main process first,
+    so that processes never write the same download at once)."""
+    from .. import checkpoints
+
+    files = dict(files)
+    with accelerator.main_process_first():
+        if files["autoencoder"] is None:
+            repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
+            files["autoencoder"] = str(checkpoints.hub_download(repo, ckpt))
+            files["autoencoder_config"] = (files["autoencoder_config"]
+                                           or str(checkpoints.hub_download(repo, yaml)))
+        if files["cloob"] is None:
+            from ..pipeline import download_cloob
+
+            config = files["cloob_config"]
+            builtin = config if isinstance(config, str) and not config.endswith(".json") else None
+            files["cloob"] = str(download_cloob(builtin))
+    for key in ("autoencoder", "autoencoder_config", "cloob"):
+        if files[key] is not None:
+            files[key] = str(Path(files[key]).expanduser().resolve())
+    if files["cloob_config"] and Path(files["cloob_config"]).expanduser().is_file():
+        files["cloob_config"] = str(Path(files["cloob_config"]).expanduser().resolve())
+    return files
+
+
+def load_encoders(files: dict, need_autoencoder: bool = True, need_cloob: bool = True):
+    from ..models.autoencoder import load_autoencoder
+    from ..models.cloob import load_cloob
+
+    autoencoder = (load_autoencoder(files["autoencoder"], files["autoencoder_config"])
+                   if need_autoencoder else None)
+    cloob = load_cloob(files["cloob"], files["cloob_config"]) if need_cloob else None
+    return autoencoder, cloob
+
+
+def open_data(args):
+    from ..data import open_training_data
+
+    return open_training_data(args.data, args.image_size, args.image_column)
+
+
+def check_settings(args) -> None:
+    checks = [("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
+              ("--log-every", args.log_every, 1), ("--num-workers", args.num_workers, 0),
+              ("--checkpoint-every", args.checkpoint_every, 0), ("--demo-every", args.demo_every, 0),
+              ("--demo-steps", args.demo_steps, 1), ("--keep-checkpoints", args.keep_checkpoints, 0),
+              ("--scale-batches", args.scale_batches, 1)]
+    for name, value, low in checks:
+        if value < low:
+            raise CCLDError(f"{name} must be at least {low} (got {value})")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CCLDError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    if not 0 <= args.cond_drop <= 1:
+        raise CCLDError(f"--cond-drop is a probability in [0, 1] (got {args.cond_drop})")
+    if not args.lr > 0:
+        raise CCLDError(f"--lr must be positive (got {args.lr})")
+    if args.autoencoder_scale is not None and not args.autoencoder_scale > 0:
+        raise CCLDError(f"--autoencoder-scale must be positive (got {args.autoencoder_scale})")
+
+
+def run_config(args) -> dict:
+    """The command line as plain values, stored in checkpoints and sent to W&B."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k != "func" and (v is None or isinstance(v, (str, int, float, bool, list, Path)))}
+
+
+def settings_from_args(args):
+    from .demo import read_demo_prompts
+    from .engine import Settings
+
+    return Settings(
+        out=Path(args.out), batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
+        cond_drop=args.cond_drop, ema_decay_at=args.ema_decay_at,
+        ema_warmup_steps=args.ema_warmup_steps, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        demo_every=args.demo_every, demo_prompts=read_demo_prompts(args.demo_prompts),
+        demo_steps=args.demo_steps, demo_guidance=args.demo_guidance, log_every=args.log_every,
+        num_workers=args.num_workers, tensorboard=not args.no_tensorboard,
+        wandb_project=args.wandb_project)
+
+
+def find_resume(args, kind: str):
+    """(checkpoint, its path) to continue from, (None, None) for a new run; refuses to
+    overwrite a run."""
+    from .checkpointing import LAST, load_training_checkpoint
+
+    last = Path(args.out) / "checkpoints" / LAST
+    if args.resume is None:
+        if last.is_file():
+            raise CCLDError(f"{args.out} already holds a run ({last}); pass --resume to continue "
+                            "it, or choose another --out")
+        return None, None
+    path = last if args.resume == "last" else Path(args.resume).expanduser()
+    if not path.is_file():
+        raise CCLDError(f"{path}: no checkpoint to resume from; start without --resume")
+    return load_training_checkpoint(path, kind), path
+
+
+def load_unet_weights(path, what: str):
+    """(U-Net, whether the file stored its latent scale) from any file the loaders read."""
+    from ..checkpoints import load_state_file, unet_from_state_dict, unet_state_dict
+
+    sd = unet_state_dict(load_state_file(path, what), path)
+    return unet_from_state_dict(sd, path), "autoencoder_scale" in sd
+
+
+def unets_from_resume(resume: dict, path: str):
+    from ..checkpoints import unet_from_state_dict
+    from .checkpointing import split_state_dict
+
+    raw, ema = split_state_dict(resume["state_dict"])
+    return unet_from_state_dict(raw, path), unet_from_state_dict(ema, path)
+
+
+def settle_autoencoder_scale(model, args, stored: bool, data, accelerator, autoencoder) -> None:
+    """Sets the U-Net's latent scale: --autoencoder-scale, else the one the checkpoint stored,
+    else measured on the data as the reference's autoencoder_scale.py does."""
+    import torch
+
+    if args.autoencoder_scale is not None:
+        value = float(args.autoencoder_scale)
+    elif stored:
+        return
+    else:
+        from .encode import estimate_autoencoder_scale
+
+        value = estimate_autoencoder_scale(data, accelerator, autoencoder, args.scale_batches,
+                                           args.batch_size, args.seed, args.num_workers)
+        if accelerator.is_main_process:
+            print(f"ccld: autoencoder scale {value:.4f} (std of posterior samples of "
+                  f"{args.scale_batches} batches); pass --autoencoder-scale to fix it", flush=True)
+    model.autoencoder_scale.fill_(torch.tensor(value))
+
+
+def run_training(args, kind: str, build):
+    """Everything train and distill share: data, encoders, resume, scale; `build` makes the
+    models and the objective."""
+    from .engine import Trainer, copy_for_ema
+
+    check_settings(args)
+    settings = settings_from_args(args)
+    accelerator = make_accelerator(args.mixed_precision, args.cpu)
+    data = open_data(args)
+    resume, resume_path = find_resume(args, kind)
+    autoencoder = cloob = None
+    files = encoder_files(args, data)
+    if not data.cached or args.demo_every > 0:
+        files = resolve_encoder_files(files, accelerator)  # every process: it synchronises them
+        if not data.cached or accelerator.is_main_process:  # demos are the main process's
+            autoencoder, cloob = load_encoders(files)
+    embed_dim = data.dataset.embed_dim if data.cached else int(cloob.config["d_embed"])
+    model, ema, objective, stored_scale = build(args, accelerator, resume, resume_path, embed_dim)
+    if embed_dim != model.embed_dim:
+        raise CCLDError(f"the data's CLOOB embeddings have {embed_dim} dimensions, the U-Net "
+                        f"takes {model.embed_dim}; use the CLOOB the model was trained with")
+    if resume is None:
+        settle_autoencoder_scale(model, args, stored_scale, data, accelerator, autoencoder)
+        ema = copy_for_ema(model)
+    teacher = getattr(objective, "teacher", None)
+    if teacher is not None:  # one latent space: the student's scale is the teacher's
+        teacher.autoencoder_scale.copy_(model.autoencoder_scale)
+    config = run_config(args)
+    config.update({"unet": model.config, "kind": kind, "encoders": files})
+    trainer = Trainer(settings, objective, model, ema, data, accelerator, autoencoder, cloob,
+                      config, resume)
+    return trainer.fit()
+
+
+# Commands
+
+def cmd_train(args) -> int:
+    import torch
+
+    from ..models.unet import CCLDUNet
+    from .train import VelocityObjective
+
+    def build(args, accelerator, resume, resume_path, embed_dim):
+        if resume is not None:
+            model, ema = unets_from_resume(resume, resume_path)
+            return model, ema, VelocityObjective(), True
+        if args.init:
+            model, stored = load_unet_weights(args.init, "checkpoint to fine-tune")
+            if args.base_channels is not None or args.channel_multipliers is not None:
+                raise CCLDError("--base-channels and --channel-multipliers are for training from "
+                                "scratch; --init takes the architecture from the checkpoint")
+            return model, None, VelocityObjective(), stored
+        base = args.base_channels or TEACHER_ARCHITECTURE[0]
+        mults = parse_multipliers(args.channel_multipliers or TEACHER_ARCHITECTURE[1])
+        torch.manual_seed(args.seed)  # the same initial weights on every process and run
+        return CCLDUNet(base, mults, embed_dim), None, VelocityObjective(), False
+
+    summary = run_training(args, "train", build)
+    return 130 if summary["interrupted"] else 0
+
+
+def cmd_distill(args) -> int:
+    import torch
+
+    from ..models.unet import CCLDUNet
+    from .distill import DistillationObjective
+
+    if args.distill_guidance is not None and args.distill_guidance < 0:
+        raise CCLDError(f"--distill-guidance must be at least 0 (got {args.distill_guidance})")
+    if args.true_v_weight < 0:
+        raise CCLDError(f"--true-v-weight must be at least 0 (got {args.true_v_weight})")
+
+    def build(args, accelerator, resume, resume_path, embed_dim):
+        teacher, teacher_scale = load_unet_weights(args.teacher, "teacher checkpoint")
+        objective = DistillationObjective(teacher, args.true_v_weight, args.distill_guidance,
+                                          accelerator.autocast)
+        if resume is not None:
+            model, ema = unets_from_resume(resume, resume_path)
+            return model, ema, objective, True
+        if args.student_init:
+            model, _ = load_unet_weights(args.student_init, "student checkpoint")
+        else:
+            base = args.base_channels or STUDENT_ARCHITECTURE[0]
+            mults = parse_multipliers(args.channel_multipliers or STUDENT_ARCHITECTURE[1])
+            torch.manual_seed(args.seed)
+            model = CCLDUNet(base, mults, embed_dim=teacher.embed_dim)
+        if model.embed_dim != teacher.embed_dim:
+            raise CCLDError(f"the student takes {model.embed_dim}-dimensional embeddings, the "
+                            f"teacher {teacher.embed_dim}; they must match")
+        model.autoencoder_scale.copy_(teacher.autoencoder_scale)
+        return model, None, objective, teacher_scale
+
+    summary = run_training(args, "distill", build)
+    return 130 if summary["interrupted"] else 0
+
+
+def cmd_encode_dataset(args) -> int:
+    from ..data import check_image_size, open_image_source
+    from .encode import DTYPES, encode_dataset
+
+    check_image_size(args.image_size)
+    for name, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise CCLDError(f"{name} must be at least 1 (got {value})")
+    if args.dtype not in DTYPES:
+        raise CCLDError(f"--dtype must be one of {', '.join(DTYPES)}")
+    accelerator = make_accelerator("no", args.cpu)
+    source = open_image_source(args.data, args.image_column)
+    files = resolve_encoder_files(encoder_files(args), accelerator)
+    autoencoder, cloob = load_encoders(files)
+    index = encode_dataset(source, Path(args.out), autoencoder, cloob, accelerator,
+                           args.image_size, args.batch_size, args.shard_size, args.dtype,
+                           args.num_workers, files, progress=not args.quiet)
+    if accelerator.is_main_process:
+        print(f"ccld: encoded {index['num_encoded']} images into {args.out} "
+              f"({index['num_shards']} shards, {index['num_skipped']} unreadable images skipped)")
+        print(f"train with: ccld train --data {args.out} ...")
+    return 0
+
+
+def cmd_autoencoder_scale(args) -> int:
+    from .encode import estimate_autoencoder_scale
+
+    if args.batches < 1 or args.batch_size < 1:
+        raise CCLDError("--batches and --batch-size must be at least 1")
+    accelerator = make_accelerator("no", args.cpu)
+    data = open_data(args)
+    autoencoder = None
+    if not data.cached:
+        files = resolve_encoder_files(encoder_files(args), accelerator)
+        autoencoder, _ = load_encoders(files, need_cloob=False)
+    value = estimate_autoencoder_scale(data, accelerator, autoencoder, args.batches,
+                                       args.batch_size, args.seed, args.num_workers)
+    if accelerator.is_main_process:
+        print(f"{value:.6f}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .. import sampling
+    from ..checkpoints import load_unet
+    from .checkpointing import atomic_write
+    from .demo import read_demo_prompts
+    from .evaluate import evaluate_student, format_table
+
+    if args.n < 1 or args.steps < 1:
+        raise CCLDError("-n and --steps must be at least 1")
+    if args.method not in sampling.SAMPLERS:
+        raise CCLDError(f"unknown method {args.method!r}; choose from {', '.join(sampling.SAMPLERS)}")
+    prompts = list(args.prompts) or read_demo_prompts(args.prompts_file)
+    accelerator = make_accelerator("no", args.cpu)
+    device = accelerator.device
+    teacher = load_unet(args.teacher).to(device)
+    student = load_unet(args.student).to(device)
+    if abs(float(teacher.autoencoder_scale) - float(student.autoencoder_scale)) > 1e-6:
+        print(f"ccld: warning: the teacher's latent scale {float(teacher.autoencoder_scale):.4f} "
+              f"differs from the student's {float(student.autoencoder_scale):.4f}")
+    files = resolve_encoder_files(encoder_files(args), accelerator)
+    autoencoder, cloob = load_encoders(files)
+    result = evaluate_student(teacher, student, autoencoder.to(device), cloob.to(device), prompts,
+                              args.n, args.steps, args.method, args.guidance, args.seed,
+                              args.size, args.images)
+    result.update({"teacher": str(args.teacher), "student": str(args.student)})
+    print(format_table(result))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"wrote {out}")
+    return 0
+
+
+# The parser
+
+def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> None:
+    g = p.add_argument_group("optimisation (defaults: the reference recipe)")
+    g.add_argument("--out", required=True, metavar="FOLDER",
+                   help="run folder: checkpoints/, exported weights, demo/, logs/")
+    g.add_argument("--batch-size", type=int, default=64, help="images per step per process")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (default: until interrupted; "
+                        "Ctrl-C saves a checkpoint first)")
+    g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--cond-drop", type=float, default=0.2,
+                   help="probability of training on the zero (unconditional) embedding")
+    g.add_argument("--ema-decay-at", type=int, default=200_000,
+                   help="EMA decay 0.99 below --ema-warmup-steps, 0.999 below this, then 0.9999")
+    g.add_argument("--ema-warmup-steps", type=int, default=20_000,
+                   help="EMA decay 0.99 below this step (the reference's 20000)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the initial weights, data order and noise")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast precision (fp16 uses loss scaling; CUDA only)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass to save memory")
+    g.add_argument("--autoencoder-scale", type=float, default=None, help=scale_help)
+    g.add_argument("--scale-batches", type=int, default=32,
+                   help="batches to measure the autoencoder scale on when it is not known")
+    g.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
+                   help="continue the run in --out from checkpoints/last.ckpt (or CKPT): weights, "
+                        "optimizer, EMA, step, data position and noise")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--checkpoint-every", type=int, default=50_000,
+                   help="write a checkpoint every N steps (and always at the end)")
+    o.add_argument("--keep-checkpoints", type=int, default=0,
+                   help="keep only the newest N step checkpoints (0: keep all)")
+    o.add_argument("--demo-every", type=int, default=2000, help="demo grid every N steps (0: never)")
+    o.add_argument("--demo-prompts", metavar="TXT", help="demo prompts, one a line")
+    o.add_argument("--demo-steps", type=int, default=50, help="PLMS steps of the demo grid")
+    o.add_argument("--demo-guidance", type=float, default=3.0, help="guidance scale of the demo")
+    o.add_argument("--log-every", type=int, default=50, help="log the loss every N steps")
+    o.add_argument("--no-tensorboard", action="store_true", help="only logs/metrics.jsonl")
+    o.add_argument("--wandb-project", metavar="NAME", help="also log to this W&B project")
+
+
+def add_training_commands(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    e = sub.add_parser("encode-dataset", formatter_class=fmt,
+                       help="encode images once into latent shards for fast training",
+                       description="One pass of the frozen autoencoder and CLOOB over a dataset, "
+                       "storing each image's latent posterior (mean, log-variance) and CLOOB "
+                       "image embedding in shards. Run it again to resume.")
+    add_data_options(e, cache_ok=False)
+    e.add_argument("--out", required=True, metavar="FOLDER", help="the cache folder to write")
+    e.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
+    e.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
+    e.add_argument("--dtype", default="float32", help="storage type of mean and log-variance "
+                   "(float32, float16, bfloat16)")
+    e.add_argument("--cpu", action="store_true", help="encode on the CPU even if a GPU is there")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_encoder_options(e, "default: the released ones, downloaded once")
+    e.set_defaults(func=cmd_encode_dataset)
+
+    s = sub.add_parser("autoencoder-scale", formatter_class=fmt,
+                       help="measure the latent scale of a dataset",
+                       description="The std of autoencoder posterior samples over a few batches, "
+                       "as the reference's autoencoder_scale.py computes it.")
+    add_data_options(s)
+    s.add_argument("--batches", type=int, default=32, help="number of batches")
+    s.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    s.add_argument("--seed", type=int, default=0, help="seeds the order and the samples")
+    s.add_argument("--cpu", action="store_true", help="run on the CPU")
+    add_encoder_options(s, "images only; default: the released autoencoder")
+    s.set_defaults(func=cmd_autoencoder_scale)
+
+    t = sub.add_parser("train", formatter_class=fmt,
+                       help="train or fine-tune a CCLD U-Net (teacher) on your images",
+                       description="Train a CLOOB-conditioned latent diffusion U-Net on the "
+                       "v objective, from scratch or fine-tuning a checkpoint. Runs on many GPUs "
+                       "with `accelerate launch -m ccld train ...`.")
+    add_data_options(t)
+    m = t.add_argument_group("model")
+    m.add_argument("--init", metavar="CKPT",
+                   help="fine-tune these weights (any U-Net file `ccld generate` reads)")
+    m.add_argument("--base-channels", type=int, default=None,
+                   help=f"from scratch: base width (default {TEACHER_ARCHITECTURE[0]})")
+    m.add_argument("--channel-multipliers", default=None,
+                   help=f"from scratch: four multipliers (default {TEACHER_ARCHITECTURE[1]})")
+    add_run_options(t, 3e-5, "latent scale (default: the --init checkpoint's, else measured)")
+    add_encoder_options(t, "default: recorded in the latent cache, else the released ones")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("distill", formatter_class=fmt,
+                       help="distil a fast student from a teacher U-Net",
+                       description="Train a student U-Net to match a frozen teacher's velocity "
+                       "on noised latents of your data.")
+    add_data_options(d)
+    m = d.add_argument_group("models")
+    m.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher U-Net")
+    m.add_argument("--student-init", metavar="CKPT", help="start the student from these weights")
+    m.add_argument("--base-channels", type=int, default=None,
+                   help=f"student base width (default {STUDENT_ARCHITECTURE[0]})")
+    m.add_argument("--channel-multipliers", default=None,
+                   help=f"student multipliers (default {STUDENT_ARCHITECTURE[1]})")
+    m.add_argument("--true-v-weight", type=float, default=0.0,
+                   help="add this times the true-v loss to the teacher-matching loss")
+    m.add_argument("--distill-guidance", type=float, default=None, metavar="SCALE",
+                   help="match the teacher's guided velocity at this scale (sample the student "
+                        "with guidance 1 then)")
+    add_run_options(d, 1e-4, "latent scale (default: the teacher's)")
+    add_encoder_options(d, "default: recorded in the latent cache, else the released ones")
+    d.set_defaults(func=cmd_distill)
+
+    v = sub.add_parser("evaluate", formatter_class=fmt,
+                       help="compare a student with its teacher",
+                       description="Sample teacher and student from the same noise and prompts; "
+                       "report v-MSE, image PSNR, CLOOB text-image similarity and time per "
+                       "image as a table and JSON.")
+    v.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: the demo prompts)")
+    v.add_argument("--teacher", required=True, metavar="CKPT")
+    v.add_argument("--student", required=True, metavar="CKPT")
+    v.add_argument("--prompts-file", metavar="TXT", help="prompts, one a line")
+    v.add_argument("-n", type=int, default=4, help="images per prompt")
+    v.add_argument("--steps", type=int, default=15, help="sampling steps")
+    v.add_argument("--method", default="plms", help="sampler")
+    v.add_argument("--guidance", type=float, default=3.0, help="guidance scale")
+    v.add_argument("--seed", type=int, default=0, help="noise seed (prompt i uses seed + i)")
+    v.add_argument("--size", type=int, default=256, help="image size in pixels")
+    v.add_argument("--json", default="evaluation.json", help="where to write the results")
+    v.add_argument("--images", metavar="FOLDER", help="also write teacher/student comparison grids")
+    v.add_argument("--cpu", action="store_true", help="run on the CPU")
+    add_encoder_options(v, "default: the released ones")
+    v.set_defaults(func=cmd_evaluate)

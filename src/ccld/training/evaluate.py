@@ -1,0 +1,138 @@
+"""`ccld evaluate`: a distilled student against its teacher, on the same noise and prompts.
+
+For every prompt both models sample from the same seeded noise with the same guided sampler.
+Reported: the v-MSE between the student's and the teacher's guided velocity at every input the
+teacher saw along its own trajectory; the PSNR of the student's image against the teacher's;
+the CLOOB similarity of each model's images to the prompt; and seconds per image (sampling and
+decoding) for each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .. import sampling
+from ..data import cloob_input
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _sample_images(unet, autoencoder, conditions, weights, noise, steps, method, record=None):
+    """(pixels in [-1, 1], seconds) for one guided sampling run and its decoding."""
+    from ..models.autoencoder import decode_latents
+
+    guided = sampling.guided_model(unet, conditions, weights)
+    if record is not None:
+        model = guided
+
+        def guided(x, t):
+            record.append((x, t))
+            return model(x, t)
+
+    device = noise.device
+    _synchronize(device)
+    start = time.perf_counter()
+    latents = sampling.sample(method, guided, noise, steps)
+    pixels = decode_latents(autoencoder, latents.float() * unet.autoencoder_scale).float()
+    _synchronize(device)
+    return pixels.clamp(-1, 1), time.perf_counter() - start
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak 1 after mapping to [0, 1])."""
+    mse = ((a - b) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def cloob_similarity(cloob, pixels: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each image's CLOOB embedding to the text's."""
+    size = cloob.config["image_encoder"]["image_size"]
+    images = cloob_input((pixels + 1) / 2, size).clamp(0, 1)
+    embeds = torch.nn.functional.normalize(cloob.encode_image(images).float(), dim=-1)
+    return embeds @ torch.nn.functional.normalize(text_embed.float(), dim=-1)
+
+
+@torch.no_grad()
+def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], num_images: int = 4,
+                     steps: int = 15, method: str = "plms", guidance: float = 3.0, seed: int = 0,
+                     size: int = 256, images_folder=None) -> dict:
+    device = next(teacher.parameters()).device
+    timesteps = sampling.get_timesteps(steps, device=device)
+    weights = sampling.condition_weights([guidance], device)
+    rows = []
+    totals = {"teacher_seconds": 0.0, "student_seconds": 0.0}
+    for j, prompt in enumerate(prompts):
+        text_embed = cloob.encode_text([prompt]).float().to(device)
+        conditions = torch.cat([torch.zeros_like(text_embed), text_embed])
+        generator = torch.Generator().manual_seed(seed + j)
+        noise = torch.randn([num_images, 4, size // 8, size // 8], generator=generator).to(device)
+        record = []
+        teacher_pixels, teacher_seconds = _sample_images(teacher, autoencoder, conditions, weights,
+                                                         noise, timesteps, method, record)
+        student_pixels, student_seconds = _sample_images(student, autoencoder, conditions, weights,
+                                                         noise, timesteps, method)
+        teacher_guided = sampling.guided_model(teacher, conditions, weights)
+        student_guided = sampling.guided_model(student, conditions, weights)
+        v_mse = sum(torch.nn.functional.mse_loss(student_guided(x, t).float(),
+                                                 teacher_guided(x, t).float()).item()
+                    for x, t in record) / len(record)
+        rows.append({
+            "prompt": prompt, "v_mse": v_mse,
+            "psnr_db": psnr(student_pixels, teacher_pixels).mean().item(),
+            "cloob_similarity_teacher": cloob_similarity(cloob, teacher_pixels, text_embed[0]).mean().item(),
+            "cloob_similarity_student": cloob_similarity(cloob, student_pixels, text_embed[0]).mean().item(),
+        })
+        totals["teacher_seconds"] += teacher_seconds
+        totals["student_seconds"] += student_seconds
+        if images_folder is not None:
+            _save_comparison(images_folder, j, prompt, teacher_pixels, student_pixels)
+    count = len(prompts) * num_images
+    summary = {k: sum(r[k] for r in rows) / len(rows)
+               for k in ("v_mse", "psnr_db", "cloob_similarity_teacher", "cloob_similarity_student")}
+    summary["seconds_per_image_teacher"] = totals["teacher_seconds"] / count
+    summary["seconds_per_image_student"] = totals["student_seconds"] / count
+    summary["speedup"] = totals["teacher_seconds"] / max(totals["student_seconds"], 1e-12)
+    return {"settings": {"num_images": num_images, "steps": steps, "method": method,
+                         "guidance": guidance, "seed": seed, "size": size,
+                         "device": str(device)},
+            "prompts": rows, "summary": summary}
+
+
+def _save_comparison(folder, j, prompt, teacher_pixels, student_pixels):
+    from pathlib import Path
+
+    from ..images import make_grid, save_png, tensor_to_pil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [tensor_to_pil(p) for p in torch.cat([teacher_pixels, student_pixels])]
+    save_png(make_grid(images, cols=len(teacher_pixels)), folder / f"compare-{j:03d}.png",
+             {"prompt": prompt, "rows": ["teacher", "student"]})
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of the per-prompt metrics and the summary."""
+    header = f"{'prompt':<40} {'v-MSE':>10} {'PSNR dB':>8} {'CLOOB T':>8} {'CLOOB S':>8}"
+    lines = [header, "-" * len(header)]
+    for r in result["prompts"]:
+        name = r["prompt"] if len(r["prompt"]) <= 40 else r["prompt"][:37] + "..."
+        lines.append(f"{name:<40} {r['v_mse']:>10.5f} {r['psnr_db']:>8.2f} "
+                     f"{r['cloob_similarity_teacher']:>8.4f} {r['cloob_similarity_student']:>8.4f}")
+    s = result["summary"]
+    lines.append("-" * len(header))
+    lines.append(f"{'mean':<40} {s['v_mse']:>10.5f} {s['psnr_db']:>8.2f} "
+                 f"{s['cloob_similarity_teacher']:>8.4f} {s['cloob_similarity_student']:>8.4f}")
+    speed = s["speedup"]
+    lines.append(f"seconds per image: teacher {s['seconds_per_image_teacher']:.3f}, student "
+                 f"{s['seconds_per_image_student']:.3f} "
+                 f"({speed:.2f}x {'faster' if speed >= 1 else 'slower'})"
+                 if math.isfinite(speed) else "")
+    return "\n".join(lines)

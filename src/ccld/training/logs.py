@@ -1,0 +1,84 @@
+"""Run logs, written by the main process only: JSON lines always, TensorBoard and W&B on top.
+
+`metrics.jsonl` is plain and always there (one JSON object a line, with `step`), so a run can be
+inspected without extra packages; TensorBoard is used when installed, W&B when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import CCLDError
+
+
+class RunLog:
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool = True,
+                 wandb_project: str | None = None, config: dict | None = None):
+        self.enabled = enabled
+        self.tensorboard = self.wandb = None
+        self.file = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("ccld: tensorboard is not installed, logging to metrics.jsonl only "
+                      "(pip install tensorboard for TensorBoard logs)")
+            else:
+                self.tensorboard = SummaryWriter(str(folder))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise CCLDError("--wandb-project needs the wandb package; pip install wandb, or "
+                                "leave the option out to log to TensorBoard") from None
+            self.wandb = wandb.init(project=wandb_project, config=config or {},
+                                    dir=str(folder), resume="allow")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.event(step, values)
+        if self.tensorboard is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tensorboard.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def event(self, step: int, values: dict) -> None:
+        """A record in metrics.jsonl only (checkpoints, notes)."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        self.file.flush()
+
+    def image(self, step: int, name: str, image, caption: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.tensorboard is not None:
+            import numpy as np
+
+            self.tensorboard.add_image(name, np.asarray(image), step, dataformats="HWC")
+            if caption:
+                self.tensorboard.add_text(f"{name}/prompts", caption, step)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(image, caption=caption)}, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

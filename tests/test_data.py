@@ -1,0 +1,262 @@
+"""Training data: image folders, path lists and WikiArt-layout parquet, preprocessing, sharding,
+and the latent cache written by `ccld encode-dataset`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ccld.cli import main
+from ccld.data import (ImageDataset, ShardedStream, open_image_source,
+                       open_training_data, prepare_pixels, sample_posterior)
+from ccld.errors import CCLDError
+
+
+def write_synthetic_images(root: Path, count: int = 8) -> dict:
+    """`count` distinct small images of several sizes in a folder with a subfolder, one corrupt
+    PNG beside them, a path list of the good ones, and a WikiArt-layout parquet of all of them
+    (the corrupt one last; None without pyarrow). Returns the three sources."""
+    images = root / "images"
+    (images / "more").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        w, h = (80, 64) if i % 2 else (64, 96)
+        blocks = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
+        path = images / ("more" if i >= count // 2 else "") / f"painting{i}.png"
+        Image.fromarray(blocks).resize((w, h), Image.NEAREST).save(path)
+        paths.append(path)
+    corrupt = images / "corrupt.png"
+    corrupt.write_bytes(paths[0].read_bytes()[:60])  # a PNG cut short
+    path_list = root / "train.txt"
+    path_list.write_text("\n".join(str(p.relative_to(root)) for p in paths) + "\n\n")
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return {"folder": images, "list": path_list, "parquet": None}
+    rows = [{"bytes": p.read_bytes(), "path": p.name} for p in paths]
+    rows.append({"bytes": b"not an image", "path": "broken.jpg"})
+    table = pa.table({"image": rows, "artist": list(range(len(rows))),
+                      "genre": [3] * len(rows), "style": [7] * len(rows)})
+    parquet = root / "wikiart" / "data" / "train-00000-of-00001.parquet"
+    parquet.parent.mkdir(parents=True)
+    pq.write_table(table, parquet, row_group_size=3)
+    return {"folder": images, "list": path_list, "parquet": parquet}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return write_synthetic_images(tmp_path_factory.mktemp("images"))
+
+
+def readable(source) -> list[bool]:
+    ok = []
+    for i in range(len(source)):
+        try:
+            ok.append(source.read(i).mode == "RGB")
+        except CCLDError as e:
+            assert "\n" not in str(e)
+            ok.append(False)
+    return ok
+
+
+def test_folder_is_searched_recursively_in_a_stable_order(sources):
+    source = open_image_source(sources["folder"])
+    names = [source.name(i) for i in range(len(source))]
+    assert len(names) == 9 and names == sorted(names)
+    assert str(sources["folder"] / "more" / "painting7.png") in names
+    assert sum(readable(source)) == 8  # the corrupt PNG is found but cannot be read
+
+
+def test_path_list_resolves_relative_paths_and_skips_blank_lines(sources):
+    source = open_image_source(sources["list"])
+    assert len(source) == 8 and all(readable(source))
+    assert Path(source.name(0)).is_absolute()
+
+
+def parquet(sources) -> Path:
+    if sources["parquet"] is None:
+        pytest.skip("pyarrow is not installed (pip install 'ccld[train]')")
+    return sources["parquet"]
+
+
+def test_wikiart_parquet_file_and_folder(sources):
+    parquet(sources)
+    by_file = open_image_source(sources["parquet"])
+    by_folder = open_image_source(sources["parquet"].parents[1])  # found below data/
+    assert len(by_file) == len(by_folder) == 9
+    assert readable(by_file) == [True] * 8 + [False]
+    assert np.array_equal(np.asarray(by_file.read(5)),
+                          np.asarray(open_image_source(sources["list"]).read(5)))
+
+
+def test_hub_dataset_id_reads_the_downloaded_parquet(sources, monkeypatch):
+    import huggingface_hub
+
+    parquet(sources)
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, repo_type, allow_patterns):
+        calls.append((repo_id, repo_type))
+        return str(sources["parquet"].parents[1])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert len(open_image_source("huggan/wikiart")) == 9
+    assert calls == [("huggan/wikiart", "dataset")]
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CCLDError, match="could not get the dataset huggan/wikiart"):
+        open_image_source("huggan/wikiart")
+
+
+def test_bad_sources_are_one_line_errors(tmp_path, sources):
+    parquet(sources)
+    (tmp_path / "empty").mkdir()
+    table = pytest.importorskip("pyarrow").table({"pixels": [b"x"]})
+    pytest.importorskip("pyarrow.parquet").write_table(table, tmp_path / "other.parquet")
+    cases = [(tmp_path / "missing", "no such file or folder"),
+             (tmp_path / "empty", "no images"),
+             (tmp_path / "other.parquet", "no 'image' column"),
+             (sources["folder"] / "painting0.png", "a single image")]
+    for spec, message in cases:
+        with pytest.raises(CCLDError, match=message) as e:
+            open_image_source(spec)
+        assert "\n" not in str(e.value)
+
+
+def test_reference_preprocessing_and_skipping(sources):
+    image = open_image_source(sources["list"]).read(1)  # 80x64
+    pixels = prepare_pixels(image, 64)
+    assert pixels.shape == (3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1
+    dataset = ImageDataset(open_image_source(sources["folder"]), 64)
+    names = [Path(dataset.source.name(i)).name for i in range(len(dataset))]
+    corrupt = names.index("corrupt.png")
+    item = dataset[corrupt]  # replaced by the next readable image, and counted
+    assert item["skipped"] == 1
+    assert torch.equal(item["pixels"], dataset[corrupt + 1]["pixels"])
+
+
+def test_sharded_stream_splits_epochs_without_overlap_and_resumes():
+    streams = [ShardedStream(10, rank, 3, seed=5) for rank in range(3)]
+    firsts = [list(s.epoch_indices(0)) for s in streams]
+    flat = sum(firsts, [])
+    assert len(flat) == 9 and len(set(flat)) == 9  # 10 % 3 left out, no item twice
+    assert list(streams[0].epoch_indices(1)) != firsts[0]  # reshuffled every epoch
+    it = iter(ShardedStream(10, 1, 3, seed=5))
+    whole = [next(it) for _ in range(8)]
+    it = iter(ShardedStream(10, 1, 3, seed=5, start=5))
+    assert [next(it) for _ in range(3)] == whole[5:]
+    with pytest.raises(CCLDError):
+        ShardedStream(2, 0, 3)
+
+
+def test_posterior_sample_clamps_logvar_like_ldm():
+    mean = torch.zeros(2, 4, 2, 2)
+    noise = torch.ones_like(mean)
+    assert torch.allclose(sample_posterior(mean, torch.full_like(mean, 50.0), noise),
+                          torch.full_like(mean, float(np.exp(10.0))))
+    assert torch.allclose(sample_posterior(mean + 1, torch.full_like(mean, -4.0), noise),
+                          torch.full_like(mean, 1 + float(np.exp(-2.0))))
+
+
+def test_autoencoder_scale_is_the_std_of_posterior_samples():
+    from torch.utils.data import Dataset
+
+    from ccld.data import TrainingData
+    from ccld.training.commands import make_accelerator
+    from ccld.training.encode import estimate_autoencoder_scale
+
+    class Latents(Dataset):  # posterior means of std 2 around 1, posterior std 1.5
+        def __init__(self):
+            self.means = torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return {"mean": self.means[i], "logvar": torch.full([4, 4, 4], 2 * np.log(1.5)),
+                    "embed": torch.zeros(8)}
+
+    data = TrainingData(Latents(), (4, 4, 4), "synthetic latents", True)
+    scale = estimate_autoencoder_scale(data, make_accelerator(), batches=16, batch_size=16)
+    assert scale == pytest.approx((4 + 1.5 ** 2) ** 0.5, rel=0.05)
+
+
+def encoder_args(fixtures):
+    return ["--autoencoder", str(fixtures / "autoencoder.ckpt"), "--cloob",
+            str(fixtures / "cloob.pkl"), "--cloob-config", str(fixtures / "cloob.json")]
+
+
+def test_encode_dataset_writes_resumable_shards(fixtures, sources, tmp_path, capsys):
+    parquet(sources)
+    from ccld.models.autoencoder import encode_moments, load_autoencoder
+    from ccld.models.cloob import load_cloob
+
+    out = tmp_path / "cache"
+
+    def encode(shard_size=4):
+        return main(["encode-dataset", "--data", str(sources["parquet"]), "--out", str(out),
+                     "--image-size", "64", "--shard-size", str(shard_size), "--batch-size", "3",
+                     "--num-workers", "0", "-q", *encoder_args(fixtures)])
+
+    assert encode() == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] and index["num_shards"] == 3 and index["num_encoded"] == 8
+    assert [s["item"] for s in index["skipped"]] == [8]  # the corrupt row, counted
+    assert "1 unreadable images skipped" in capsys.readouterr().out
+
+    # the cache holds the encoders' outputs for the reference preprocessing
+    data = open_training_data(out)
+    assert data.cached and data.num_items == 8 and data.latent_shape == (4, 8, 8)
+    source = open_image_source(sources["parquet"])
+    pixels = prepare_pixels(source.read(5), 64)[None]
+    ae = load_autoencoder(fixtures / "autoencoder.ckpt")
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    mean, logvar = encode_moments(ae, pixels * 2 - 1)
+    item = data.dataset[5]
+    assert torch.allclose(item["mean"], mean[0], atol=1e-5)
+    assert torch.allclose(item["logvar"], logvar[0], atol=1e-5)
+    assert torch.allclose(item["embed"], cloob.encode_image(pixels)[0], atol=1e-5)  # 64px CLOOB
+
+    # an interrupted run: the missing shard is encoded again, finished ones are kept
+    finished = out / "shard-000000.safetensors"
+    before = finished.stat().st_mtime_ns
+    (out / "shard-000001.safetensors").unlink()
+    assert encode() == 0
+    assert finished.stat().st_mtime_ns == before
+    assert json.loads((out / "index.json").read_text())["shards"] == index["shards"]
+
+    # the latent scale of the cached data, as `ccld autoencoder-scale` measures it
+    capsys.readouterr()
+    assert main(["autoencoder-scale", "--data", str(out), "--batches", "8", "--batch-size", "4",
+                 "--num-workers", "0"]) == 0
+    measured = float(capsys.readouterr().out.strip())
+    means = torch.stack([data.dataset[i]["mean"] for i in range(8)])
+    logvars = torch.stack([data.dataset[i]["logvar"] for i in range(8)])
+    assert measured == pytest.approx((means.var() + logvars.exp().mean()).sqrt().item(), rel=0.1)
+
+    # the same folder with other settings is refused, not mixed
+    assert encode(shard_size=5) == 2
+    assert "different shard_size" in capsys.readouterr().err
+
+
+def test_incomplete_cache_is_refused(fixtures, sources, tmp_path):
+    out = tmp_path / "cache"
+    assert main(["encode-dataset", "--data", str(sources["list"]), "--out", str(out),
+                 "--image-size", "64", "--shard-size", "4", "--num-workers", "0", "-q",
+                 *encoder_args(fixtures)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    index["complete"] = False
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CCLDError, match="incomplete"):
+        open_training_data(out)
+    shutil.rmtree(out)
