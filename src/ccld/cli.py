@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .web import add_serve_command
     add_serve_command(sub)
+    from .training.commands import add_training_commands
+    add_training_commands(sub)
     return p
 
 

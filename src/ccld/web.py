@@ -1,0 +1,591 @@
+"""`ccld serve`: the web app, a Gradio page with a gallery of paintings and the same as an API.
+
+    ccld serve                                   # http://127.0.0.1:7860, the default student
+    ccld serve --model FOLDER --port 8000        # model options as in `ccld generate`
+
+The models load once at start. Requests wait in Gradio's queue (bounded by `--queue-size`) and
+at most `--concurrency` of them sample at once (1 on a CPU). Every input is checked in
+`generate`, which turns a bad value, an unreadable upload or a `CCLDError` from the pipeline into
+a `gr.Error`: the page shows its one-line message and the server carries on. Results are PNGs
+written by `ccld.images.save_png`, so each carries its parameters; they live in a temporary
+folder that keeps only recent batches (`ResultStore`) and is removed when the server stops.
+
+The generation is also an API (`api_name="generate"`), e.g. with `gradio_client`:
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    gallery, params = client.predict(
+        prompts="a snowy landscape, oil on canvas:3\\nblue:1",  # one TEXT[:WEIGHT] a line
+        image_prompts=[handle_file("ref.png")],  # or [] ; image_weight= their weight
+        init_image=None, strength=0.6,            # handle_file("start.png") to start from it
+        method="plms", steps=15, guidance=3.0, seed=0, num_images=4,
+        api_name="/generate")
+    gallery[0]["image"]  # a local copy of the first PNG; params is its parameters (a dict)
+
+Gradio is imported only when the app is built, so `ccld --help` stays fast without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+from .errors import CCLDError
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
+
+log = logging.getLogger("ccld.web")
+
+MAX_STEPS = 250
+MAX_IMAGES = 16
+MAX_PROMPTS = 16
+MAX_PROMPT_CHARS = 1000
+MAX_IMAGE_PROMPTS = 8
+MAX_SEED = 2 ** 32 - 1
+MAX_ABS_WEIGHT = 1000.0
+DEFAULT_MAX_UPLOAD_MB = 10.0
+DEFAULT_QUEUE_SIZE = 32
+DEFAULT_NUM_IMAGES = 4
+DEFAULT_SIZE = 256
+DECODE_CHUNK = 4  # images decoded at once, so 16 images do not need 16 images' activations
+KEEP_BATCHES = 64
+KEEP_MINUTES = 60.0
+TITLE = "ccld: CLOOB-conditioned latent diffusion"
+
+EXAMPLES = [
+    # prompts, method, steps, guidance, num_images, seed
+    ["a snowy landscape, oil on canvas", "plms", 15, 3.0, 4, 0],
+    ["a portrait of a woman in a red hat, by Rembrandt:3\nblurry:-1", "plms", 25, 3.0, 4, 1],
+    ["water lilies at dusk, impressionism", "ddim", 30, 5.0, 4, 2],
+    ["a futuristic city skyline, cubism:4", "dpm++2m", 15, 3.0, 2, 3],
+]
+
+API_DOC = """\
+**API.** The same generation is a Gradio API endpoint, `/generate` (see "Use via API" below).
+```python
+from gradio_client import Client, handle_file
+client = Client("{url}")  # this page's address
+gallery, params = client.predict(prompts="a snowy landscape, oil on canvas:3", image_prompts=[],
+    init_image=None, method="plms", steps=15, guidance=3.0, seed=0, num_images=4,
+    api_name="/generate")
+print(gallery[0]["image"], params["seed"])  # a local copy of the first PNG; its parameters
+```
+Image prompts and the init image are uploads: `image_prompts=[handle_file("ref.png")]`,
+`init_image=handle_file("start.png")`.
+"""
+
+
+# Results on disk, bounded
+
+class ResultStore:
+    """A folder of per-request batch folders that keeps the newest `keep` batches, none older
+    than `max_age` seconds; `close()` removes it. Gradio copies results into its own cache (which
+    `delete_cache` ages out), so these files only need to outlive one response."""
+
+    def __init__(self, root: str | os.PathLike | None = None, keep: int = KEEP_BATCHES,
+                 max_age: float = KEEP_MINUTES * 60):
+        self._owned = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="ccld-web-") if root is None else root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep = max(1, int(keep))
+        self.max_age = float(max_age)
+        self._lock = threading.Lock()
+
+    def new_batch(self) -> Path:
+        with self._lock:
+            self._prune(reserve=1)
+            folder = self.root / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+            folder.mkdir()
+            return folder
+
+    def prune(self) -> None:
+        with self._lock:
+            self._prune(reserve=0)
+
+    def _prune(self, reserve: int) -> None:
+        try:
+            batches = sorted(p for p in self.root.iterdir() if p.is_dir())
+        except OSError:
+            return
+        now = time.time()
+        excess = len(batches) + reserve - self.keep
+        for i, folder in enumerate(batches):  # oldest first: names start with the time
+            try:
+                old = now - folder.stat().st_mtime > self.max_age
+            except OSError:
+                continue
+            if i < excess or old:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def batches(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_dir())
+
+    def close(self) -> None:
+        if self._owned:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# Generation
+
+def _error(message: str):
+    import gradio as gr
+
+    log.info("rejected: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+def _int_in(name: str, value, lo: int, hi: int) -> int:
+    if value is None or isinstance(value, bool) or value == "":
+        raise _error(f"{name} is missing; give a whole number from {lo} to {hi}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _error(f"{name} must be a whole number from {lo} to {hi} (got {value!r})") from None
+    if not math.isfinite(number) or number != int(number) or not lo <= number <= hi:
+        shown = int(number) if math.isfinite(number) and number == int(number) else value
+        raise _error(f"{name} must be a whole number from {lo} to {hi} (got {shown})")
+    return int(number)
+
+
+def _float_in(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _error(f"{name} must be a number (got {value!r})") from None
+    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
+        low = f"above {lo:g}" if lo_open else f"from {lo:g}"
+        raise _error(f"{name} must be a number {low} to {hi:g} (got {value!r})")
+    return number
+
+
+def _upload_path(item) -> str | None:
+    """The local path of an upload as Gradio passes it (a str, a dict or a FileData-like)."""
+    if item is None or item == "":
+        return None
+    if isinstance(item, dict):
+        item = item.get("path") or item.get("name")
+    elif not isinstance(item, (str, os.PathLike)):
+        item = getattr(item, "path", None) or getattr(item, "name", None)
+    return None if item is None else os.fspath(item)
+
+
+def _load_upload(item, what: str, max_bytes: int):
+    """(PIL image, file name) from an upload; a clear gr.Error for a big or non-image file."""
+    from .images import load_image
+
+    path = _upload_path(item)
+    if path is None:
+        return None, None
+    name = Path(path).name
+    try:
+        nbytes = os.path.getsize(path)
+    except OSError:
+        raise _error(f"{what} {name!r}: the upload is gone; upload it again") from None
+    if nbytes > max_bytes:
+        raise _error(f"{what} {name!r} is {nbytes / 1e6:.1f} MB, more than the "
+                     f"{max_bytes / 1e6:g} MB upload limit; upload a smaller image")
+    try:
+        image = load_image(path)
+    except CCLDError as e:
+        message = str(e).replace(str(Path(path).expanduser()), name).replace(path, name)
+        raise _error(f"{what} {message}") from None
+    return image, name
+
+
+def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
+    """One `TEXT[:WEIGHT]` prompt a line (blank lines skipped) as (text, weight) pairs."""
+    from .prompts import parse_weighted
+
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise _error(f"prompts must be text, one prompt a line (got {type(text).__name__})")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > MAX_PROMPTS:
+        raise _error(f"{len(lines)} prompts is too many; give at most {MAX_PROMPTS}, one a line")
+    out = []
+    for line in lines:
+        if len(line) > MAX_PROMPT_CHARS:
+            raise _error(f"a prompt is {len(line)} characters long; keep each under "
+                         f"{MAX_PROMPT_CHARS} (the text encoder reads only the first 77 tokens)")
+        try:
+            prompt, weight = parse_weighted(line, guidance)
+        except CCLDError as e:
+            raise _error(str(e)) from None
+        if abs(weight) > MAX_ABS_WEIGHT:
+            raise _error(f"the weight of {prompt!r} is {weight:g}; keep weights within "
+                         f"±{MAX_ABS_WEIGHT:g} (about 1 to 10 is typical)")
+        out.append((prompt, weight))
+    return out
+
+
+def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_GUIDANCE,
+             init_image=None, strength=0.6, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
+             guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, *, store: ResultStore,
+             size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
+             lock=None, progress: Callable | None = None):
+    """Checks the inputs, paints, writes the PNGs; returns ([(png path, caption)], parameters).
+
+    Every problem the user can fix is raised as `gr.Error` with a one-line message. `lock`
+    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`.
+    """
+    from . import sampling
+    from .images import save_png, tensor_to_pil
+    from .pipeline import Prompt
+
+    started = time.perf_counter()
+    # Inputs, cheapest checks first, all before any model work.
+    steps = _int_in("steps", steps, 1, MAX_STEPS)
+    num_images = _int_in("number of images", num_images, 1, MAX_IMAGES)
+    if method not in sampling.SAMPLERS:
+        raise _error(f"unknown method {method!r}; choose from {', '.join(sampling.SAMPLERS)}")
+    guidance = _float_in("guidance", DEFAULT_GUIDANCE if guidance in (None, "") else guidance,
+                         -MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)
+    image_weight = _float_in("image prompt weight",
+                             guidance if image_weight in (None, "") else image_weight,
+                             -MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)
+    if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed == -1):
+        seed = secrets.randbelow(MAX_SEED + 1)
+    seed = _int_in("seed", seed, 0, MAX_SEED)
+    texts = parse_prompts(prompts, guidance)
+    if image_prompts is None or image_prompts == "":
+        image_prompts = []
+    elif not isinstance(image_prompts, (list, tuple)):
+        image_prompts = [image_prompts]
+    if len(image_prompts) > MAX_IMAGE_PROMPTS:
+        raise _error(f"{len(image_prompts)} image prompts is too many; give at most "
+                     f"{MAX_IMAGE_PROMPTS}")
+    images = []
+    for item in image_prompts:
+        image, name = _load_upload(item, "image prompt", max_upload_bytes)
+        if image is not None:
+            images.append(Prompt(image, image_weight, name))
+    if not texts and not images:
+        raise _error("type a prompt (one a line, TEXT or TEXT:WEIGHT) or upload an image prompt")
+    init, init_name = _load_upload(init_image, "init image", max_upload_bytes)
+    if init is not None:
+        strength = _float_in("strength", strength, 0.0, 1.0, lo_open=True)
+    else:
+        strength = 0.6 if strength in (None, "") else strength
+
+    def report(fraction, desc):
+        if progress is not None:
+            progress(fraction, desc=desc)
+
+    done = [0]
+
+    def on_step(info: dict):
+        done[0] += 1
+        if progress is not None:
+            progress((min(done[0], steps), steps), desc="Sampling", unit="steps")
+
+    report(0.0, "Waiting for the model" if lock is not None else "Starting")
+    try:
+        with lock if lock is not None else nullcontext():
+            report(0.0, "Encoding prompts")
+            latents = pipe.generate_latents(texts, images, num_images, steps, method, guidance,
+                                            seed, 0.0, init, strength, size, callback=on_step)
+            report(1.0, "Decoding")
+            pixels = [pipe.decode(latents[i:i + DECODE_CHUNK]).float().cpu()
+                      for i in range(0, num_images, DECODE_CHUNK)]
+            del latents
+    except CCLDError as e:
+        raise _error(str(e)) from None
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+            log.warning("out of memory painting %d images of %d px", num_images, size)
+            raise _error(f"out of memory painting {num_images} images; ask for fewer images") from None
+        raise
+    params = pipe.describe(texts, images, num_images, steps, method, guidance, seed, 0.0,
+                           init, strength, None, size)
+    if init is not None:
+        params["init_image"] = init_name
+    gallery = []
+    index = 0
+    try:
+        folder = store.new_batch()
+        for chunk in pixels:
+            for p in chunk:
+                path = folder / f"ccld-{seed}-{index:02d}.png"
+                save_png(tensor_to_pil(p), path, {**params, "index": index})
+                gallery.append((str(path), f"seed {seed} · {index + 1}/{num_images}"))
+                index += 1
+    except CCLDError as e:  # a full disk, say: the server's problem, said plainly
+        log.error("%s", e)
+        raise _error("the server could not save the images (see its log); try again later") from None
+    except OSError as e:
+        log.error("cannot create a result folder in %s: %s", store.root, e)
+        raise _error("the server could not save the images (see its log); try again later") from None
+    log.info("painted %d image(s), %s %d steps, seed %d, in %.1f s", num_images, method, steps,
+             seed, time.perf_counter() - started)
+    return gallery, params
+
+
+# The page
+
+def _named_range_checks(slider):
+    """Leaves a slider's range check to `generate`, whose message names the field.
+
+    Gradio checks a slider's range before the function runs, with a message that does not say
+    which field is wrong ("Value 0 is less than minimum value 1"). A subclass would be plainer,
+    but Gradio writes a .pyi stub beside any module that subclasses a component.
+    """
+    slider.preprocess = lambda payload: payload
+    return slider
+
+
+def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
+              queue_size: int = DEFAULT_QUEUE_SIZE, size: int = DEFAULT_SIZE,
+              max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
+              keep_minutes: float = KEEP_MINUTES, num_images: int = DEFAULT_NUM_IMAGES,
+              examples=EXAMPLES):
+    """The Gradio Blocks app around a loaded pipeline (not launched)."""
+    import gradio as gr
+
+    from . import sampling
+
+    store = store or ResultStore(max_age=keep_minutes * 60)
+    lock = threading.BoundedSemaphore(max(1, int(concurrency)))
+    age = max(60, int(keep_minutes * 60))
+
+    def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
+            method=None, steps=None, guidance=None, seed=None, num_images=None,
+            progress=gr.Progress()):  # None defaults: optional in the API (components' values)
+        return generate(pipe, prompts, image_prompts, image_weight, init_image, strength, method,
+                        steps, guidance, seed, num_images, store=store, size=size,
+                        max_upload_bytes=max_upload_bytes, lock=lock, progress=progress)
+
+    css = "#dice {min-width: 3em; max-width: 4em; align-self: end; font-size: 1.6em}"
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(600, age), age)) as demo:
+        gr.Markdown(f"## {TITLE}\nPaint pictures from text and image prompts. One prompt a "
+                    "line as `TEXT` or `TEXT:WEIGHT` (a negative weight steers away). Every PNG "
+                    "records its parameters; the same seed and settings paint the same picture.",
+                    elem_id="ccld-title")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320):
+                prompts = gr.Textbox(label="Prompts", lines=3, max_lines=MAX_PROMPTS,
+                                     elem_id="prompts",
+                                     placeholder="a snowy landscape, oil on canvas:3")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Row():
+                    method = gr.Dropdown(list(sampling.SAMPLERS), value=DEFAULT_METHOD,
+                                         label="Method", elem_id="method")
+                    steps = _named_range_checks(gr.Slider(
+                        1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
+                with gr.Row():
+                    guidance = gr.Number(DEFAULT_GUIDANCE, label="Guidance",
+                                         info="weight of prompts given without one",
+                                         elem_id="guidance")
+                    count = _named_range_checks(gr.Slider(
+                        1, MAX_IMAGES, value=num_images, step=1, label="Number of images",
+                        elem_id="num-images"))
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, label="Seed", info="blank: a random one",
+                                     elem_id="seed")
+                    dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
+                with gr.Accordion("Image prompts and init image", open=False):
+                    image_prompts = gr.File(label=f"Image prompts (up to {MAX_IMAGE_PROMPTS})",
+                                            file_count="multiple", elem_id="image-prompts")
+                    image_weight = gr.Number(DEFAULT_GUIDANCE, label="Image prompt weight",
+                                             elem_id="image-weight")
+                    init_image = gr.File(label="Init image (start from this picture)",
+                                         file_count="single", elem_id="init-image")
+                    strength = _named_range_checks(gr.Slider(
+                        0.05, 1.0, value=0.6, step=0.05, label="Strength",
+                        info="how far from the init image (1 ignores it)", elem_id="strength"))
+            with gr.Column(scale=3, min_width=320):
+                gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
+                                     object_fit="contain", interactive=False,
+                                     buttons=["download", "fullscreen"], elem_id="gallery")
+                params = gr.JSON(label="Parameters", elem_id="parameters", open=True,
+                                 max_height=320)
+        if examples:
+            gr.Examples(examples=examples, inputs=[prompts, method, steps, guidance, count, seed],
+                        label="Example prompts", cache_examples=False)
+        with gr.Accordion("API", open=False):
+            gr.Markdown(API_DOC.format(url="http://127.0.0.1:7860/"))
+
+        button.click(run, inputs=[prompts, image_prompts, image_weight, init_image, strength,
+                                  method, steps, guidance, seed, count],
+                     outputs=[gallery, params], api_name="generate",
+                     api_description="Paint images; returns the gallery of PNGs and their "
+                                     "parameters.",
+                     concurrency_limit=max(1, int(concurrency)), show_progress="full")
+        dice.click(None, None, seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})",
+                   api_visibility="private", queue=False)
+    demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=max(1, int(concurrency)))
+    demo.ccld_store = store  # for the server's cleanup and for tests
+    demo.ccld_css = css
+    return demo
+
+
+# `ccld serve`
+
+def add_serve_command(sub) -> argparse.ArgumentParser:
+    """Adds `ccld serve` to the CLI's subparsers."""
+    from .cli import add_model_options
+
+    s = sub.add_parser("serve", help="run the web app (Gradio) on this machine",
+                       description="Serve the gallery web app and its API. The models load once "
+                       "at start; requests queue and are painted one at a time on a CPU.")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s; 0.0.0.0 makes the app "
+                        "reachable from the network)")
+    s.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    s.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
+                   help="most requests waiting at once; more are turned away with a message "
+                        "(default: %(default)s)")
+    s.add_argument("--concurrency", type=int, default=None,
+                   help="samplings at once (default: 1 on a CPU, 2 on a GPU)")
+    s.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                   help="largest image upload in MB (default: %(default)s)")
+    s.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                   help="image size in pixels, a multiple of 64 (default: %(default)s, the size "
+                        "the models were trained at)")
+    s.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
+                   help="the page's initial number of images (default: %(default)s)")
+    s.add_argument("--keep-minutes", type=float, default=KEEP_MINUTES,
+                   help="how long results stay downloadable (default: %(default)s)")
+    add_model_options(s)
+    s.set_defaults(func=cmd_serve)
+    return s
+
+
+def _check_serve_args(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise CCLDError(f"--port must be from 0 to 65535 (got {args.port})")
+    if args.queue_size < 1:
+        raise CCLDError(f"--queue-size must be at least 1 (got {args.queue_size})")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise CCLDError(f"--concurrency must be at least 1 (got {args.concurrency})")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise CCLDError(f"--max-upload-mb must be a positive number (got {args.max_upload_mb})")
+    if args.size < 64 or args.size % 64:
+        raise CCLDError(f"--size must be a positive multiple of 64 pixels (got {args.size})")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise CCLDError(f"--num-images must be from 1 to {MAX_IMAGES} (got {args.num_images})")
+    if not (math.isfinite(args.keep_minutes) and args.keep_minutes > 0):
+        raise CCLDError(f"--keep-minutes must be a positive number (got {args.keep_minutes})")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fails now, not after the models have loaded, when the address is taken."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CCLDError(f"--host {host!r} is not an address of this machine ({e.strerror}); "
+                        "use 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            reason = "in use" if e.errno in (98, 48, 10048) else (e.strerror or str(e))
+            raise CCLDError(f"cannot listen on {host}:{port} ({reason}); pass another --port, "
+                            "or stop the program using it") from None
+
+
+def cmd_serve(args) -> int:
+    from .cli import load_pipeline
+
+    _check_serve_args(args)
+    _check_port_free(args.host, args.port)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ccld serve: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    # Gradio's internal deprecation notices and unclosed event loops are not the user's concern.
+    warnings.filterwarnings("ignore", category=ResourceWarning)
+    warnings.filterwarnings("ignore", module=r"gradio(_client)?(\.|$)")
+    # No analytics, no version check, no share links: nothing leaves this machine.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("GRADIO_RUN_HISTORY", "False")
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")  # the queue's local statistics
+    workdir = Path(tempfile.mkdtemp(prefix="ccld-serve-"))
+    if "GRADIO_TEMP_DIR" not in os.environ:  # Gradio's upload and result cache, removed at exit
+        os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
+    demo = None
+    try:
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise CCLDError("the web app needs Gradio; install it with pip install 'ccld[web]'") from None
+        log.info("loading the models ...")
+        t0 = time.perf_counter()
+        pipe = load_pipeline(args)
+        concurrency = args.concurrency or (1 if pipe.device.type in ("cpu", "mps") else 2)
+        log.info("models loaded in %.1f s on %s (%s); %d sampling(s) at once, queue of %d",
+                 time.perf_counter() - t0, pipe.device,
+                 ", ".join(f"{k}: {v}" for k, v in pipe.sources.items()), concurrency,
+                 args.queue_size)
+        store = ResultStore(workdir / "results", max_age=args.keep_minutes * 60)
+        log.info("scratch folder %s (removed at exit)", workdir)
+        max_bytes = int(args.max_upload_mb * 1e6)
+        demo = build_app(pipe, store=store, concurrency=concurrency, queue_size=args.queue_size,
+                         size=args.size, max_upload_bytes=max_bytes,
+                         keep_minutes=args.keep_minutes, num_images=args.num_images)
+        if not _is_loopback(args.host):
+            log.warning("listening on %s: anyone who can reach this machine can use the app",
+                        args.host)
+        try:
+            demo.launch(server_name=args.host, server_port=args.port, share=False,
+                        inbrowser=False, prevent_thread_lock=True, show_error=True,
+                        max_file_size=max_bytes, allowed_paths=[str(store.root)],
+                        ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
+                        enable_monitoring=False, footer_links=["api"], quiet=True,
+                        css=demo.ccld_css)
+        except OSError as e:
+            reason = " ".join(str(e).split(". ")[:1]).strip()
+            raise CCLDError(f"cannot listen on {args.host}:{args.port} ({reason}); pass another "
+                            "--port or --host") from None
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+        if ":" in host:
+            host = f"[{host}]"
+        port = demo.server_port if getattr(demo, "server_port", None) else args.port
+        log.info("ready: open http://%s:%d/ (Ctrl+C stops)", host, port)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        log.info("stopping")
+        return 0
+    finally:
+        if demo is not None:
+            try:
+                demo.close()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        shutil.rmtree(workdir, ignore_errors=True)

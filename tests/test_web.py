@@ -1,0 +1,295 @@
+"""The web app without a server: input checks, generation, the bounded result store, the CLI.
+
+The server itself, the load test and the browser are in test_web_server.py.
+"""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+
+import pytest
+import torch
+from PIL import Image
+
+gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[web]')")
+
+from ccld import web  # noqa: E402
+from ccld.cli import build_parser, main  # noqa: E402
+from ccld.images import read_png_parameters  # noqa: E402
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = web.ResultStore(tmp_path / "results")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def png(tmp_path):
+    path = tmp_path / "picture.png"
+    Image.new("RGB", (80, 60), (200, 120, 40)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def not_an_image(tmp_path):
+    path = tmp_path / "notes.png"  # an image's name, a text file's bytes
+    path.write_text("these are not pixels\n" * 10)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pipe(fixtures):
+    from ccld.pipeline import CCLDPipeline
+
+    return CCLDPipeline.from_files(unet=str(fixtures / "unet.ckpt"),
+                                   autoencoder=str(fixtures / "autoencoder.ckpt"),
+                                   cloob=str(fixtures / "cloob.pkl"),
+                                   cloob_config=str(fixtures / "cloob.json"))
+
+
+class FakePipe:
+    """Stands in for the pipeline where only the plumbing matters; counts overlapping calls."""
+
+    def __init__(self, delay=0.0):
+        self.delay = delay
+        self.running = 0
+        self.most_at_once = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def generate_latents(self, prompts, image_prompts, num_images, steps, method, guidance, seed,
+                         eta, init_image, strength, size, callback=None):
+        with self._lock:
+            self.running += 1
+            self.calls += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            for i in range(steps):
+                time.sleep(self.delay / steps)
+                if callback:
+                    callback({"i": i})
+            return torch.zeros(num_images, 4, size // 8, size // 8)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def decode(self, latents):
+        return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
+
+    def describe(self, prompts, image_prompts, num_images, steps, method, guidance, seed, *rest):
+        return {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
+                "num_images": num_images, "method": method,
+                "image_prompts": [[p.label, p.weight] for p in image_prompts]}
+
+
+def error_of(store, **kwargs) -> str:
+    kwargs.setdefault("prompts", "a cat")
+    with pytest.raises(gr.Error) as e:
+        web.generate(FakePipe(), store=store, **kwargs)
+    return e.value.message
+
+
+# Input checks: each a clear one-line message, before any model work
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"steps": 0}, "steps must be a whole number from 1 to 250 (got 0)"),
+    ({"steps": 251}, "steps must be a whole number from 1 to 250 (got 251)"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"steps": None}, "steps is missing"),
+    ({"num_images": 10_000}, "number of images must be a whole number from 1 to 16 (got 10000)"),
+    ({"num_images": 0}, "number of images must be a whole number from 1 to 16"),
+    ({"seed": 2 ** 40}, "seed must be a whole number from 0 to 4294967295"),
+    ({"seed": -5}, "seed must be a whole number"),
+    ({"method": "euler"}, "unknown method 'euler'; choose from plms"),
+    ({"guidance": float("nan")}, "guidance must be a number"),
+    ({"prompts": ""}, "type a prompt"),
+    ({"prompts": "  \n \n"}, "type a prompt"),
+    ({"prompts": "a cat:3x"}, "bad prompt weight in 'a cat:3x'"),
+    ({"prompts": "a cat:1e9"}, "keep weights within"),
+    ({"prompts": "x" * 2000}, "keep each under 1000"),
+    ({"prompts": "\n".join(["cat"] * 17)}, "17 prompts is too many"),
+])
+def test_bad_inputs_get_a_message(store, kwargs, expected):
+    assert expected in error_of(store, **kwargs)
+    assert store.batches() == []
+
+
+def test_non_image_upload_gets_a_message(store, not_an_image):
+    message = error_of(store, image_prompts=[not_an_image])
+    assert message.startswith("image prompt notes.png: not an image file ccld can read")
+    assert os.path.dirname(not_an_image) not in message  # the upload's name, not its server path
+    message = error_of(store, init_image=not_an_image)
+    assert message.startswith("init image notes.png: not an image file ccld can read")
+
+
+def test_upload_size_limit(store, png):
+    with pytest.raises(gr.Error, match=r"more than the 0.0001 MB upload limit"):
+        web.generate(FakePipe(), "a cat", image_prompts=[png], store=store, max_upload_bytes=100)
+
+
+def test_upload_limits_and_forms(store, png, tmp_path):
+    assert "too many" in error_of(store, image_prompts=[png] * 9)
+    assert "the upload is gone" in error_of(store, image_prompts=[str(tmp_path / "gone.png")])
+    assert "strength must be a number above 0 to 1" in error_of(store, init_image=png, strength=0)
+    # Gradio hands uploads over as paths, or as dicts through some clients
+    gallery, params = web.generate(FakePipe(), "", image_prompts={"path": png}, store=store,
+                                   steps=1, seed=3, size=64)
+    assert params["image_prompts"] == [["picture.png", 3.0]]
+
+
+def test_blank_seed_is_random_and_recorded(store):
+    seeds = set()
+    for _ in range(3):
+        gallery, params = web.generate(FakePipe(), "a cat", seed=None, steps=1, store=store, size=64)
+        assert 0 <= params["seed"] <= web.MAX_SEED
+        seeds.add(params["seed"])
+        assert read_png_parameters(gallery[0][0])["seed"] == params["seed"]
+    assert len(seeds) > 1
+
+
+def test_progress_and_serialised_sampling(store):
+    fake = FakePipe(delay=0.2)
+    lock = threading.BoundedSemaphore(1)
+    updates = []
+
+    def progress(value, desc=None, unit=None):
+        updates.append((value, desc))
+
+    def one(i):
+        web.generate(fake, f"cat {i}", steps=4, seed=i, num_images=1, store=store, size=64,
+                     lock=lock, progress=progress if i == 0 else None)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert fake.calls == 3
+    assert fake.most_at_once == 1  # one sampling at a time
+    steps = [v for v, d in updates if d == "Sampling"]
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert ("Decoding" in [d for _, d in updates])
+
+
+def test_result_store_is_bounded(tmp_path):
+    s = web.ResultStore(tmp_path / "r", keep=3, max_age=3600)
+    folders = [s.new_batch() for _ in range(6)]
+    assert s.batches() == folders[-3:]
+    old = time.time() - 7200
+    os.utime(folders[-2], (old, old))
+    s.prune()
+    assert s.batches() == [folders[-3], folders[-1]]
+    owned = web.ResultStore()
+    owned.new_batch()
+    owned.close()
+    assert not owned.root.exists()
+
+
+def test_generate_paints_pngs_with_parameters(pipe, store, png):
+    calls = []
+    gallery, params = web.generate(
+        pipe, "a snowy landscape:2\nblue", image_prompts=[png], image_weight=1.5, init_image=png,
+        strength=0.8, method="ddim", steps=2, guidance=3, seed=7, num_images=2, store=store,
+        size=64, progress=lambda value, desc=None, unit=None: calls.append(desc))
+    assert len(gallery) == 2
+    assert calls.count("Sampling") == 2
+    for i, (path, caption) in enumerate(gallery):
+        assert caption == f"seed 7 · {i + 1}/2"
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (64, 64)
+        saved = read_png_parameters(path)
+        assert saved["index"] == i
+        assert saved["prompts"] == [["a snowy landscape", 2.0], ["blue", 3.0]]
+        assert saved["image_prompts"] == [["picture.png", 1.5]]
+        assert saved["init_image"] == "picture.png" and saved["strength"] == 0.8
+        assert saved["seed"] == 7 and saved["steps"] == 2 and saved["method"] == "ddim"
+    assert params == {k: v for k, v in saved.items() if k != "index"}
+    # the same settings paint the same pictures
+    again, _ = web.generate(pipe, "a snowy landscape:2\nblue", image_prompts=[png],
+                            image_weight=1.5, init_image=png, strength=0.8, method="ddim",
+                            steps=2, guidance=3, seed=7, num_images=2, store=store, size=64)
+    with Image.open(gallery[1][0]) as a, Image.open(again[1][0]) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_pipeline_errors_become_messages(pipe, store):
+    with pytest.raises(gr.Error, match="size must be a multiple of 64"):
+        web.generate(pipe, "a cat", steps=1, store=store, size=100)
+
+
+def test_build_app_api_and_queue(store):
+    demo = web.build_app(FakePipe(), store=store, concurrency=1, queue_size=5, size=64)
+    assert isinstance(demo, gr.Blocks)
+    info = demo.get_api_info()
+    endpoint = info["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names == ["prompts", "image_prompts", "image_weight", "init_image", "strength",
+                     "method", "steps", "guidance", "seed", "num_images"]
+    optional = {p["parameter_name"] for p in endpoint["parameters"] if p["parameter_has_default"]}
+    assert optional == set(names) - {"prompts"}
+    assert len(endpoint["returns"]) == 2
+    assert list(info["named_endpoints"]) == ["/generate"]  # the dice is not an API
+    assert demo._queue.max_size == 5
+    fn = next(f for f in demo.fns.values() if f.api_name == "generate")
+    assert fn.concurrency_limit == 1
+    # nothing written into the package (Gradio writes a .pyi beside a component subclass)
+    assert not Path(web.__file__).with_suffix(".pyi").exists()
+
+
+def test_serve_command_options():
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.func) == ("127.0.0.1", 7860, web.cmd_serve)
+    assert args.queue_size >= 1 and args.concurrency is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port must be from 0 to 65535"),
+    (["--queue-size", "0"], "--queue-size must be at least 1"),
+    (["--size", "100"], "--size must be a positive multiple of 64"),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be a positive number"),
+])
+def test_serve_rejects_bad_options_before_loading(capsys, argv, message):
+    assert main(["serve", *argv, "--unet", "/nonexistent/unet.ckpt"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:::gradio.queueing")  # Gradio's own use of pandas
+def test_queue_is_bounded_and_overflow_gets_a_message(tmp_path, store):
+    """A launched app with a queue of 1 turns extra requests away with a message and carries on."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = web.build_app(FakePipe(delay=1.5), store=store, concurrency=1, queue_size=1, size=64)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                share=False, ssr_mode=False, mcp_server=False, run_history=False)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        clients = [Client(url, verbose=False, download_files=str(tmp_path / str(i)),
+                          analytics_enabled=False) for i in range(4)]
+
+        def one(i):
+            try:
+                clients[i].predict(prompts=f"cat {i}", steps=2, seed=i, num_images=1,
+                                   api_name="/generate")
+                return "ok"
+            except Exception as e:  # noqa: BLE001 - the message is what is checked
+                return str(e)
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(one, range(4)))
+        assert "ok" in outcomes
+        refused = [o for o in outcomes if o != "ok"]
+        assert refused and all("queue is full" in o.lower() for o in refused), outcomes
+        assert one(0) == "ok"  # and it carries on
+    finally:
+        demo.close()
