@@ -112,7 +112,8 @@ def test_cli_generate_reproduces_the_reference(files, reference, tmp_path, capsy
     out = tmp_path / "out"
     code = main(["generate", f"{PROMPT}:3", "--image-prompt", f"{prompt_png}:1", "-n", "2",
                  "--seed", "42", "--steps", "6", "--method", "plms", "--latent-scale", "2.55",
-                 "--out", str(out), "--grid", "-q", "--device", "cpu", *cli_files(files)])
+                 "--out", str(out), "--grid", "-q", "--device", "cpu", "--precision", "fp32",
+                 *cli_files(files)])
     assert code == 0
     images = [Image.open(out / f"{i:05}.png") for i in range(2)]
     assert_pixels_match(images, reference)

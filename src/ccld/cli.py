@@ -32,6 +32,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CLOOB config: a JSON file or a built-in name (default: inferred from "
                         "the checkpoint's file name)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: auto)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="arithmetic: auto is fp16 on CUDA, bf16 on CPUs with native bf16 "
+                        "(AMX/AVX512-BF16), else fp32; fp32 is bit-faithful to the reference demo")
 
 
 def load_pipeline(args):
@@ -49,7 +52,7 @@ def load_pipeline(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return pipe.to(device)
+        return pipe.to(device, precision=args.precision)
     except (RuntimeError, AssertionError) as e:
         raise CCLDError(f"cannot use device {device!r} ({str(e).splitlines()[0][:120]}); "
                         "pass --device cpu or an available device") from None

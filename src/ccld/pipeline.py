@@ -11,6 +11,8 @@ torch.randn([n, 4, 32, 32])` on the CPU), so the same settings paint the same pi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -65,6 +67,40 @@ def _as_prompts(items, default_weight, what) -> list[Prompt]:
     return out
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _in_autocast(method):
+    """Runs a pipeline method inside the pipeline's inference/autocast context."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.autocast():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (AMX or AVX512-BF16).
+
+    Elsewhere bf16 is emulated and many times slower than float32, so `auto` keeps float32.
+    """
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: fp16 on CUDA, bf16 on a CPU with native bf16, else the bit-faithful fp32."""
+    if precision not in PRECISIONS:
+        raise CCLDError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and fast_bf16_cpu():
+        return "bf16"
+    return "fp32"
+
+
 class CCLDPipeline:
     def __init__(self, unet, autoencoder, cloob, sources: dict | None = None):
         self.unet = unet.eval().requires_grad_(False)
@@ -72,6 +108,7 @@ class CCLDPipeline:
         self.cloob = cloob.eval().requires_grad_(False)
         self.sources = dict(sources or {})  # where each part came from, recorded in PNGs
         self.device = torch.device("cpu")
+        self.precision = "fp32"  # the reference's numerics until `to(..., precision=)` says else
 
     # Loading and saving
 
@@ -113,7 +150,7 @@ class CCLDPipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, device=None,
-                        **files) -> "CCLDPipeline":
+                        precision: str | None = None, **files) -> "CCLDPipeline":
         """A pipeline from a folder written by `save_pretrained`, a known hub repo, or (None)
         the default student; `files` (unet=, autoencoder=, cloob=, ...) override single parts."""
         if source is not None and Path(source).is_dir():
@@ -130,7 +167,7 @@ class CCLDPipeline:
             raise CCLDError(f"{source}: not a pipeline folder (no {MODEL_INDEX}) nor a known hub "
                             f"model ({checkpoints.DEFAULT_UNET[0]}, {checkpoints.TEACHER_REPO}); "
                             "pass a folder written by `ccld convert`")
-        return pipe.to(device) if device is not None else pipe
+        return pipe.to(device, precision)
 
     @classmethod
     def _from_folder(cls, folder: Path) -> "CCLDPipeline":
@@ -181,19 +218,43 @@ class CCLDPipeline:
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2))
         return folder
 
-    def to(self, device) -> "CCLDPipeline":
-        self.device = torch.device(device)
-        for part in (self.unet, self.autoencoder, self.cloob):
-            part.to(self.device)
+    def to(self, device=None, precision: str | None = None) -> "CCLDPipeline":
+        """Moves the models; `precision` (auto, fp32, bf16, fp16) picks the arithmetic.
+
+        Reduced precision runs every network under autocast (weights stay float32, so switching
+        back is free) with channels-last U-Net convolutions; the sampler's own arithmetic and the
+        seed noise stay float32. fp32 is bit-faithful to the reference demo.
+        """
+        if device is not None:
+            self.device = torch.device(device)
+            for part in (self.unet, self.autoencoder, self.cloob):
+                part.to(self.device)
+        if precision is not None:
+            self.precision = resolve_precision(precision, self.device)
+            memory_format = (torch.contiguous_format if self.precision == "fp32"
+                             else torch.channels_last)
+            self.unet.to(memory_format=memory_format)
+            self.autoencoder.to(memory_format=memory_format)
         return self
+
+    @contextlib.contextmanager
+    def autocast(self):
+        """The context every network runs in: inference mode, plus autocast when reduced."""
+        with torch.inference_mode():
+            if self.precision == "fp32":
+                yield
+                return
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            with torch.autocast(self.device.type, dtype=dtype):
+                yield
 
     # Conditioning
 
-    @torch.no_grad()
+    @_in_autocast
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         return self.cloob.encode_text(list(texts)).float()
 
-    @torch.no_grad()
+    @_in_autocast
     def encode_image(self, image) -> torch.Tensor:
         """CLOOB embedding of an image prompt: path, PIL image, or [3,H,W] tensor in [0,1]."""
         from .images import load_image, pil_to_tensor, resize_and_center_crop
@@ -228,7 +289,7 @@ class CCLDPipeline:
         shape = [num_images, LATENT_CHANNELS, size // DOWNSCALE, size // DOWNSCALE]
         return torch.randn(shape, generator=generator), generator
 
-    @torch.no_grad()
+    @_in_autocast
     def generate_latents(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
                          method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
                          init_image=None, strength=0.6, size=256, callback=None):
@@ -254,7 +315,7 @@ class CCLDPipeline:
         model = sampling.guided_model(self.unet, embeds, weights)
         return sampling.sample(method, model, x, t, eta=eta, generator=generator, callback=callback)
 
-    @torch.no_grad()
+    @_in_autocast
     def encode_init_image(self, image, size=256) -> torch.Tensor:
         """The posterior mean latent of an init image, in the U-Net's scaled space."""
         from .images import load_image, pil_to_tensor, resize_and_center_crop
@@ -266,13 +327,13 @@ class CCLDPipeline:
         mean, _ = encode_moments(self.autoencoder, pixels[None].to(self.device) * 2 - 1)
         return mean / self.unet.autoencoder_scale
 
-    @torch.no_grad()
+    @_in_autocast
     def decode(self, latents, latent_scale=None) -> torch.Tensor:
         """Pixels in [-1, 1] (unclamped) from latents; the scale defaults to the U-Net's own."""
         from .models.autoencoder import decode_latents
 
         scale = self.unet.autoencoder_scale if latent_scale is None else float(latent_scale)
-        return decode_latents(self.autoencoder, latents * scale)
+        return decode_latents(self.autoencoder, latents * scale).float()
 
     def __call__(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
                  method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
@@ -313,7 +374,7 @@ class CCLDPipeline:
             "num_images": num_images, "seed": seed, "steps": steps, "method": method,
             "guidance": guidance, "size": size,
             "latent_scale": float(self.unet.autoencoder_scale if latent_scale is None else latent_scale),
-            "models": self.sources, "ccld_version": __version__,
+            "precision": self.precision, "models": self.sources, "ccld_version": __version__,
         }
         if method in sampling.STOCHASTIC:
             params["eta"] = 1.0 if method == "ddpm" else eta

@@ -67,8 +67,8 @@ def guided_model(model: Callable, embeds: torch.Tensor, weights: torch.Tensor) -
     def fn(x, t):
         n = x.shape[0]
         embed_in = embeds.repeat_interleave(n, 0)
-        vs = model(x.repeat(k, 1, 1, 1), t.repeat(k), embed_in).view(k, n, *x.shape[1:])
-        return (vs * weights.view(k, 1, 1, 1, 1).to(vs.dtype)).sum(0)
+        vs = model(x.repeat(k, 1, 1, 1), t.repeat(k), embed_in).float().view(k, n, *x.shape[1:])
+        return (vs * weights.view(k, 1, 1, 1, 1)).sum(0)  # the mix in float32 whatever the net ran in
 
     return fn
 

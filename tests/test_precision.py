@@ -1,0 +1,55 @@
+"""The fast path's numerics: reduced precision stays close to fp32, and fp32 stays exact."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ccld import CCLDPipeline
+from ccld.errors import CCLDError
+from ccld.pipeline import fast_bf16_cpu, resolve_precision
+from conftest import max_rel_err
+
+
+def test_auto_precision_follows_the_hardware():
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    expected = "bf16" if fast_bf16_cpu() else "fp32"  # emulated bf16 is slower than fp32
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    with pytest.raises(CCLDError, match="unknown precision 'int3'"):
+        resolve_precision("int3", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def pipe(fixtures):
+    return CCLDPipeline.from_files(unet=fixtures / "unet.ckpt",
+                                   autoencoder=fixtures / "autoencoder.ckpt",
+                                   cloob=fixtures / "cloob.pkl", cloob_config=fixtures / "cloob.json")
+
+
+def test_bf16_unet_is_close_and_fp32_comes_back_exact(pipe, fixtures):
+    io = load_file(fixtures / "unet_io.safetensors")
+    x, t, e = io["x"][:1], io["t"][:1], io["embed"][:1]
+    with pipe.autocast():
+        exact = pipe.unet(x, t, e)
+    pipe.to(precision="bf16")
+    try:
+        assert pipe.unet.net[0].main[0].weight.dtype == torch.float32  # weights stay fp32
+        with pipe.autocast():
+            fast = pipe.unet(x, t, e).float()
+        assert max_rel_err(fast, io["v"][:1]) < 3e-2
+    finally:
+        pipe.to(precision="fp32")
+    with pipe.autocast():
+        assert torch.equal(pipe.unet(x, t, e), exact)
+    assert max_rel_err(exact, io["v"][:1]) < 1e-4
+
+
+def test_bf16_text_embeddings_are_close(pipe):
+    exact = pipe.encode_text(["a snowy landscape"])
+    pipe.to(precision="bf16")
+    try:
+        fast = pipe.encode_text(["a snowy landscape"])
+    finally:
+        pipe.to(precision="fp32")
+    assert fast.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(fast, exact).item() > 0.99
