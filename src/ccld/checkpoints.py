@@ -195,11 +195,12 @@ def unet_from_state_dict(sd: dict, path: str | os.PathLike = "checkpoint"):
     from .models.unet import CCLDUNet
 
     config = infer_unet_config(sd, path)
-    unet = CCLDUNet(**config)
+    with torch.device("meta"):  # no wasted random init: every weight comes from the file
+        unet = CCLDUNet(**config)
     sd = dict(sd)
-    sd.setdefault("autoencoder_scale", unet.autoencoder_scale)  # absent from some exports
+    sd.setdefault("autoencoder_scale", torch.tensor(1.0))  # absent from some exports
     try:
-        unet.load_state_dict(sd, strict=True)
+        unet.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split("\n\t")[1:2]).strip() or str(e).splitlines()[0]
         raise CCLDError(f"{path}: weights do not fit the inferred U-Net {config} ({detail[:200]}); "

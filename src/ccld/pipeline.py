@@ -185,11 +185,12 @@ class CCLDPipeline:
             cloob_config = json.loads((folder / "cloob" / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CCLDError(f"{folder}: unreadable pipeline config ({e}); convert again") from None
-        unet = CCLDUNet(**{k: unet_config[k] for k in ("base_channels", "channel_multipliers",
-                                                        "embed_dim")})
+        with torch.device("meta"):  # the weights come from the file: skip the random init
+            unet = CCLDUNet(**{k: unet_config[k] for k in ("base_channels", "channel_multipliers",
+                                                            "embed_dim")})
         sd = checkpoints.load_safetensors_file(folder / "unet" / "diffusion_pytorch_model.safetensors", "U-Net weights")
         try:
-            unet.load_state_dict(sd)
+            unet.load_state_dict(sd, assign=True)
         except RuntimeError as e:
             raise CCLDError(f"{folder}/unet: weights do not match its config.json "
                             f"({str(e).splitlines()[-1].strip()[:160]}); convert again") from None

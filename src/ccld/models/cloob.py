@@ -147,10 +147,9 @@ class CLOOB(nn.Module):
                                              ci["input_channels"])
         self.text_encoder = TextEncoder(c["d_embed"], ct["n_layers"], ct["d_model"], ct["n_heads"],
                                         ct["text_size"], ct["vocab_size"])
-        # Not persistent: they come from the config, and the port's state dicts lack them.
-        norm = ci["normalize"]
-        self.register_buffer("mean", torch.tensor(norm["mean"])[:, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(norm["std"])[:, None, None], persistent=False)
+        # From the config, not buffers: the port's state dicts lack them, and the loaders build
+        # the model on the meta device, where a buffer would have no values.
+        self.mean, self.std = ci["normalize"]["mean"], ci["normalize"]["std"]
 
     @property
     def device(self) -> torch.device:
@@ -158,7 +157,8 @@ class CLOOB(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to the per-channel standardised input of the image encoder."""
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        mean = images.new_tensor(self.mean)[:, None, None]
+        return (images - mean) / images.new_tensor(self.std)[:, None, None]
 
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         return tokenizer.tokenize(texts, self.config["text_encoder"]["text_size"])
@@ -308,7 +308,8 @@ def convert_haiku_params(image_params: dict, text_params: dict,
 
 def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB checkpoint") -> CLOOB:
     """A frozen CLOOB in eval mode; CCLDError if the weights do not fit the config."""
-    model = CLOOB(config)
+    with torch.device("meta"):  # no wasted random init: the weights come from the file
+        model = CLOOB(config)
     expected = model.state_dict()
     name = model.config.get("name", "given")
     fix = "pass the right --cloob-config"
@@ -324,7 +325,7 @@ def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB c
     if extra:
         raise CCLDError(f"{source}: does not match the CLOOB config {name} ({extra[0]}: not in "
                         f"the model, {len(extra)} such keys); {fix}")
-    model.load_state_dict(state_dict)
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)
     return model.eval().requires_grad_(False)
 
 
