@@ -76,7 +76,8 @@ def _gaussian_model(mean, std):
 
 
 # first-order DDIM also stops one step short of t = 0 (it returns its x0 estimate there)
-@pytest.mark.parametrize("method,tol", [("plms", 2e-2), ("dpm++2m", 2e-2), ("iplms", 2e-2),
+@pytest.mark.parametrize("method,tol", [("plms", 2e-2), ("dpm++2m", 2e-2), ("unipc", 2e-2),
+                                        ("iplms", 2e-2),
                                         ("prk", 2e-2), ("plms2", 2e-2), ("ddim", 1e-1)])
 def test_deterministic_samplers_solve_the_probability_flow_ode(method, tol):
     # for Gaussian data the ODE maps noise z to mean + std * z exactly

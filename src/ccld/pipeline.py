@@ -309,7 +309,7 @@ class CCLDPipeline:
             if not 0 < strength <= 1:
                 raise CCLDError(f"strength must be in (0, 1] (got {strength}); 1 ignores the init image")
             start = float(strength)
-        t = sampling.get_timesteps(steps, start, device=self.device)
+        t = sampling.timesteps(method, steps, start, device=self.device)
         if init_image is not None:
             alpha, sigma = sampling.t_to_alpha_sigma(t[0])
             x = self.encode_init_image(init_image, size).expand_as(x) * alpha + x * sigma
