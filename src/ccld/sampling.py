@@ -88,11 +88,14 @@ def guided_model(model: Callable, embeds: torch.Tensor, weights: torch.Tensor) -
     1 - sum(user weights), which makes this the usual classifier-free guidance.
     """
     k = embeds.shape[0]
+    embeds_for_batch = {}  # batch size -> the conditions laid out per row, built once not per step
 
     def fn(x, t):
         n = x.shape[0]
-        embed_in = embeds.repeat_interleave(n, 0)
-        vs = model(x.repeat(k, 1, 1, 1), t.repeat(k), embed_in).float().view(k, n, *x.shape[1:])
+        if n not in embeds_for_batch:
+            embeds_for_batch[n] = embeds.repeat_interleave(n, 0)
+        vs = model(x.repeat(k, 1, 1, 1), t.repeat(k), embeds_for_batch[n]).float()
+        vs = vs.view(k, n, *x.shape[1:])
         return (vs * weights.view(k, 1, 1, 1, 1)).sum(0)  # the mix in float32 whatever the net ran in
 
     return fn
