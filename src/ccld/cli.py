@@ -13,49 +13,8 @@ from pathlib import Path
 
 from . import __version__, sampling
 from .errors import CCLDError
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """The options that choose the three models; shared by generate, convert and serve."""
-    g = p.add_argument_group("models (default: the distilled WikiArt student, downloaded once)")
-    g.add_argument("--model", metavar="FOLDER",
-                   help="a pipeline folder written by `ccld convert` (loads fastest)")
-    g.add_argument("--unet", metavar="PATH",
-                   help="U-Net checkpoint: bare state dict, Lightning .ckpt or .safetensors; "
-                        "its architecture is read from the weights")
-    g.add_argument("--autoencoder", metavar="PATH", help="LDM KL-f8 autoencoder .ckpt")
-    g.add_argument("--autoencoder-config", metavar="YAML",
-                   help="its yaml config (default: the .yaml beside the .ckpt)")
-    g.add_argument("--cloob", metavar="PATH", help="CLOOB checkpoint (.pkl release or .safetensors)")
-    g.add_argument("--cloob-config", metavar="JSON",
-                   help="CLOOB config: a JSON file or a built-in name (default: inferred from "
-                        "the checkpoint's file name)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: auto)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="arithmetic: auto is fp16 on CUDA, bf16 on CPUs with native bf16 "
-                        "(AMX/AVX512-BF16), else fp32; fp32 is bit-faithful to the reference demo")
-
-
-def load_pipeline(args):
-    import torch
-
-    from .pipeline import CCLDPipeline
-
-    if args.model:
-        pipe = CCLDPipeline.from_pretrained(args.model)
-    else:
-        pipe = CCLDPipeline.from_files(unet=args.unet, autoencoder=args.autoencoder,
-                                       autoencoder_config=args.autoencoder_config,
-                                       cloob=args.cloob, cloob_config=args.cloob_config)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return pipe.to(device, precision=args.precision)
-    except (RuntimeError, AssertionError) as e:
-        raise CCLDError(f"cannot use device {device!r} ({str(e).splitlines()[0][:120]}); "
-                        "pass --device cpu or an available device") from None
+from .loading import add_model_options, load_pipeline
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 
 def next_index(out: Path) -> int:
@@ -82,7 +41,7 @@ def cmd_generate(args) -> int:
     images = pipe(args.prompts, image_prompts=args.image_prompt, num_images=args.n,
                   steps=args.steps, method=args.method, guidance=args.guidance, seed=args.seed,
                   eta=args.eta, init_image=args.init_image,
-                  strength=0.6 if args.strength is None else args.strength,
+                  strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
                   latent_scale=args.latent_scale, progress=not args.quiet)
     start = next_index(out)
     for i, image in enumerate(images):
@@ -146,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image prompt (repeatable)")
     g.add_argument("--init-image", metavar="PATH", help="start from this image (image to image)")
     g.add_argument("--strength", type=float, default=None,
-                   help="how far to noise the init image, 0..1 (default 0.6)")
+                   help=f"how far to noise the init image, 0..1 (default {DEFAULT_STRENGTH})")
     g.add_argument("-n", type=int, default=1, help="number of images")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")

@@ -29,6 +29,7 @@ from .prompts import parse_weighted
 DEFAULT_STEPS = 15
 DEFAULT_METHOD = "plms"
 DEFAULT_GUIDANCE = 3.0
+DEFAULT_STRENGTH = 0.6  # how far image-to-image noises the init image (1: ignore it)
 LATENT_CHANNELS = 4
 DOWNSCALE = 8
 MODEL_INDEX = "model_index.json"
@@ -293,10 +294,9 @@ class CCLDPipeline:
     @_in_autocast
     def generate_latents(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
                          method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
-                         init_image=None, strength=0.6, size=256, callback=None):
+                         init_image=None, strength=DEFAULT_STRENGTH, size=256, callback=None):
         """Samples latents (in the U-Net's scaled space); see `__call__` for the arguments."""
-        if method not in sampling.SAMPLERS:
-            raise CCLDError(f"unknown method {method!r}; choose from {', '.join(sampling.SAMPLERS)}")
+        sampling.get_sampler(method)  # an unknown method fails before any model work
         if steps < 1:
             raise CCLDError(f"steps must be at least 1 (got {steps})")
         if size % 64:
@@ -338,7 +338,7 @@ class CCLDPipeline:
 
     def __call__(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
                  method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
-                 init_image=None, strength=0.6, latent_scale=None, size=256, progress=True):
+                 init_image=None, strength=DEFAULT_STRENGTH, latent_scale=None, size=256, progress=True):
         """Paints `num_images` PIL images.
 
         prompts / image_prompts: a string (`"text:weight"`, `"path:weight"`), a (value, weight)

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from .errors import CCLDError
+
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None] | None
 
@@ -324,6 +326,13 @@ SAMPLERS = {
     "plms2": plms2, "iplms": iplms, "dpm++2m": dpmpp_2m, "unipc": unipc,
 }
 STOCHASTIC = {"ddim", "ddpm"}  # samplers that take eta / a generator
+
+
+def get_sampler(method: str):
+    """The sampler registered under `method`; a one-line CCLDError naming the choices if none."""
+    if method not in SAMPLERS:
+        raise CCLDError(f"unknown method {method!r}; choose from {', '.join(SAMPLERS)}")
+    return SAMPLERS[method]
 
 
 def sample(method: str, model: Model, x, steps, eta: float = 0.0, generator=None,

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import CCLDError
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 log = logging.getLogger("ccld.web")
 
@@ -234,7 +234,7 @@ def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
 
 
 def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_GUIDANCE,
-             init_image=None, strength=0.6, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
+             init_image=None, strength=DEFAULT_STRENGTH, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
              guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, *, store: ResultStore,
              size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
              lock=None, progress: Callable | None = None):
@@ -280,7 +280,7 @@ def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_G
     if init is not None:
         strength = _float_in("strength", strength, 0.0, 1.0, lo_open=True)
     else:
-        strength = 0.6 if strength in (None, "") else strength
+        strength = DEFAULT_STRENGTH if strength in (None, "") else strength
 
     def report(fraction, desc):
         if progress is not None:
@@ -405,7 +405,7 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
                     init_image = gr.File(label="Init image (start from this picture)",
                                          file_count="single", elem_id="init-image")
                     strength = _named_range_checks(gr.Slider(
-                        0.05, 1.0, value=0.6, step=0.05, label="Strength",
+                        0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
                         info="how far from the init image (1 ignores it)", elem_id="strength"))
             with gr.Column(scale=3, min_width=320):
                 gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
@@ -437,7 +437,7 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
 
 def add_serve_command(sub) -> argparse.ArgumentParser:
     """Adds `ccld serve` to the CLI's subparsers."""
-    from .cli import add_model_options
+    from .loading import add_model_options
 
     s = sub.add_parser("serve", help="run the web app (Gradio) on this machine",
                        description="Serve the gallery web app and its API. The models load once "
@@ -515,7 +515,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .cli import load_pipeline
+    from .loading import load_pipeline
 
     _check_serve_args(args)
     _check_port_free(args.host, args.port)
