@@ -161,9 +161,9 @@ def bench_solvers(reference_steps: int, seed=0):
         reference = sampling.plms(model, noise, sampling.get_timesteps(reference_steps))
         rows = []
         for method, steps in SOLVER_SETTINGS:
-            out = sampling.sample(method, model, noise, sampling.timesteps(method, steps))
+            out = sampling.sample(method, model, noise, sampling.get_sampler(method).timesteps(steps))
             rms = ((out - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
-            rows.append((method, steps, sampling.forwards_per_image(method, steps), rms))
+            rows.append((method, steps, sampling.get_sampler(method).forwards(steps), rms))
     demo_error = rows[0][3]
     print(f"\n## solver error against plms-{reference_steps} from the same noise "
           "(student U-Net, random weights, guidance 3)")

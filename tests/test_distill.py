@@ -55,7 +55,7 @@ def test_objective_targets_the_teacher_its_guidance_and_the_true_v():
 
 
 def test_student_learns_the_teachers_velocity(world, tmp_path):
-    from ccld.checkpoints import load_unet, unet_from_state_dict
+    from ccld.models.unet import load_unet, unet_from_state_dict
     from ccld.training.checkpointing import split_state_dict
 
     teacher, student = load_unet(world["teacher"]), load_unet(world["student"])

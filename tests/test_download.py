@@ -10,7 +10,7 @@ from functools import partial
 import huggingface_hub.constants as hf_constants
 import pytest
 
-from ccld import checkpoints
+from ccld import hub
 from ccld.cli import main
 from ccld.errors import CCLDError
 from ccld.models import cloob as cloob_module
@@ -56,11 +56,11 @@ def test_verified_download_lands_only_when_the_hash_matches(server, tmp_path):
     (www / "model.pkl").write_bytes(b"weights" * 1000)
     good = hashlib.sha256(b"weights" * 1000).hexdigest()
     dest = tmp_path / "cache" / "model.pkl"
-    assert checkpoints.download_verified(f"{url}/model.pkl", dest, good, progress=False) == dest
+    assert hub.download_verified(f"{url}/model.pkl", dest, good, progress=False) == dest
     assert dest.read_bytes() == b"weights" * 1000
     other = tmp_path / "cache" / "other.pkl"
     with pytest.raises(CCLDError, match="sha256"):
-        checkpoints.download_verified(f"{url}/model.pkl", other, "0" * 64, progress=False)
+        hub.download_verified(f"{url}/model.pkl", other, "0" * 64, progress=False)
     assert not other.exists() and not list(other.parent.glob("*.part"))
 
 
@@ -69,28 +69,28 @@ def test_no_network_is_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(CCLDError, match="could not download.*check the network"):
-        checkpoints.download_verified(f"http://127.0.0.1:{port}/x.pkl", tmp_path / "x.pkl",
+        hub.download_verified(f"http://127.0.0.1:{port}/x.pkl", tmp_path / "x.pkl",
                                       "0" * 64, progress=False)
 
 
 def test_hub_file_from_cache_and_missing_offline(offline_hub):
     path = offline_hub("huggan/distill-ccld-wa", "model_student.ckpt", b"abc")
-    assert checkpoints.hub_download("huggan/distill-ccld-wa", "model_student.ckpt").read_bytes() == b"abc"
+    assert hub.hub_download("huggan/distill-ccld-wa", "model_student.ckpt").read_bytes() == b"abc"
     with pytest.raises(CCLDError, match="could not get ae_model.ckpt from the hub repo huggan/ccld_wa"):
-        checkpoints.hub_download("huggan/ccld_wa", "ae_model.ckpt")
+        hub.hub_download("huggan/ccld_wa", "ae_model.ckpt")
     assert path.is_file()
 
 
 def test_ccld_download_fetches_the_default_set(fixtures, server, offline_hub, monkeypatch, capsys):
     www, url = server
-    name = checkpoints.DEFAULT_CLOOB
+    name = hub.DEFAULT_CLOOB
     data = (fixtures / "cloob.pkl").read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     (www / f"{name}-{sha}.pkl").write_bytes(data)
     monkeypatch.setitem(cloob_module.BUILTIN_CONFIGS, name,
                         {"url": f"{url}/{name}-{sha}.pkl", "sha256": sha})
-    offline_hub(*checkpoints.DEFAULT_UNET, (fixtures / "unet.ckpt").read_bytes())
-    repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
+    offline_hub(*hub.DEFAULT_UNET, (fixtures / "unet.ckpt").read_bytes())
+    repo, ckpt, yaml = hub.DEFAULT_AUTOENCODER
     offline_hub(repo, ckpt, (fixtures / "autoencoder.ckpt").read_bytes())
     offline_hub(repo, yaml, (fixtures / "autoencoder.yaml").read_bytes())
 

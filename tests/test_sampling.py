@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from ccld import sampling
-from ccld.checkpoints import load_unet
+from ccld.models.unet import load_unet
 from conftest import max_rel_err
 
 METHODS = ["ddpm", "ddim_eta0.0", "ddim_eta0.7", "prk", "plms", "pie", "plms2", "iplms"]
@@ -61,7 +61,7 @@ def test_forward_counts(method):
 
     steps = sampling.get_timesteps(15)
     sampling.sample(method, model, torch.randn(1, 4, 8, 8), steps, generator=torch.Generator())
-    assert len(calls) == sampling.forwards_per_image(method, 15)
+    assert len(calls) == sampling.get_sampler(method).forwards(15)
 
 
 def _gaussian_model(mean, std):

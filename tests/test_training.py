@@ -162,7 +162,8 @@ def train(world, out, *options, data=None) -> int:
 
 
 def test_training_halves_the_loss_and_writes_loadable_checkpoints(world, tmp_path, capsys):
-    from ccld.checkpoints import load_safetensors_file, load_unet
+    from ccld.checkpoints import load_safetensors_file
+    from ccld.models.unet import load_unet
     from ccld.pipeline import CCLDPipeline
     from ccld.training.checkpointing import split_state_dict
 
@@ -254,7 +255,7 @@ def test_ctrl_c_saves_the_finished_step(world, tmp_path, monkeypatch):
 
 
 def test_fine_tuning_starts_from_the_checkpoints_ema_weights_and_scale(world, tmp_path, capsys):
-    from ccld.checkpoints import load_unet
+    from ccld.models.unet import load_unet
     from ccld.training.checkpointing import split_state_dict
 
     init = world["fixtures"] / "unet_lightning.ckpt"  # Lightning format, scale 5.0

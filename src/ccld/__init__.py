@@ -1,8 +1,7 @@
 """ccld: CLOOB-conditioned latent diffusion, from text and image prompts to paintings."""
 
-__version__ = "0.1.0"
-
-from .errors import CCLDError  # noqa: E402
-from .pipeline import CCLDPipeline  # noqa: E402
+from ._version import __version__
+from .errors import CCLDError
+from .pipeline import CCLDPipeline
 
 __all__ = ["CCLDPipeline", "CCLDError", "__version__"]

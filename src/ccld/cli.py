@@ -11,9 +11,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__, sampling
+from . import sampling
+from ._version import __version__
 from .errors import CCLDError
-from .loading import add_model_options, load_pipeline
+from .loading import add_model_options, describe_checkpoint, download_defaults, load_pipeline
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 
@@ -56,14 +57,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from . import checkpoints
-    from .pipeline import download_cloob
-
-    repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
-    paths = [checkpoints.hub_download(*checkpoints.DEFAULT_UNET),
-             checkpoints.hub_download(repo, ckpt), checkpoints.hub_download(repo, yaml),
-             download_cloob(args.cloob)]
-    for p in paths:
+    for p in download_defaults(args.cloob):
         print(p)
     return 0
 
@@ -77,8 +71,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoints import describe_checkpoint
-
     info = describe_checkpoint(args.path)
     if args.json:
         print(json.dumps(info, indent=2))

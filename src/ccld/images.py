@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import CCLDError
+from .files import atomic_write
 
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before their pixels are decoded
 PARAMETERS_KEY = "parameters"
@@ -145,31 +145,12 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
     """Writes a PNG holding `json.dumps(parameters)` in its `parameters` text chunk, atomically.
 
-    The image goes to a temporary file in the same folder, which then replaces `path`, so a crash
-    never leaves a half-written PNG under the final name.
+    A crash never leaves a half-written PNG under the final name (see `ccld.files`).
     """
-    path = Path(path).expanduser()
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(parameters))
     info.add_text("Software", "ccld")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        # os.open with 0o666 respects the umask, as an ordinary file creation would.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = e.strerror or str(e)
-        raise CCLDError(f"{path}: could not write the image ({reason}); check that the folder "
-                        "exists and is writable") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), "image")
 
 
 def read_png_parameters(path: str | os.PathLike) -> dict:

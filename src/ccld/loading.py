@@ -1,12 +1,31 @@
-"""One home for choosing and loading models: the command-line options that name them and the
-function that turns those options into a ready pipeline. The CLI, the web app and training use it.
+"""One home for choosing and loading models in the commands.
+
+The command-line options that name the models (`add_model_options` for the pipeline,
+`add_encoder_options` for training's frozen encoders), turning them into loaded models
+(`load_pipeline`, `resolve_encoder_files`, `load_encoders`, `load_unet_weights`) and saying what a
+file is (`describe_checkpoint`). The CLI, the web app and the training commands all use it; where
+the published files live and how they are fetched is `ccld.hub`'s, building each network from
+its weights is the model modules'.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 from .errors import CCLDError
+from .pipeline import PRECISIONS, CCLDPipeline
+
+
+def _add_encoder_arguments(g, cloob_config_default: str) -> None:
+    g.add_argument("--autoencoder", metavar="PATH", help="LDM KL-f8 autoencoder .ckpt")
+    g.add_argument("--autoencoder-config", metavar="YAML",
+                   help="its yaml config (default: the .yaml beside the .ckpt)")
+    g.add_argument("--cloob", metavar="PATH", help="CLOOB checkpoint (.pkl release or .safetensors)")
+    g.add_argument("--cloob-config", metavar="JSON",
+                   help=f"CLOOB config: a JSON file or a built-in name ({cloob_config_default})")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -17,23 +36,22 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unet", metavar="PATH",
                    help="U-Net checkpoint: bare state dict, Lightning .ckpt or .safetensors; "
                         "its architecture is read from the weights")
-    g.add_argument("--autoencoder", metavar="PATH", help="LDM KL-f8 autoencoder .ckpt")
-    g.add_argument("--autoencoder-config", metavar="YAML",
-                   help="its yaml config (default: the .yaml beside the .ckpt)")
-    g.add_argument("--cloob", metavar="PATH", help="CLOOB checkpoint (.pkl release or .safetensors)")
-    g.add_argument("--cloob-config", metavar="JSON",
-                   help="CLOOB config: a JSON file or a built-in name (default: inferred from "
-                        "the checkpoint's file name)")
+    _add_encoder_arguments(g, "default: inferred from the checkpoint's file name")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: auto)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic: auto is fp16 on CUDA, bf16 on CPUs with native bf16 "
                         "(AMX/AVX512-BF16), else fp32; fp32 is bit-faithful to the reference demo")
 
 
-def load_pipeline(args):
-    import torch
+def add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
+    """The options that choose training's frozen encoders (no U-Net: training makes that)."""
+    _add_encoder_arguments(p.add_argument_group(f"frozen encoders ({what})"),
+                           "default: inferred from the checkpoint's file name")
 
-    from .pipeline import CCLDPipeline
+
+def load_pipeline(args) -> CCLDPipeline:
+    """The pipeline the model options name, on their device and precision."""
+    import torch
 
     if args.model:
         pipe = CCLDPipeline.from_pretrained(args.model)
@@ -51,3 +69,101 @@ def load_pipeline(args):
                         "pass --device cpu or an available device") from None
 
 
+def encoder_files(args, recorded: dict | None = None) -> dict:
+    """The autoencoder and CLOOB files to use: given on the command line, else `recorded` (by a
+    latent cache), else None (the released ones, see `resolve_encoder_files`)."""
+    recorded = recorded or {}
+    keys = ("autoencoder", "autoencoder_config", "cloob", "cloob_config")
+    return {k: getattr(args, k) or recorded.get(k) for k in keys}
+
+
+def resolve_encoder_files(files: dict, accelerator) -> dict:
+    """Absolute paths, downloading the released models for parts not given (main process first,
+    so that processes never write the same download at once)."""
+    from . import hub
+
+    files = dict(files)
+    with accelerator.main_process_first():
+        if files["autoencoder"] is None:
+            ckpt, yaml = hub.default_autoencoder()
+            files["autoencoder"] = str(ckpt)
+            files["autoencoder_config"] = files["autoencoder_config"] or str(yaml)
+        if files["cloob"] is None:
+            files["cloob"] = str(hub.download_cloob(hub.builtin_cloob_name(files["cloob_config"])))
+    for key in ("autoencoder", "autoencoder_config", "cloob"):
+        if files[key] is not None:
+            files[key] = str(Path(files[key]).expanduser().resolve())
+    if files["cloob_config"] and Path(files["cloob_config"]).expanduser().is_file():
+        files["cloob_config"] = str(Path(files["cloob_config"]).expanduser().resolve())
+    return files
+
+
+def load_encoders(files: dict, need_autoencoder: bool = True, need_cloob: bool = True):
+    """(autoencoder, CLOOB) from resolved files; a part not needed is None."""
+    from .models.autoencoder import load_autoencoder
+    from .models.cloob import load_cloob
+
+    autoencoder = (load_autoencoder(files["autoencoder"], files["autoencoder_config"])
+                   if need_autoencoder else None)
+    cloob = load_cloob(files["cloob"], files["cloob_config"]) if need_cloob else None
+    return autoencoder, cloob
+
+
+def load_unet_weights(path, what: str):
+    """(U-Net, whether the file stored its latent scale) from any file the loaders read."""
+    from .checkpoints import load_state_file
+    from .models.unet import unet_from_state_dict, unet_state_dict
+
+    sd = unet_state_dict(load_state_file(path, what))
+    return unet_from_state_dict(sd, path), "autoencoder_scale" in sd
+
+
+def download_defaults(cloob_name: str | None = None) -> list[Path]:
+    """Fetches the default models into the local caches (`ccld download`)."""
+    from . import hub
+
+    return [hub.default_unet(), *hub.default_autoencoder(), hub.download_cloob(cloob_name)]
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """What a file is: kind, architecture, parameter count and latent scale where it has one."""
+    from .checkpoints import describe_foreign_state_dict, load_array_pickle, load_state_file
+    from .models.unet import infer_unet_config, is_unet_state_dict, unet_state_dict
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model_index.json").is_file():
+            return {"kind": "ccld pipeline folder", "path": str(p),
+                    **json.loads((p / "model_index.json").read_text())}
+        raise CCLDError(f"{p}: a folder without model_index.json; give a checkpoint file or a "
+                        "folder written by `ccld convert`")
+    if p.suffix == ".pkl":
+        obj = load_array_pickle(p)
+        params = obj.get("params")
+        if not (isinstance(params, (tuple, list)) and len(params) == 2):
+            raise CCLDError(f"{p}: a pickle, but not a CLOOB checkpoint (no 'params' pair)")
+        count = sum(int(a.size) for tree in params for mod in tree.values() for a in mod.values())
+        return {"kind": "CLOOB checkpoint (Haiku pickle)", "path": str(p), "parameters": count,
+                "image_modules": len(params[0]), "text_modules": len(params[1])}
+    obj = load_state_file(p)
+    lightning = isinstance(obj.get("state_dict"), dict)
+    sd = unet_state_dict(obj)
+    if is_unet_state_dict(sd):
+        config = infer_unet_config(sd, p)
+        info = {"kind": "CCLD U-Net" + (" (Lightning checkpoint, EMA weights)" if lightning else ""),
+                "path": str(p), **config,
+                "parameters": sum(int(v.numel()) for k, v in sd.items() if k != "autoencoder_scale")}
+        if "autoencoder_scale" in sd:
+            info["autoencoder_scale"] = round(float(sd["autoencoder_scale"]), 6)
+        if lightning and "global_step" in obj:
+            info["global_step"] = int(obj["global_step"])
+        return info
+    if any(k.startswith("encoder.") for k in sd):
+        return {"kind": "KL autoencoder (latent-diffusion format)", "path": str(p),
+                "parameters": sum(int(v.numel()) for k, v in sd.items()
+                                  if not k.startswith("loss."))}
+    if any(k.startswith(("image_encoder.", "text_encoder.")) for k in sd):
+        return {"kind": "CLOOB (PyTorch state dict)", "path": str(p),
+                "parameters": sum(int(v.numel()) for v in sd.values())}
+    raise CCLDError(f"{p}: not a checkpoint ccld knows ({describe_foreign_state_dict(sd)}); "
+                    "expected a CCLD U-Net, an LDM autoencoder or a CLOOB checkpoint")

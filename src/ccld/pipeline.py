@@ -17,22 +17,35 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 from torch.nn import functional as F
 
-from . import __version__, checkpoints, sampling
+from . import checkpoints, hub, sampling
+from ._version import __version__
 from .errors import CCLDError
 from .prompts import parse_weighted
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_STEPS = 15
 DEFAULT_METHOD = "plms"
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STRENGTH = 0.6  # how far image-to-image noises the init image (1: ignore it)
+DEFAULT_SIZE = 256  # pixels; the size the published models were trained at
 LATENT_CHANNELS = 4
 DOWNSCALE = 8
 MODEL_INDEX = "model_index.json"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+CLOOB_WEIGHTS = "model.safetensors"
+
+PathLike = Union[str, os.PathLike]
+ImageLike = Union[PathLike, "Image.Image", torch.Tensor]  # a path, PIL image or [3,H,W] in [0,1]
+# one prompt: "text[:weight]" / "path[:weight]", (value, weight), a Prompt, or an image
+PromptLike = Union[str, os.PathLike, tuple, "Prompt", "Image.Image", torch.Tensor]
+PromptsLike = Union[PromptLike, Sequence[PromptLike], None]
 
 
 @dataclass
@@ -43,7 +56,9 @@ class Prompt:
     label: str = field(default="")
 
 
-def _as_prompts(items, default_weight, what) -> list[Prompt]:
+def as_prompts(items: PromptsLike, default_weight: float, what: str) -> list[Prompt]:
+    """Prompts in any of the forms `CCLDPipeline.__call__` takes, as a list of `Prompt`s
+    (a list of `Prompt`s comes back as it is)."""
     if items is None:
         return []
     single_pair = (isinstance(items, tuple) and len(items) == 2
@@ -103,6 +118,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class CCLDPipeline:
+    """Text and image prompts to paintings: CLOOB embeds the prompts, the U-Net samples latents
+    under classifier-free guidance, the KL autoencoder decodes them.
+
+    Where a diffusers user would expect otherwise:
+    - Several prompts in one call are *mixed* into one guided velocity (each with its weight,
+      negative steering away), not batched: `num_images` pictures of the one mixture come out.
+    - Randomness is a `seed` (int), not a `generator`: the seed's noise is drawn on the CPU as the
+      reference demo drew it, so a seed paints the same picture on every device.
+    - The guidance weight is per prompt (`"text:5"`, default `guidance`); the unconditional
+      weight is 1 - sum(weights), as in the demo, so `guidance=1` means no guidance.
+    - `latent_scale` (default: the U-Net's stored `autoencoder_scale`) plays the part of
+      diffusers' `vae.config.scaling_factor`, which stays 1.0 here.
+    - Every option after the prompts is keyword-only; `size` is in pixels (a multiple of 64).
+    """
+
     def __init__(self, unet, autoencoder, cloob, sources: dict | None = None):
         self.unet = unet.eval().requires_grad_(False)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
@@ -114,67 +144,59 @@ class CCLDPipeline:
     # Loading and saving
 
     @classmethod
-    def from_files(cls, unet=None, autoencoder=None, autoencoder_config=None, cloob=None,
-                   cloob_config=None) -> "CCLDPipeline":
-        """Builds from release files; any part left out is the default model (downloaded)."""
+    def from_files(cls, unet: PathLike | None = None, autoencoder: PathLike | None = None,
+                   autoencoder_config: PathLike | None = None, cloob: PathLike | None = None,
+                   cloob_config: PathLike | dict | None = None) -> CCLDPipeline:
+        """Builds from release files; any part left out is the published default (downloaded
+        once). Parts given as files load first, so a bad path is reported before any download."""
         from .models.autoencoder import load_autoencoder
         from .models.cloob import load_cloob
+        from .models.unet import load_unet
 
-        def default_autoencoder():
-            repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
-            return checkpoints.hub_download(repo, ckpt), checkpoints.hub_download(repo, yaml)
-
-        def default_cloob():
-            builtin = cloob_config if isinstance(cloob_config, str) and not cloob_config.endswith(".json") else None
-            return download_cloob(builtin)
-
-        # Parts given as files load first, so a bad path is reported before any download.
+        # part -> (the files given, or None; the default's files; how to load the files)
         parts = {
-            "unet": (unet, lambda: checkpoints.hub_download(*checkpoints.DEFAULT_UNET),
-                     checkpoints.load_unet),
-            "autoencoder": ((autoencoder, autoencoder_config) if autoencoder else None,
-                            default_autoencoder,
-                            lambda given: load_autoencoder(given[0], autoencoder_config or given[1])),
-            "cloob": (cloob, default_cloob, lambda path: load_cloob(path, cloob_config)),
+            "unet": (None if unet is None else (unet,), lambda: (hub.default_unet(),), load_unet),
+            "autoencoder": (None if autoencoder is None else (autoencoder, None),
+                            hub.default_autoencoder,
+                            lambda ckpt, yaml: load_autoencoder(ckpt, autoencoder_config or yaml)),
+            "cloob": (None if cloob is None else (cloob,),
+                      lambda: (hub.download_cloob(hub.builtin_cloob_name(cloob_config)),),
+                      lambda path: load_cloob(path, cloob_config)),
         }
         loaded, sources = {}, {}
-        for name, (given, _, load) in parts.items():
-            if given is not None:
-                loaded[name] = load(given)
-                sources[name] = str(given[0] if isinstance(given, tuple) else given)
-        for name, (given, fetch, load) in parts.items():
-            if given is None:
-                given = fetch()
-                loaded[name] = load(given)
-                sources[name] = str(given[0] if isinstance(given, tuple) else given)
-        return cls(loaded["unet"], loaded["autoencoder"], loaded["cloob"], sources)
+        for name in sorted(parts, key=lambda name: parts[name][0] is None):
+            given, default, load = parts[name]
+            files = given if given is not None else default()
+            loaded[name] = load(*files)
+            sources[name] = str(files[0])
+        return cls(**loaded, sources=sources)
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike | None = None, device=None,
-                        precision: str | None = None, **files) -> "CCLDPipeline":
+    def from_pretrained(cls, source: PathLike | None = None, device: str | torch.device | None = None,
+                        precision: str | None = None, **files) -> CCLDPipeline:
         """A pipeline from a folder written by `save_pretrained`, a known hub repo, or (None)
         the default student; `files` (unet=, autoencoder=, cloob=, ...) override single parts."""
         if source is not None and Path(source).is_dir():
             pipe = cls._from_folder(Path(source))
-        elif source is None or str(source) == checkpoints.DEFAULT_UNET[0]:
+        elif source is None or str(source) == hub.DEFAULT_UNET[0]:
             pipe = cls.from_files(**files)
-        elif str(source) == checkpoints.TEACHER_REPO:
-            names = [f for f in checkpoints.hub_list_files(source)
+        elif str(source) == hub.TEACHER_REPO:
+            names = [f for f in hub.hub_list_files(source)
                      if f.endswith((".ckpt", ".safetensors")) and not f.startswith("ae_model")]
             if not names:
                 raise CCLDError(f"the hub repo {source} holds no U-Net checkpoint")
-            pipe = cls.from_files(unet=checkpoints.hub_download(source, names[0]), **files)
+            pipe = cls.from_files(unet=hub.hub_download(source, names[0]), **files)
         else:
             raise CCLDError(f"{source}: not a pipeline folder (no {MODEL_INDEX}) nor a known hub "
-                            f"model ({checkpoints.DEFAULT_UNET[0]}, {checkpoints.TEACHER_REPO}); "
+                            f"model ({hub.DEFAULT_UNET[0]}, {hub.TEACHER_REPO}); "
                             "pass a folder written by `ccld convert`")
         return pipe.to(device, precision)
 
     @classmethod
-    def _from_folder(cls, folder: Path) -> "CCLDPipeline":
+    def _from_folder(cls, folder: Path) -> CCLDPipeline:
         from .models.autoencoder import load_autoencoder
         from .models.cloob import cloob_from_state_dict
-        from .models.unet import CCLDUNet
+        from .models.unet import unet_from_state_dict
 
         index_path = folder / MODEL_INDEX
         if not index_path.is_file():
@@ -186,20 +208,15 @@ class CCLDPipeline:
             cloob_config = json.loads((folder / "cloob" / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CCLDError(f"{folder}: unreadable pipeline config ({e}); convert again") from None
-        with torch.device("meta"):  # the weights come from the file: skip the random init
-            unet = CCLDUNet(**{k: unet_config[k] for k in ("base_channels", "channel_multipliers",
-                                                            "embed_dim")})
-        sd = checkpoints.load_safetensors_file(folder / "unet" / "diffusion_pytorch_model.safetensors", "U-Net weights")
-        try:
-            unet.load_state_dict(sd, assign=True)
-        except RuntimeError as e:
-            raise CCLDError(f"{folder}/unet: weights do not match its config.json "
-                            f"({str(e).splitlines()[-1].strip()[:160]}); convert again") from None
-        cloob_sd = checkpoints.load_safetensors_file(folder / "cloob" / "model.safetensors", "CLOOB weights")
+        unet_sd = checkpoints.load_safetensors_file(folder / "unet" / UNET_WEIGHTS, "U-Net weights")
+        architecture = {k: unet_config[k] for k in ("base_channels", "channel_multipliers",
+                                                    "embed_dim")}
+        unet = unet_from_state_dict(unet_sd, folder / "unet", architecture)
+        cloob_sd = checkpoints.load_safetensors_file(folder / "cloob" / CLOOB_WEIGHTS, "CLOOB weights")
         return cls(unet, load_autoencoder(folder / "vae"), cloob_from_state_dict(cloob_config, cloob_sd),
                    index.get("sources", {}))
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+    def save_pretrained(self, folder: PathLike) -> Path:
         """Writes a self-contained folder of safetensors and JSON configs."""
         from safetensors.torch import save_file
 
@@ -207,11 +224,11 @@ class CCLDPipeline:
         (folder / "unet").mkdir(parents=True, exist_ok=True)
         (folder / "cloob").mkdir(parents=True, exist_ok=True)
         unet_sd = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
-        save_file(unet_sd, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+        save_file(unet_sd, str(folder / "unet" / UNET_WEIGHTS))
         unet_config = {**self.unet.config, "autoencoder_scale": float(self.unet.autoencoder_scale)}
         (folder / "unet" / "config.json").write_text(json.dumps(unet_config, indent=2))
         cloob_sd = {k: v.detach().contiguous().cpu() for k, v in self.cloob.state_dict().items()}
-        save_file(cloob_sd, str(folder / "cloob" / "model.safetensors"))
+        save_file(cloob_sd, str(folder / "cloob" / CLOOB_WEIGHTS))
         (folder / "cloob" / "config.json").write_text(json.dumps(self.cloob.config, indent=2))
         self.autoencoder.save_pretrained(folder / "vae", safe_serialization=True)
         index = {"_class_name": type(self).__name__, "ccld_version": __version__,
@@ -220,7 +237,8 @@ class CCLDPipeline:
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2))
         return folder
 
-    def to(self, device=None, precision: str | None = None) -> "CCLDPipeline":
+    def to(self, device: str | torch.device | None = None,
+           precision: str | None = None) -> CCLDPipeline:
         """Moves the models; `precision` (auto, fp32, bf16, fp16) picks the arithmetic.
 
         Reduced precision runs every network under autocast (weights stay float32, so switching
@@ -257,7 +275,7 @@ class CCLDPipeline:
         return self.cloob.encode_text(list(texts)).float()
 
     @_in_autocast
-    def encode_image(self, image) -> torch.Tensor:
+    def encode_image(self, image: ImageLike) -> torch.Tensor:
         """CLOOB embedding of an image prompt: path, PIL image, or [3,H,W] tensor in [0,1]."""
         from .images import load_image, pil_to_tensor, resize_and_center_crop
 
@@ -272,36 +290,41 @@ class CCLDPipeline:
                             f"{size}x{size}; pass a PIL image or a path to have it resized")
         return F.normalize(self.cloob.encode_image(batch).float(), dim=-1)
 
-    def conditions(self, prompts=(), image_prompts=(), guidance=DEFAULT_GUIDANCE):
+    def conditions(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (),
+                   guidance: float = DEFAULT_GUIDANCE) -> tuple[torch.Tensor, torch.Tensor]:
         """The embeddings [zero, prompts..., image prompts...] and their guidance weights."""
-        texts = _as_prompts(prompts, guidance, "prompt")
-        images = _as_prompts(image_prompts, guidance, "image prompt")
+        texts = as_prompts(prompts, guidance, "prompt")
+        images = as_prompts(image_prompts, guidance, "image prompt")
         d = self.cloob.config["d_embed"]
         embeds = [torch.zeros([1, d], device=self.device)]
         embeds += [self.encode_text([p.value]) for p in texts]
         embeds += [self.encode_image(p.value) for p in images]
         weights = sampling.condition_weights([p.weight for p in texts + images], self.device)
-        return torch.cat(embeds), weights, texts, images
+        return torch.cat(embeds), weights
 
     # Sampling
 
-    def initial_noise(self, num_images: int, seed: int, size: int = 256) -> tuple[torch.Tensor, torch.Generator]:
+    def initial_noise(self, num_images: int, seed: int, size: int = DEFAULT_SIZE
+                      ) -> tuple[torch.Tensor, torch.Generator]:
         """The reference demo's starting noise for a seed, drawn on the CPU on every device."""
         generator = torch.Generator().manual_seed(int(seed))
         shape = [num_images, LATENT_CHANNELS, size // DOWNSCALE, size // DOWNSCALE]
         return torch.randn(shape, generator=generator), generator
 
     @_in_autocast
-    def generate_latents(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
-                         method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
-                         init_image=None, strength=DEFAULT_STRENGTH, size=256, callback=None):
+    def generate_latents(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
+                         num_images: int = 1, steps: int = DEFAULT_STEPS,
+                         method: str = DEFAULT_METHOD, guidance: float = DEFAULT_GUIDANCE,
+                         seed: int = 0, eta: float = 0.0, init_image: ImageLike | None = None,
+                         strength: float = DEFAULT_STRENGTH, size: int = DEFAULT_SIZE,
+                         callback: sampling.Callback = None) -> torch.Tensor:
         """Samples latents (in the U-Net's scaled space); see `__call__` for the arguments."""
-        sampling.get_sampler(method)  # an unknown method fails before any model work
+        sampler = sampling.get_sampler(method)  # an unknown method fails before any model work
         if steps < 1:
             raise CCLDError(f"steps must be at least 1 (got {steps})")
         if size % 64:
             raise CCLDError(f"size must be a multiple of 64 pixels (got {size})")
-        embeds, weights, _, _ = self.conditions(prompts, image_prompts, guidance)
+        embeds, weights = self.conditions(prompts, image_prompts, guidance)
         noise, generator = self.initial_noise(num_images, seed, size)
         x = noise.to(self.device)
         start = 1.0
@@ -309,15 +332,15 @@ class CCLDPipeline:
             if not 0 < strength <= 1:
                 raise CCLDError(f"strength must be in (0, 1] (got {strength}); 1 ignores the init image")
             start = float(strength)
-        t = sampling.timesteps(method, steps, start, device=self.device)
+        timesteps = sampler.timesteps(steps, start, device=self.device)
         if init_image is not None:
-            alpha, sigma = sampling.t_to_alpha_sigma(t[0])
+            alpha, sigma = sampling.t_to_alpha_sigma(timesteps[0])
             x = self.encode_init_image(init_image, size).expand_as(x) * alpha + x * sigma
         model = sampling.guided_model(self.unet, embeds, weights)
-        return sampling.sample(method, model, x, t, eta=eta, generator=generator, callback=callback)
+        return sampler(model, x, timesteps, eta=eta, generator=generator, callback=callback)
 
     @_in_autocast
-    def encode_init_image(self, image, size=256) -> torch.Tensor:
+    def encode_init_image(self, image: ImageLike, size: int = DEFAULT_SIZE) -> torch.Tensor:
         """The posterior mean latent of an init image, in the U-Net's scaled space."""
         from .images import load_image, pil_to_tensor, resize_and_center_crop
         from .models.autoencoder import encode_moments
@@ -329,16 +352,19 @@ class CCLDPipeline:
         return mean / self.unet.autoencoder_scale
 
     @_in_autocast
-    def decode(self, latents, latent_scale=None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, latent_scale: float | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] (unclamped) from latents; the scale defaults to the U-Net's own."""
         from .models.autoencoder import decode_latents
 
         scale = self.unet.autoencoder_scale if latent_scale is None else float(latent_scale)
         return decode_latents(self.autoencoder, latents * scale).float()
 
-    def __call__(self, prompts=(), image_prompts=(), num_images=1, steps=DEFAULT_STEPS,
-                 method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
-                 init_image=None, strength=DEFAULT_STRENGTH, latent_scale=None, size=256, progress=True):
+    def __call__(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
+                 num_images: int = 1, steps: int = DEFAULT_STEPS, method: str = DEFAULT_METHOD,
+                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
+                 init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
+                 latent_scale: float | None = None, size: int = DEFAULT_SIZE,
+                 progress: bool = True) -> list[Image.Image]:
         """Paints `num_images` PIL images.
 
         prompts / image_prompts: a string (`"text:weight"`, `"path:weight"`), a (value, weight)
@@ -349,26 +375,30 @@ class CCLDPipeline:
 
         from .images import tensor_to_pil
 
-        total = steps
-        with tqdm(total=total, desc=f"{method} sampling", disable=not progress, leave=False) as bar:
-            latents = self.generate_latents(prompts, image_prompts, num_images, steps, method,
-                                            guidance, seed, eta, init_image, strength, size,
+        texts = as_prompts(prompts, guidance, "prompt")
+        images = as_prompts(image_prompts, guidance, "image prompt")
+        settings = dict(num_images=num_images, steps=steps, method=method, guidance=guidance,
+                        seed=seed, eta=eta, init_image=init_image, strength=strength, size=size)
+        with tqdm(total=steps, desc=f"{method} sampling", disable=not progress, leave=False) as bar:
+            latents = self.generate_latents(texts, images, **settings,
                                             callback=lambda info: bar.update(1))
         pixels = self.decode(latents, latent_scale).float().cpu()
-        params = self.describe(prompts, image_prompts, num_images, steps, method, guidance, seed,
-                               eta, init_image, strength, latent_scale, size)
-        images = []
+        params = self.describe(texts, images, **settings, latent_scale=latent_scale)
+        results = []
         for i, p in enumerate(pixels):
             image = tensor_to_pil(p)
             image.info["parameters"] = json.dumps({**params, "index": i})
-            images.append(image)
-        return images
+            results.append(image)
+        return results
 
-    def describe(self, prompts, image_prompts, num_images, steps, method, guidance, seed, eta,
-                 init_image, strength, latent_scale, size) -> dict:
+    def describe(self, prompts: PromptsLike, image_prompts: PromptsLike, *, num_images: int,
+                 steps: int, method: str, guidance: float, seed: int, eta: float,
+                 init_image: ImageLike | None, strength: float, latent_scale: float | None,
+                 size: int) -> dict:
         """Everything needed to paint the same picture again, as recorded in each PNG."""
-        texts = _as_prompts(prompts, guidance, "prompt")
-        images = _as_prompts(image_prompts, guidance, "image prompt")
+        texts = as_prompts(prompts, guidance, "prompt")
+        images = as_prompts(image_prompts, guidance, "image prompt")
+        sampler = sampling.get_sampler(method)
         params = {
             "prompts": [[p.value, p.weight] for p in texts],
             "image_prompts": [[p.label, p.weight] for p in images],
@@ -377,23 +407,9 @@ class CCLDPipeline:
             "latent_scale": float(self.unet.autoencoder_scale if latent_scale is None else latent_scale),
             "precision": self.precision, "models": self.sources, "ccld_version": __version__,
         }
-        if method in sampling.STOCHASTIC:
-            params["eta"] = 1.0 if method == "ddpm" else eta
+        if sampler.stochastic:
+            params["eta"] = sampler.eta(eta)
         if init_image is not None:
             params["init_image"] = str(init_image) if isinstance(init_image, (str, os.PathLike)) else "image"
             params["strength"] = strength
         return params
-
-
-def download_cloob(name: str | None = None) -> Path:
-    """The released CLOOB pickle for a built-in config, downloaded once and verified."""
-    from .models.cloob import BUILTIN_CONFIGS
-
-    name = name or checkpoints.DEFAULT_CLOOB
-    if name not in BUILTIN_CONFIGS:
-        raise CCLDError(f"unknown CLOOB model {name!r}; choose from {', '.join(BUILTIN_CONFIGS)} "
-                        "or pass --cloob PATH with --cloob-config JSON")
-    config = BUILTIN_CONFIGS[name]
-    url = config["url"]
-    filename = url.rpartition("/")[2]
-    return checkpoints.download_verified(url, checkpoints.cache_dir() / filename, config["sha256"])

@@ -3,18 +3,22 @@
 Time t in [0, 1] maps to alpha = cos(pi t / 2), sigma = sin(pi t / 2); a noised latent is
 x = alpha * x0 + sigma * eps and the model predicts v = alpha * eps - sigma * x0.
 
-Every sampler is one function `sampler(model, x, steps, ...)`: `model(x, t)` returns v for a batch
-(`t` has one entry per row), `x` is the starting noise (or noised latent), `steps` the decreasing
-timesteps to visit. The v-diffusion family (ddim/ddpm, prk, plms, pie, plms2, iplms) keeps the
+Every sampler is one function `sampler(model, x, timesteps, *, callback=None)`, the stochastic
+ones also taking `eta` and `generator`: `model(x, t)` returns v for a batch (`t` has one entry
+per row), `x` is the starting noise (or noised latent), `timesteps` the decreasing times to visit.
+`register_sampler` adds one to `SAMPLERS` with what the rest of ccld needs to know about it (its
+forward count, its schedule, whether it is stochastic): the CLI, the web app and the pipeline
+read everything from there. The v-diffusion family (ddim/ddpm, prk, plms, pie, plms2, iplms) keeps the
 reference semantics exactly, quirks included: DDIM returns its last clean-latent prediction;
 the pseudo-numerical methods step on to t = 0 and return x. `dpmpp_2m` is DPM-Solver++(2M) and
 `unipc` is UniPC-2 (DPM-Solver++(2M) plus the UniC corrector), both written for this
-continuous-time v-model; `timesteps(method, n)` gives each method the schedule it was tuned on.
+continuous-time v-model, each on the schedule it was tuned on.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -75,12 +79,6 @@ def power_timesteps(n_steps: int, start: float = 1.0, t_min: float = 0.05, rho: 
         torch.full([1], t_start, device=device)
 
 
-def timesteps(method: str, n_steps: int, start: float = 1.0, device=None) -> torch.Tensor:
-    """The timesteps a method samples on: the demo schedule, or the one `unipc` was tuned on."""
-    schedule = power_timesteps if method == "unipc" else get_timesteps
-    return schedule(n_steps, start, device=device)
-
-
 # Classifier-free guidance
 
 def guided_model(model: Callable, embeds: torch.Tensor, weights: torch.Tensor) -> Model:
@@ -139,15 +137,18 @@ def _notify(callback, i, t, x, pred):
 # DDIM / DDPM
 
 @torch.no_grad()
-def ddim(model: Model, x, steps, eta: float = 0.0, generator=None, callback: Callback = None):
-    """DDIM with noise level eta (eta=1 is DDPM ancestral sampling). Returns the last x0 estimate."""
-    alphas, sigmas = t_to_alpha_sigma(steps)
-    for i in range(len(steps)):
-        v = model(x, steps[i].expand(x.shape[0])).float()
+def ddim(model: Model, x, timesteps, *, eta: float = 0.0, generator=None,
+         callback: Callback = None):
+    """DDIM with noise level eta (eta=1 is DDPM ancestral sampling, registered as `ddpm`).
+
+    Returns the last x0 estimate."""
+    alphas, sigmas = t_to_alpha_sigma(timesteps)
+    for i in range(len(timesteps)):
+        v = model(x, timesteps[i].expand(x.shape[0])).float()
         pred = x * alphas[i] - v * sigmas[i]
         eps = x * sigmas[i] + v * alphas[i]
-        _notify(callback, i, steps[i], x, pred)
-        if i < len(steps) - 1:
+        _notify(callback, i, timesteps[i], x, pred)
+        if i < len(timesteps) - 1:
             ddim_sigma = eta * (sigmas[i + 1] ** 2 / sigmas[i] ** 2).sqrt() * \
                 (1 - alphas[i] ** 2 / alphas[i + 1] ** 2).sqrt()
             adjusted_sigma = (sigmas[i + 1] ** 2 - ddim_sigma ** 2).sqrt()
@@ -155,10 +156,6 @@ def ddim(model: Model, x, steps, eta: float = 0.0, generator=None, callback: Cal
             if eta:
                 x = x + _randn_like(x, generator) * ddim_sigma
     return pred
-
-
-def ddpm(model: Model, x, steps, generator=None, callback: Callback = None):
-    return ddim(model, x, steps, eta=1.0, generator=generator, callback=callback)
 
 
 # Pseudo numerical methods (PNDM, Liu et al. 2022): a classical integrator in the eps space,
@@ -201,14 +198,14 @@ def _lms_step(model, x, history, t_1, t_2, order):
 
 
 @torch.no_grad()
-def _pseudo_sample(model, x, steps, choose_step, callback):
-    steps = torch.cat([steps, steps.new_zeros([1])])
+def _pseudo_sample(model, x, timesteps, choose_step, callback):
+    timesteps = torch.cat([timesteps, timesteps.new_zeros([1])])
     history = []
-    for i in range(len(steps) - 1):
+    for i in range(len(timesteps) - 1):
         step = choose_step(len(history))
-        x, pred, eps = step(model, x, history, steps[i], steps[i + 1])
+        x, pred, eps = step(model, x, history, timesteps[i], timesteps[i + 1])
         history = (history + [eps])[-3:]
-        _notify(callback, i, steps[i], x, pred)
+        _notify(callback, i, timesteps[i], x, pred)
     return x
 
 
@@ -216,46 +213,46 @@ def _lms(order):
     return lambda model, x, history, t_1, t_2: _lms_step(model, x, history, t_1, t_2, order)
 
 
-def prk(model: Model, x, steps, callback: Callback = None):
-    return _pseudo_sample(model, x, steps, lambda n: _prk_step, callback)
+def prk(model: Model, x, timesteps, *, callback: Callback = None):
+    return _pseudo_sample(model, x, timesteps, lambda n: _prk_step, callback)
 
 
-def plms(model: Model, x, steps, callback: Callback = None):
+def plms(model: Model, x, timesteps, *, callback: Callback = None):
     """Fourth-order PLMS, started with three PRK steps (24 forwards for 15 steps)."""
-    return _pseudo_sample(model, x, steps, lambda n: _prk_step if n < 3 else _lms(4), callback)
+    return _pseudo_sample(model, x, timesteps, lambda n: _prk_step if n < 3 else _lms(4), callback)
 
 
-def pie(model: Model, x, steps, callback: Callback = None):
-    return _pseudo_sample(model, x, steps, lambda n: _pie_step, callback)
+def pie(model: Model, x, timesteps, *, callback: Callback = None):
+    return _pseudo_sample(model, x, timesteps, lambda n: _pie_step, callback)
 
 
-def plms2(model: Model, x, steps, callback: Callback = None):
+def plms2(model: Model, x, timesteps, *, callback: Callback = None):
     """Second-order PLMS, started with one PIE step."""
-    return _pseudo_sample(model, x, steps, lambda n: _pie_step if n < 1 else _lms(2), callback)
+    return _pseudo_sample(model, x, timesteps, lambda n: _pie_step if n < 1 else _lms(2), callback)
 
 
-def iplms(model: Model, x, steps, callback: Callback = None):
+def iplms(model: Model, x, timesteps, *, callback: Callback = None):
     """Improved PLMS: lower-order Adams-Bashforth while the history fills (one forward a step)."""
-    return _pseudo_sample(model, x, steps, lambda n: _lms(min(n + 1, 4)), callback)
+    return _pseudo_sample(model, x, timesteps, lambda n: _lms(min(n + 1, 4)), callback)
 
 
 # DPM-Solver++(2M) (Lu et al. 2022) in continuous time for a v-model
 
 @torch.no_grad()
-def dpmpp_2m(model: Model, x, steps, callback: Callback = None):
+def dpmpp_2m(model: Model, x, timesteps, *, callback: Callback = None):
     """Second-order multistep solver in log-SNR on the data prediction; one forward a step.
 
     Steps from each timestep to the next and finally to t = 0, where it returns the clean
     latent. lambda = log(alpha / sigma) is the half log-SNR.
     """
-    steps = torch.cat([steps, steps.new_zeros([1])])
-    alphas, sigmas = t_to_alpha_sigma(steps)
+    timesteps = torch.cat([timesteps, timesteps.new_zeros([1])])
+    alphas, sigmas = t_to_alpha_sigma(timesteps)
     lambdas = torch.log(alphas) - torch.log(sigmas)
     old_pred, h_last = None, None
-    for i in range(len(steps) - 1):
-        v = model(x, steps[i].expand(x.shape[0])).float()
+    for i in range(len(timesteps) - 1):
+        v = model(x, timesteps[i].expand(x.shape[0])).float()
         pred = x * alphas[i] - v * sigmas[i]
-        _notify(callback, i, steps[i], x, pred)
+        _notify(callback, i, timesteps[i], x, pred)
         if sigmas[i + 1] == 0:
             x = pred  # the final step lands on the data prediction itself
             break
@@ -272,26 +269,26 @@ def dpmpp_2m(model: Model, x, steps, callback: Callback = None):
 # UniPC (Zhao et al. 2023) in its second-order B(h) = expm1(h) form on the data prediction
 
 @torch.no_grad()
-def unipc(model: Model, x, steps, callback: Callback = None):
+def unipc(model: Model, x, timesteps, *, callback: Callback = None):
     """UniPC-2: the DPM-Solver++(2M) predictor, then after each model call the UniC corrector
     refines the point that call was made at, reusing that same output (no extra forwards).
 
     One forward a step. Returns the clean-latent prediction at the last timestep, shifted by
     the last correction: near t = 0 the prediction moves by dx / alpha when x moves by dx.
     """
-    alphas, sigmas = t_to_alpha_sigma(steps)
+    alphas, sigmas = t_to_alpha_sigma(timesteps)
     lambdas = torch.log(alphas) - torch.log(sigmas)
     x_last = pred_last = pred_older = None  # the previous point, its prediction, the one before
-    for i in range(len(steps)):
-        v = model(x, steps[i].expand(x.shape[0])).float()
+    for i in range(len(timesteps)):
+        v = model(x, timesteps[i].expand(x.shape[0])).float()
         pred = x * alphas[i] - v * sigmas[i]
-        _notify(callback, i, steps[i], x, pred)
+        _notify(callback, i, timesteps[i], x, pred)
         correction = 0.0
         if x_last is not None:
             corrected = _unipc_update(x_last, pred_last, pred_older, i - 1, lambdas, alphas,
                                       sigmas, pred_new=pred)
             correction, x = corrected - x, corrected
-        if i == len(steps) - 1:
+        if i == len(timesteps) - 1:
             return pred + correction / alphas[i]
         x_last, pred_older, pred_last = x, pred_last, pred
         x = _unipc_update(x, pred, pred_older, i, lambdas, alphas, sigmas)
@@ -321,40 +318,67 @@ def _unipc_update(x, pred, pred_old, i, lambdas, alphas, sigmas, pred_new=None):
     return x_next + alphas[i + 1] * b_h * (rho_old * d_old + rho_new * (pred_new - pred))
 
 
-SAMPLERS = {
-    "plms": plms, "ddim": ddim, "ddpm": ddpm, "prk": prk, "pie": pie,
-    "plms2": plms2, "iplms": iplms, "dpm++2m": dpmpp_2m, "unipc": unipc,
-}
-STOCHASTIC = {"ddim", "ddpm"}  # samplers that take eta / a generator
+# The registry
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler and what the rest of ccld needs to know about it."""
+    name: str
+    fn: Callable[..., torch.Tensor]  # fn(model, x, timesteps, *, callback[, eta, generator])
+    forwards: Callable[[int], int]  # (guided) model calls for n steps
+    schedule: Callable[..., torch.Tensor]  # schedule(n_steps, start, device=) -> timesteps
+    stochastic: bool = False  # takes eta and draws noise from a generator
+    fixed_eta: float | None = None  # an eta the sampler always uses (ddpm)
+
+    def timesteps(self, n_steps: int, start: float = 1.0, device=None) -> torch.Tensor:
+        return self.schedule(n_steps, start, device=device)
+
+    def eta(self, requested: float) -> float:
+        """The eta this sampler runs at when `requested` is asked for (0 if deterministic)."""
+        if not self.stochastic:
+            return 0.0
+        return requested if self.fixed_eta is None else self.fixed_eta
+
+    def __call__(self, model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+                 eta: float = 0.0, generator: torch.Generator | None = None,
+                 callback: Callback = None) -> torch.Tensor:
+        noise = {"eta": self.eta(eta), "generator": generator} if self.stochastic else {}
+        return self.fn(model, x, timesteps, callback=callback, **noise)
 
 
-def get_sampler(method: str):
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(name: str, fn: Callable[..., torch.Tensor], *,
+                     forwards: Callable[[int], int] = lambda n: n,
+                     schedule: Callable[..., torch.Tensor] = get_timesteps,
+                     stochastic: bool = False, fixed_eta: float | None = None) -> Sampler:
+    """Makes `fn` a sampler of the CLI, the web app and the pipeline under `name`."""
+    SAMPLERS[name] = Sampler(name, fn, forwards, schedule, stochastic, fixed_eta)
+    return SAMPLERS[name]
+
+
+register_sampler("plms", plms, forwards=lambda n: 4 * min(3, n) + max(0, n - 3))
+register_sampler("ddim", ddim, stochastic=True)
+register_sampler("ddpm", ddim, stochastic=True, fixed_eta=1.0)
+register_sampler("prk", prk, forwards=lambda n: 4 * n)
+register_sampler("pie", pie, forwards=lambda n: 2 * n)
+register_sampler("plms2", plms2, forwards=lambda n: 2 * min(1, n) + max(0, n - 1))
+register_sampler("iplms", iplms)
+register_sampler("dpm++2m", dpmpp_2m)
+register_sampler("unipc", unipc, schedule=power_timesteps)
+
+
+def get_sampler(method: str) -> Sampler:
     """The sampler registered under `method`; a one-line CCLDError naming the choices if none."""
     if method not in SAMPLERS:
         raise CCLDError(f"unknown method {method!r}; choose from {', '.join(SAMPLERS)}")
     return SAMPLERS[method]
 
 
-def sample(method: str, model: Model, x, steps, eta: float = 0.0, generator=None,
-           callback: Callback = None):
-    """Runs the named sampler; eta and generator reach only the methods that use them."""
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampling method {method!r}; choose from {', '.join(SAMPLERS)}")
-    if method == "ddim":
-        return ddim(model, x, steps, eta=eta, generator=generator, callback=callback)
-    if method == "ddpm":
-        return ddpm(model, x, steps, generator=generator, callback=callback)
-    return SAMPLERS[method](model, x, steps, callback=callback)
-
-
-def forwards_per_image(method: str, n_steps: int) -> int:
-    """How many (guided) model evaluations a method makes for n_steps steps."""
-    if method == "prk":
-        return 4 * n_steps
-    if method == "pie":
-        return 2 * n_steps
-    if method == "plms":
-        return 4 * min(3, n_steps) + max(0, n_steps - 3)
-    if method == "plms2":
-        return 2 * min(1, n_steps) + max(0, n_steps - 1)
-    return n_steps
+def sample(method: str, model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+           eta: float = 0.0, generator: torch.Generator | None = None,
+           callback: Callback = None) -> torch.Tensor:
+    """Runs the named sampler; eta and generator reach only the stochastic ones."""
+    return get_sampler(method)(model, x, timesteps, eta=eta, generator=generator,
+                               callback=callback)

@@ -15,10 +15,13 @@ network computes from the CLOOB embedding and the timestep.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..errors import CCLDError
 
 MAPPING_WIDTH = 1024
 MAPPING_FOURIER = 128
@@ -214,3 +217,82 @@ class CCLDUNet(nn.Module):
         planes = self.timestep_embed(t[:, None])[..., None, None].expand(
             -1, -1, x.shape[2], x.shape[3])
         return self.net(torch.cat([x, planes.to(x.dtype)], dim=1), cond)
+
+
+# Loading: bare state dicts, Lightning training checkpoints, safetensors
+
+# (base_channels, multipliers) of the published nets, used to name an inferred architecture the
+# way its authors did; only the products base * multiplier matter to the weights.
+KNOWN_ARCHITECTURES = [
+    (192, (1, 1, 2, 2)),  # distilled WikiArt student
+    (192, (4, 4, 8, 8)),  # WikiArt teacher, yfcc
+    (128, (4, 4, 8, 8)),  # danbooru
+]
+_WIDTH_KEYS = (  # the first conv of each resolution level gives that level's width
+    "net.0.main.0.weight",
+    "net.4.main.1.main.0.weight",
+    "net.4.main.9.main.1.main.0.weight",
+    "net.4.main.9.main.9.main.1.main.0.weight",
+)
+_EMBED_KEY = "mapping.0.main.0.weight"
+
+
+def is_unet_state_dict(sd: dict) -> bool:
+    return _WIDTH_KEYS[0] in sd
+
+
+def unet_state_dict(obj: dict) -> dict:
+    """The U-Net weights inside a loaded file: bare, or a Lightning checkpoint (EMA weights)."""
+    if isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+        for prefix in ("model_ema.", "model."):  # the EMA weights are the ones to sample with
+            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            if sub:
+                return sub
+        obj = sd
+    return obj
+
+
+def infer_unet_config(sd: dict, source: str | os.PathLike = "checkpoint") -> dict:
+    """base_channels, channel_multipliers and embed_dim from the tensor shapes alone."""
+    from ..checkpoints import describe_foreign_state_dict
+
+    missing = [k for k in (*_WIDTH_KEYS, _EMBED_KEY) if k not in sd]
+    if missing:
+        kind = describe_foreign_state_dict(sd)
+        raise CCLDError(f"{source}: not a CCLD U-Net checkpoint ({kind}; no {missing[0]}); "
+                        "pass the diffusion model file, e.g. model_student.ckpt")
+    widths = [int(sd[k].shape[0]) for k in _WIDTH_KEYS]
+    embed_dim = int(sd[_EMBED_KEY].shape[1]) - MAPPING_FOURIER
+    for base, mults in KNOWN_ARCHITECTURES:
+        if [base * m for m in mults] == widths:
+            break
+    else:
+        base = math.gcd(*widths)
+        mults = tuple(w // base for w in widths)
+    return {"base_channels": base, "channel_multipliers": list(mults), "embed_dim": embed_dim}
+
+
+def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
+                         config: dict | None = None) -> CCLDUNet:
+    """A frozen U-Net holding `sd`, of the architecture `config` or, by default, the one the
+    tensor shapes say."""
+    config = infer_unet_config(sd, source) if config is None else config
+    with torch.device("meta"):  # no wasted random init: every weight comes from the file
+        unet = CCLDUNet(**config)
+    sd = dict(sd)
+    sd.setdefault("autoencoder_scale", torch.tensor(1.0))  # absent from some exports
+    try:
+        unet.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split("\n\t")[1:2]).strip() or str(e).splitlines()[0]
+        raise CCLDError(f"{source}: weights do not fit the U-Net {config} ({detail[:200]}); "
+                        "the file is damaged or not a CCLD U-Net") from None
+    return unet.eval().requires_grad_(False)
+
+
+def load_unet(path: str | os.PathLike, what: str = "U-Net checkpoint") -> CCLDUNet:
+    """A CCLD U-Net from a bare state dict, a Lightning checkpoint or a safetensors file."""
+    from ..checkpoints import load_state_file
+
+    return unet_from_state_dict(unet_state_dict(load_state_file(path, what)), path)

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 from ..errors import CCLDError
+from ..loading import (add_encoder_options, encoder_files, load_encoders, load_unet_weights,
+                       resolve_encoder_files)
 
 TEACHER_ARCHITECTURE = (192, "4,4,8,8")  # the WikiArt teacher
 STUDENT_ARCHITECTURE = (192, "1,1,2,2")  # the distilled WikiArt student
@@ -49,15 +51,6 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
-def add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
-    g = p.add_argument_group(f"frozen encoders ({what})")
-    g.add_argument("--autoencoder", metavar="PATH", help="LDM KL-f8 autoencoder .ckpt")
-    g.add_argument("--autoencoder-config", metavar="YAML",
-                   help="its yaml config (default: the .yaml beside the .ckpt)")
-    g.add_argument("--cloob", metavar="PATH", help="CLOOB checkpoint (.pkl release or .safetensors)")
-    g.add_argument("--cloob-config", metavar="JSON", help="CLOOB config: a JSON file or a built-in name")
-
-
 def add_data_options(p: argparse.ArgumentParser, cache_ok: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="SOURCE",
@@ -68,51 +61,6 @@ def add_data_options(p: argparse.ArgumentParser, cache_ok: bool = True) -> None:
                    help="images are resized (short side, Lanczos) and center-cropped to this")
     g.add_argument("--image-column", default="image", help="the parquet column of encoded images")
     g.add_argument("--num-workers", type=int, default=4, help="data loading processes per GPU")
-
-
-def encoder_files(args, data=None) -> dict:
-    """The autoencoder and CLOOB files to use: given, recorded in the latent cache, or released."""
-    recorded = data.dataset.index if data is not None and data.cached else {}
-    return {"autoencoder": args.autoencoder or recorded.get("autoencoder"),
-            "autoencoder_config": args.autoencoder_config or recorded.get("autoencoder_config"),
-            "cloob": args.cloob or recorded.get("cloob"),
-            "cloob_config": args.cloob_config or recorded.get("cloob_config")}
-
-
-def resolve_encoder_files(files: dict, accelerator) -> dict:
-    """Absolute paths, downloading the released models for parts not given (main process first,
-    so that processes never write the same download at once)."""
-    from .. import checkpoints
-
-    files = dict(files)
-    with accelerator.main_process_first():
-        if files["autoencoder"] is None:
-            repo, ckpt, yaml = checkpoints.DEFAULT_AUTOENCODER
-            files["autoencoder"] = str(checkpoints.hub_download(repo, ckpt))
-            files["autoencoder_config"] = (files["autoencoder_config"]
-                                           or str(checkpoints.hub_download(repo, yaml)))
-        if files["cloob"] is None:
-            from ..pipeline import download_cloob
-
-            config = files["cloob_config"]
-            builtin = config if isinstance(config, str) and not config.endswith(".json") else None
-            files["cloob"] = str(download_cloob(builtin))
-    for key in ("autoencoder", "autoencoder_config", "cloob"):
-        if files[key] is not None:
-            files[key] = str(Path(files[key]).expanduser().resolve())
-    if files["cloob_config"] and Path(files["cloob_config"]).expanduser().is_file():
-        files["cloob_config"] = str(Path(files["cloob_config"]).expanduser().resolve())
-    return files
-
-
-def load_encoders(files: dict, need_autoencoder: bool = True, need_cloob: bool = True):
-    from ..models.autoencoder import load_autoencoder
-    from ..models.cloob import load_cloob
-
-    autoencoder = (load_autoencoder(files["autoencoder"], files["autoencoder_config"])
-                   if need_autoencoder else None)
-    cloob = load_cloob(files["cloob"], files["cloob_config"]) if need_cloob else None
-    return autoencoder, cloob
 
 
 def open_data(args):
@@ -180,16 +128,8 @@ def find_resume(args, kind: str):
     return load_training_checkpoint(path, kind), path
 
 
-def load_unet_weights(path, what: str):
-    """(U-Net, whether the file stored its latent scale) from any file the loaders read."""
-    from ..checkpoints import load_state_file, unet_from_state_dict, unet_state_dict
-
-    sd = unet_state_dict(load_state_file(path, what), path)
-    return unet_from_state_dict(sd, path), "autoencoder_scale" in sd
-
-
 def unets_from_resume(resume: dict, path: str):
-    from ..checkpoints import unet_from_state_dict
+    from ..models.unet import unet_from_state_dict
     from .checkpointing import split_state_dict
 
     raw, ema = split_state_dict(resume["state_dict"])
@@ -227,7 +167,7 @@ def run_training(args, kind: str, build):
     data = open_data(args)
     resume, resume_path = find_resume(args, kind)
     autoencoder = cloob = None
-    files = encoder_files(args, data)
+    files = encoder_files(args, data.dataset.index if data.cached else None)
     if not data.cached or args.demo_every > 0:
         files = resolve_encoder_files(files, accelerator)  # every process: it synchronises them
         if not data.cached or accelerator.is_main_process:  # demos are the main process's
@@ -356,15 +296,14 @@ def cmd_autoencoder_scale(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .. import sampling
-    from ..checkpoints import load_unet
+    from ..models.unet import load_unet
     from .checkpointing import atomic_write
     from .demo import read_demo_prompts
     from .evaluate import evaluate_student, format_table
 
     if args.n < 1 or args.steps < 1:
         raise CCLDError("-n and --steps must be at least 1")
-    if args.method not in sampling.SAMPLERS:
-        raise CCLDError(f"unknown method {args.method!r}; choose from {', '.join(sampling.SAMPLERS)}")
+    sampling.get_sampler(args.method)  # an unknown method fails before any loading
     prompts = list(args.prompts) or read_demo_prompts(args.prompts_file)
     accelerator = make_accelerator("no", args.cpu)
     device = accelerator.device

@@ -65,7 +65,7 @@ def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], n
                      steps: int = 15, method: str = "plms", guidance: float = 3.0, seed: int = 0,
                      size: int = 256, images_folder=None) -> dict:
     device = next(teacher.parameters()).device
-    timesteps = sampling.timesteps(method, steps, device=device)
+    timesteps = sampling.get_sampler(method).timesteps(steps, device=device)
     weights = sampling.condition_weights([guidance], device)
     rows = []
     totals = {"teacher_seconds": 0.0, "student_seconds": 0.0}

@@ -1,0 +1,125 @@
+"""Where the published models live, and fetching them once into the local cache.
+
+The U-Net and the autoencoder come from Hugging Face hub repos through `huggingface_hub` (its
+cache, its offline mode); the CLOOB pickle from its release URL, kept only once its sha256 checks
+out. Every failure is a one-line `CCLDError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import CCLDError
+
+DEFAULT_UNET = ("huggan/distill-ccld-wa", "model_student.ckpt")  # the 105M distilled student
+DEFAULT_AUTOENCODER = ("huggan/ccld_wa", "ae_model.ckpt", "ae_model.yaml")
+DEFAULT_CLOOB = "cloob_laion_400m_vit_b_16_16_epochs"
+TEACHER_REPO = "huggan/ccld_wa"  # the 1.2B WikiArt teacher, beside the autoencoder
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
+def hub_download(repo_id: str, filename: str) -> Path:
+    """A file of a Hugging Face hub repo, from the local cache or downloaded into it."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as e:  # offline, no such repo/file, HTTP errors: all the user's to fix
+        raise CCLDError(f"could not get {filename} from the hub repo {repo_id} ({_reason(e)}); "
+                        "check the network (or HF_HUB_OFFLINE), run `ccld download` while online, "
+                        "or pass local files") from None
+
+
+def hub_list_files(repo_id: str) -> list[str]:
+    from huggingface_hub import list_repo_files
+
+    try:
+        return list_repo_files(repo_id)
+    except Exception as e:
+        raise CCLDError(f"could not list the hub repo {repo_id} ({_reason(e)}); check the network "
+                        "or pass local files") from None
+
+
+def cache_dir() -> Path:
+    """Where non-hub downloads (the CLOOB pickle) live: beside the Hugging Face hub cache."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE).parent / "ccld"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_verified(url: str, dest: Path, sha256: str, progress: bool = True) -> Path:
+    """Downloads url to dest unless a verified copy is there; the file appears only once verified."""
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    if dest.is_file() and sha256_of(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                      disable=not progress) as bar:
+                for block in iter(lambda: r.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CCLDError(f"could not download {url} ({getattr(e, 'reason', e)}); check the "
+                        f"network, or download it by hand and pass its path") from None
+    got = sha256_of(tmp)
+    if got != sha256:
+        tmp.unlink(missing_ok=True)
+        raise CCLDError(f"{url}: the download's sha256 is {got[:16]}..., not the {sha256[:16]}... "
+                        "its name promises; the server sent a different or damaged file, try again")
+    os.replace(tmp, dest)
+    return dest
+
+
+# The default files, each fetched on first use
+
+def default_unet() -> Path:
+    return hub_download(*DEFAULT_UNET)
+
+
+def default_autoencoder() -> tuple[Path, Path]:
+    """The published autoencoder's checkpoint and its yaml."""
+    repo, ckpt, yaml = DEFAULT_AUTOENCODER
+    return hub_download(repo, ckpt), hub_download(repo, yaml)
+
+
+def builtin_cloob_name(config) -> str | None:
+    """The built-in CLOOB a `cloob_config` value names, if it names one (not a JSON file/dict)."""
+    if isinstance(config, str) and not config.endswith(".json"):
+        return config
+    return None
+
+
+def download_cloob(name: str | None = None) -> Path:
+    """The released CLOOB pickle for a built-in config, downloaded once and verified."""
+    from .models.cloob import BUILTIN_CONFIGS
+
+    name = name or DEFAULT_CLOOB
+    if name not in BUILTIN_CONFIGS:
+        raise CCLDError(f"unknown CLOOB model {name!r}; choose from {', '.join(BUILTIN_CONFIGS)} "
+                        "or pass --cloob PATH with --cloob-config JSON")
+    release = BUILTIN_CONFIGS[name]
+    filename = release["url"].rpartition("/")[2]
+    return download_verified(release["url"], cache_dir() / filename, release["sha256"])
