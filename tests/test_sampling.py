@@ -90,3 +90,49 @@ def test_deterministic_samplers_solve_the_probability_flow_ode(method, tol):
     x = alpha * 0.3 + (alpha ** 2 * 0.25 + sigma ** 2).sqrt() * z
     out = sampling.sample(method, model, x, steps)
     assert (out - x0).abs().max() < tol
+
+
+def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(fixtures, tmp_path):
+    """Adding a sampler is one `register_sampler` call: the CLI's and the web app's choices, the
+    forward count and the pipeline (schedule included) all read the registry."""
+    from ccld import CCLDPipeline
+    from ccld.cli import build_parser
+
+    schedules = []
+
+    def heun_like(model, x, timesteps, *, callback=None):  # two model calls per step
+        for t in timesteps:
+            x = x - 0.01 * (model(x, t.expand(x.shape[0])) + model(x, t.expand(x.shape[0])))
+        return x
+
+    def half_schedule(n_steps, start=1.0, device=None):
+        schedules.append(n_steps)
+        return torch.linspace(start / 2, 0.1, n_steps, device=device)
+
+    sampling.register_sampler("toy-heun", heun_like, forwards=lambda n: 2 * n,
+                              schedule=half_schedule)
+    try:
+        assert build_parser().parse_args(["generate", "x", "--method", "toy-heun"]).method == "toy-heun"
+        assert sampling.get_sampler("toy-heun").forwards(5) == 10
+
+        gr = pytest.importorskip("gradio")
+        from ccld import web
+
+        demo = web.build_app(object(), store=web.ResultStore(tmp_path / "results"), examples=[])
+        dropdown = next(b for b in demo.blocks.values()
+                        if isinstance(b, gr.Dropdown) and b.elem_id == "method")
+        assert "toy-heun" in [value for _, value in dropdown.choices]
+
+        pipe = CCLDPipeline.from_files(unet=fixtures / "unet.ckpt",
+                                       autoencoder=fixtures / "autoencoder.ckpt",
+                                       cloob=fixtures / "cloob.pkl",
+                                       cloob_config=fixtures / "cloob.json")
+        calls = []
+        pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+        pipe.generate_latents("a red circle", num_images=1, steps=3, method="toy-heun")
+        assert len(calls) == sampling.get_sampler("toy-heun").forwards(3) and schedules == [3]
+        assert pipe.describe("a red circle", (), num_images=1, steps=3, method="toy-heun",
+                             guidance=3.0, seed=0, eta=0.0, init_image=None, strength=0.6,
+                             latent_scale=None, size=256)["method"] == "toy-heun"
+    finally:
+        sampling.SAMPLERS.pop("toy-heun", None)
