@@ -19,3 +19,29 @@ def fixtures() -> Path:
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute error relative to the largest magnitude of the expected tensor."""
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+# The fixture models as the pipeline, the Python API and the CLI take them
+
+
+@pytest.fixture(scope="session")
+def model_files(fixtures) -> dict:
+    """The four fixture model files as `CCLDPipeline.from_files` keyword arguments."""
+    return {"unet": fixtures / "unet.ckpt", "autoencoder": fixtures / "autoencoder.ckpt",
+            "cloob": fixtures / "cloob.pkl", "cloob_config": fixtures / "cloob.json"}
+
+
+@pytest.fixture(scope="session")
+def model_flags(model_files) -> list[str]:
+    """The same files as `ccld generate` options: --unet ... --cloob-config ..."""
+    return [arg for key, path in model_files.items()
+            for arg in (f"--{key.replace('_', '-')}", str(path))]
+
+
+@pytest.fixture(scope="session")
+def fixture_pipeline(model_files):
+    """One fp32 CPU pipeline of the fixture models, shared: tests must not change its settings
+    (build your own from `model_files` to do that)."""
+    from ccld import CCLDPipeline
+
+    return CCLDPipeline.from_files(**model_files)

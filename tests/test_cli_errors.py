@@ -19,9 +19,8 @@ class _Planted:
 
 
 @pytest.fixture
-def files(fixtures):
-    return {"--unet": fixtures / "unet.ckpt", "--autoencoder": fixtures / "autoencoder.ckpt",
-            "--cloob": fixtures / "cloob.pkl", "--cloob-config": fixtures / "cloob.json"}
+def files(model_flags):
+    return dict(zip(model_flags[::2], model_flags[1::2]))
 
 
 def run(files, *args, **overrides):
@@ -105,10 +104,12 @@ def test_odd_images_work_and_broken_ones_are_refused(files, tmp_path, capsys):
     Image.new("RGBA", (50, 50), (255, 0, 0, 128)).save(tmp_path / "rgba.png")
     Image.new("CMYK", (50, 90), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
     Image.new("L", (64, 64), 128).save(tmp_path / "gray.png")
-    for name in ["g16.png", "rgba.png", "cmyk.jpg", "gray.png"]:
-        assert run(files, "--out", str(tmp_path / "o"), "--image-prompt", str(tmp_path / name)) == 0
-    assert run(files, "--out", str(tmp_path / "o"), "--init-image", str(tmp_path / "cmyk.jpg"),
+    odd = [arg for name in ["g16.png", "rgba.png", "cmyk.jpg", "gray.png"]
+           for arg in ("--image-prompt", str(tmp_path / name))]
+    # all four as image prompts and one as the init image, in one run
+    assert run(files, "--out", str(tmp_path / "o"), *odd, "--init-image", str(tmp_path / "cmyk.jpg"),
                "--strength", "0.5") == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
     capsys.readouterr()
     (tmp_path / "notes.png").write_text("not an image")
     assert run(files, "--out", str(tmp_path), "--image-prompt", str(tmp_path / "notes.png")) == 2

@@ -17,14 +17,13 @@ PROMPT = "A martian landscape painting, oil on canvas"
 
 
 @pytest.fixture(scope="module")
-def files(fixtures):
-    return {"unet": fixtures / "unet.ckpt", "autoencoder": fixtures / "autoencoder.ckpt",
-            "cloob": fixtures / "cloob.pkl", "cloob_config": fixtures / "cloob.json"}
+def files(model_files):
+    return model_files
 
 
 @pytest.fixture(scope="module")
-def pipe(files):
-    return CCLDPipeline.from_files(**files)
+def pipe(fixture_pipeline):
+    return fixture_pipeline
 
 
 @pytest.fixture(scope="module")

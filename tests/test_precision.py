@@ -20,10 +20,8 @@ def test_auto_precision_follows_the_hardware():
 
 
 @pytest.fixture(scope="module")
-def pipe(fixtures):
-    return CCLDPipeline.from_files(unet=fixtures / "unet.ckpt",
-                                   autoencoder=fixtures / "autoencoder.ckpt",
-                                   cloob=fixtures / "cloob.pkl", cloob_config=fixtures / "cloob.json")
+def pipe(model_files):
+    return CCLDPipeline.from_files(**model_files)  # its own: these tests change its precision
 
 
 def test_bf16_unet_is_close_and_fp32_comes_back_exact(pipe, fixtures):

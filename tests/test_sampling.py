@@ -92,7 +92,7 @@ def test_deterministic_samplers_solve_the_probability_flow_ode(method, tol):
     assert (out - x0).abs().max() < tol
 
 
-def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(fixtures, tmp_path):
+def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(model_files, tmp_path):
     """Adding a sampler is one `register_sampler` call: the CLI's and the web app's choices, the
     forward count and the pipeline (schedule included) all read the registry."""
     from ccld import CCLDPipeline
@@ -123,10 +123,7 @@ def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(fixtu
                         if isinstance(b, gr.Dropdown) and b.elem_id == "method")
         assert "toy-heun" in [value for _, value in dropdown.choices]
 
-        pipe = CCLDPipeline.from_files(unet=fixtures / "unet.ckpt",
-                                       autoencoder=fixtures / "autoencoder.ckpt",
-                                       cloob=fixtures / "cloob.pkl",
-                                       cloob_config=fixtures / "cloob.json")
+        pipe = CCLDPipeline.from_files(**model_files)  # its own: a hook is added to its U-Net
         calls = []
         pipe.unet.register_forward_hook(lambda *_: calls.append(1))
         pipe.generate_latents("a red circle", num_images=1, steps=3, method="toy-heun")
