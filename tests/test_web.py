@@ -19,6 +19,7 @@ gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install
 from ccld import web  # noqa: E402
 from ccld.cli import build_parser, main  # noqa: E402
 from ccld.images import read_png_parameters  # noqa: E402
+from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH  # noqa: E402
 
 
 @pytest.fixture
@@ -53,7 +54,11 @@ def pipe(fixtures):
 
 
 class FakePipe:
-    """Stands in for the pipeline where only the plumbing matters; counts overlapping calls."""
+    """Stands in for the pipeline where only the plumbing matters; counts overlapping calls.
+
+    Its methods take what `CCLDPipeline`'s take, keyword-only past the prompts as there, so a
+    positional call from the web app fails here as it would against the real pipeline.
+    """
 
     def __init__(self, delay=0.0):
         self.delay = delay
@@ -62,8 +67,9 @@ class FakePipe:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def generate_latents(self, prompts, image_prompts, num_images, steps, method, guidance, seed,
-                         eta, init_image, strength, size, callback=None):
+    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=DEFAULT_STEPS,
+                         method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
+                         init_image=None, strength=DEFAULT_STRENGTH, size=256, callback=None):
         with self._lock:
             self.running += 1
             self.calls += 1
@@ -81,7 +87,8 @@ class FakePipe:
     def decode(self, latents):
         return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
 
-    def describe(self, prompts, image_prompts, num_images, steps, method, guidance, seed, *rest):
+    def describe(self, prompts, image_prompts, *, num_images, steps, method, guidance, seed, eta,
+                 init_image, strength, latent_scale, size) -> dict:
         return {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
                 "num_images": num_images, "method": method,
                 "image_prompts": [[p.label, p.weight] for p in image_prompts]}

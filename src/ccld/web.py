@@ -41,7 +41,8 @@ import threading
 import time
 import uuid
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -141,11 +142,24 @@ class ResultStore:
 
 # Generation
 
+SAVE_FAILED = "the server could not save the images (see its log); try again later"
+
+
 def _error(message: str):
     import gradio as gr
 
     log.info("rejected: %s", message)
     return gr.Error(message, print_exception=False)
+
+
+@contextmanager
+def _page_errors():
+    """Turns a `CCLDError` raised inside into the page's error: its one-line message is already
+    one the user can act on."""
+    try:
+        yield
+    except CCLDError as e:
+        raise _error(str(e)) from None
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
@@ -206,6 +220,24 @@ def _load_upload(item, what: str, max_bytes: int):
     return image, name
 
 
+def _load_image_prompts(items, weight: float, max_bytes: int) -> list:
+    """The uploaded image prompts as `Prompt`s of `weight`, labelled with their file names."""
+    from .pipeline import Prompt
+
+    if items is None or items == "":
+        items = []
+    elif not isinstance(items, (list, tuple)):
+        items = [items]  # a single upload, as some clients send one
+    if len(items) > MAX_IMAGE_PROMPTS:
+        raise _error(f"{len(items)} image prompts is too many; give at most {MAX_IMAGE_PROMPTS}")
+    prompts = []
+    for item in items:
+        image, name = _load_upload(item, "image prompt", max_bytes)
+        if image is not None:
+            prompts.append(Prompt(image, weight, name))
+    return prompts
+
+
 def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
     """One `TEXT[:WEIGHT]` prompt a line (blank lines skipped) as (text, weight) pairs."""
     from .prompts import parse_weighted
@@ -222,10 +254,8 @@ def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
         if len(line) > MAX_PROMPT_CHARS:
             raise _error(f"a prompt is {len(line)} characters long; keep each under "
                          f"{MAX_PROMPT_CHARS} (the text encoder reads only the first 77 tokens)")
-        try:
+        with _page_errors():
             prompt, weight = parse_weighted(line, guidance)
-        except CCLDError as e:
-            raise _error(str(e)) from None
         if abs(weight) > MAX_ABS_WEIGHT:
             raise _error(f"the weight of {prompt!r} is {weight:g}; keep weights within "
                          f"±{MAX_ABS_WEIGHT:g} (about 1 to 10 is typical)")
@@ -233,26 +263,41 @@ def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
     return out
 
 
-def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_GUIDANCE,
-             init_image=None, strength=DEFAULT_STRENGTH, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
-             guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, *, store: ResultStore,
-             size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
-             lock=None, progress: Callable | None = None):
-    """Checks the inputs, paints, writes the PNGs; returns ([(png path, caption)], parameters).
+@dataclass(frozen=True)
+class Request:
+    """A checked request, in the pipeline's terms."""
 
-    Every problem the user can fix is raised as `gr.Error` with a one-line message. `lock`
-    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`.
-    """
+    prompts: list[tuple[str, float]]  # (text, weight)
+    image_prompts: list  # pipeline.Prompt, each labelled with its upload's file name
+    init_image: object  # a PIL image, or None
+    init_name: str | None  # the init image's file name, recorded instead of its server path
+    strength: float  # checked only with an init image, the only thing it affects
+    method: str
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int
+
+    def pipeline_arguments(self) -> dict:
+        """The keyword arguments `generate_latents` and `describe` share (the page has no eta)."""
+        return dict(prompts=self.prompts, image_prompts=self.image_prompts,
+                    num_images=self.num_images, steps=self.steps, method=self.method,
+                    guidance=self.guidance, seed=self.seed, eta=0.0, init_image=self.init_image,
+                    strength=self.strength)
+
+
+def check_request(*, prompts, image_prompts, image_weight, init_image, strength, method, steps,
+                  guidance, seed, num_images, max_upload_bytes: int) -> Request:
+    """The form's values checked, cheapest checks first and all before any model work; a
+    `gr.Error` with a one-line message for the first one the user must fix. Blank values take
+    defaults: the guidance DEFAULT_GUIDANCE, the image prompt weight the guidance, the seed a
+    random one."""
     from . import sampling
-    from .images import save_png, tensor_to_pil
-    from .pipeline import Prompt
 
-    started = time.perf_counter()
-    # Inputs, cheapest checks first, all before any model work.
     steps = _int_in("steps", steps, 1, MAX_STEPS)
     num_images = _int_in("number of images", num_images, 1, MAX_IMAGES)
-    if method not in sampling.SAMPLERS:
-        raise _error(f"unknown method {method!r}; choose from {', '.join(sampling.SAMPLERS)}")
+    with _page_errors():
+        sampling.get_sampler(method)
     guidance = _float_in("guidance", DEFAULT_GUIDANCE if guidance in (None, "") else guidance,
                          -MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)
     image_weight = _float_in("image prompt weight",
@@ -262,18 +307,7 @@ def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_G
         seed = secrets.randbelow(MAX_SEED + 1)
     seed = _int_in("seed", seed, 0, MAX_SEED)
     texts = parse_prompts(prompts, guidance)
-    if image_prompts is None or image_prompts == "":
-        image_prompts = []
-    elif not isinstance(image_prompts, (list, tuple)):
-        image_prompts = [image_prompts]
-    if len(image_prompts) > MAX_IMAGE_PROMPTS:
-        raise _error(f"{len(image_prompts)} image prompts is too many; give at most "
-                     f"{MAX_IMAGE_PROMPTS}")
-    images = []
-    for item in image_prompts:
-        image, name = _load_upload(item, "image prompt", max_upload_bytes)
-        if image is not None:
-            images.append(Prompt(image, image_weight, name))
+    images = _load_image_prompts(image_prompts, image_weight, max_upload_bytes)
     if not texts and not images:
         raise _error("type a prompt (one a line, TEXT or TEXT:WEIGHT) or upload an image prompt")
     init, init_name = _load_upload(init_image, "init image", max_upload_bytes)
@@ -281,57 +315,96 @@ def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_G
         strength = _float_in("strength", strength, 0.0, 1.0, lo_open=True)
     else:
         strength = DEFAULT_STRENGTH if strength in (None, "") else strength
+    return Request(prompts=texts, image_prompts=images, init_image=init, init_name=init_name,
+                   strength=strength, method=method, steps=steps, guidance=guidance, seed=seed,
+                   num_images=num_images)
 
-    def report(fraction, desc):
-        if progress is not None:
-            progress(fraction, desc=desc)
 
-    done = [0]
+class _Progress:
+    """Reports to a `gr.Progress`, when there is one: the stages, then each sampling step."""
 
-    def on_step(info: dict):
-        done[0] += 1
-        if progress is not None:
-            progress((min(done[0], steps), steps), desc="Sampling", unit="steps")
+    def __init__(self, progress: Callable | None, steps: int):
+        self.progress, self.steps, self.done = progress, steps, 0
 
-    report(0.0, "Waiting for the model" if lock is not None else "Starting")
+    def stage(self, fraction: float, desc: str) -> None:
+        if self.progress is not None:
+            self.progress(fraction, desc=desc)
+
+    def step(self, info: dict) -> None:  # the sampler's callback
+        self.done += 1
+        if self.progress is not None:
+            self.progress((min(self.done, self.steps), self.steps), desc="Sampling", unit="steps")
+
+
+def paint(pipe, request: Request, *, size: int, lock=None, progress: Callable | None = None):
+    """Samples and decodes the request's images, holding `lock` (when given) meanwhile; their
+    pixels, in chunks of DECODE_CHUNK images. Running out of memory is a message, not a crash."""
+    report = _Progress(progress, request.steps)
+    report.stage(0.0, "Waiting for the model" if lock is not None else "Starting")
     try:
-        with lock if lock is not None else nullcontext():
-            report(0.0, "Encoding prompts")
-            latents = pipe.generate_latents(texts, images, num_images, steps, method, guidance,
-                                            seed, 0.0, init, strength, size, callback=on_step)
-            report(1.0, "Decoding")
+        with lock if lock is not None else nullcontext(), _page_errors():
+            report.stage(0.0, "Encoding prompts")
+            latents = pipe.generate_latents(**request.pipeline_arguments(), size=size,
+                                            callback=report.step)
+            report.stage(1.0, "Decoding")
             pixels = [pipe.decode(latents[i:i + DECODE_CHUNK]).float().cpu()
-                      for i in range(0, num_images, DECODE_CHUNK)]
-            del latents
-    except CCLDError as e:
-        raise _error(str(e)) from None
+                      for i in range(0, request.num_images, DECODE_CHUNK)]
+            del latents  # freed before the next request takes the lock and makes its own
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-            log.warning("out of memory painting %d images of %d px", num_images, size)
-            raise _error(f"out of memory painting {num_images} images; ask for fewer images") from None
+            log.warning("out of memory painting %d images of %d px", request.num_images, size)
+            raise _error(f"out of memory painting {request.num_images} images; "
+                         "ask for fewer images") from None
         raise
-    params = pipe.describe(texts, images, num_images, steps, method, guidance, seed, 0.0,
-                           init, strength, None, size)
-    if init is not None:
-        params["init_image"] = init_name
+    return pixels
+
+
+def save_gallery(store: ResultStore, request: Request, pixels, params: dict):
+    """Writes the images into a new batch folder as PNGs carrying `params` and their index;
+    returns the gallery's (path, caption) pairs. Failing to save is the server's problem, and the
+    message says so plainly."""
+    from .images import save_png, tensor_to_pil
+
     gallery = []
-    index = 0
+    images = (image for chunk in pixels for image in chunk)
     try:
         folder = store.new_batch()
-        for chunk in pixels:
-            for p in chunk:
-                path = folder / f"ccld-{seed}-{index:02d}.png"
-                save_png(tensor_to_pil(p), path, {**params, "index": index})
-                gallery.append((str(path), f"seed {seed} · {index + 1}/{num_images}"))
-                index += 1
-    except CCLDError as e:  # a full disk, say: the server's problem, said plainly
+        for index, image in enumerate(images):
+            path = folder / f"ccld-{request.seed}-{index:02d}.png"
+            save_png(tensor_to_pil(image), path, {**params, "index": index})
+            gallery.append((str(path),
+                            f"seed {request.seed} · {index + 1}/{request.num_images}"))
+    except CCLDError as e:  # a full disk, say
         log.error("%s", e)
-        raise _error("the server could not save the images (see its log); try again later") from None
+        raise _error(SAVE_FAILED) from None
     except OSError as e:
         log.error("cannot create a result folder in %s: %s", store.root, e)
-        raise _error("the server could not save the images (see its log); try again later") from None
-    log.info("painted %d image(s), %s %d steps, seed %d, in %.1f s", num_images, method, steps,
-             seed, time.perf_counter() - started)
+        raise _error(SAVE_FAILED) from None
+    return gallery
+
+
+def generate(pipe, prompts: str = "", *, image_prompts=None, image_weight=DEFAULT_GUIDANCE,
+             init_image=None, strength=DEFAULT_STRENGTH, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
+             guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, store: ResultStore,
+             size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
+             lock=None, progress: Callable | None = None):
+    """Checks the inputs, paints, writes the PNGs; returns ([(png path, caption)], parameters).
+
+    Every problem the user can fix is raised as `gr.Error` with a one-line message. `lock`
+    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`.
+    """
+    started = time.perf_counter()
+    request = check_request(
+        prompts=prompts, image_prompts=image_prompts, image_weight=image_weight,
+        init_image=init_image, strength=strength, method=method, steps=steps, guidance=guidance,
+        seed=seed, num_images=num_images, max_upload_bytes=max_upload_bytes)
+    pixels = paint(pipe, request, size=size, lock=lock, progress=progress)
+    params = pipe.describe(**request.pipeline_arguments(), latent_scale=None, size=size)
+    if request.init_image is not None:  # the pipeline has only the pixels; the PNG gets the name
+        params["init_image"] = request.init_name
+    gallery = save_gallery(store, request, pixels, params)
+    log.info("painted %d image(s), %s %d steps, seed %d, in %.1f s", request.num_images,
+             request.method, request.steps, request.seed, time.perf_counter() - started)
     return gallery, params
 
 
@@ -365,9 +438,11 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
     def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
             method=None, steps=None, guidance=None, seed=None, num_images=None,
             progress=gr.Progress()):  # None defaults: optional in the API (components' values)
-        return generate(pipe, prompts, image_prompts, image_weight, init_image, strength, method,
-                        steps, guidance, seed, num_images, store=store, size=size,
-                        max_upload_bytes=max_upload_bytes, lock=lock, progress=progress)
+        return generate(pipe, prompts, image_prompts=image_prompts, image_weight=image_weight,
+                        init_image=init_image, strength=strength, method=method, steps=steps,
+                        guidance=guidance, seed=seed, num_images=num_images, store=store,
+                        size=size, max_upload_bytes=max_upload_bytes, lock=lock,
+                        progress=progress)
 
     css = "#dice {min-width: 3em; max-width: 4em; align-self: end; font-size: 1.6em}"
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(600, age), age)) as demo:
