@@ -410,6 +410,12 @@ def generate(pipe, prompts: str = "", *, image_prompts=None, image_weight=DEFAUL
 
 # The page
 
+INTRO = (f"## {TITLE}\nPaint pictures from text and image prompts. One prompt a line as `TEXT` or "
+         "`TEXT:WEIGHT` (a negative weight steers away). Every PNG records its parameters; the "
+         "same seed and settings paint the same picture.")
+CSS = "#dice {min-width: 3em; max-width: 4em; align-self: end; font-size: 1.6em}"
+
+
 def _named_range_checks(slider):
     """Leaves a slider's range check to `generate`, whose message names the field.
 
@@ -421,19 +427,97 @@ def _named_range_checks(slider):
     return slider
 
 
-def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
-              queue_size: int = DEFAULT_QUEUE_SIZE, size: int = DEFAULT_SIZE,
-              max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
-              keep_minutes: float = KEEP_MINUTES, num_images: int = DEFAULT_NUM_IMAGES,
-              examples=EXAMPLES):
-    """The Gradio Blocks app around a loaded pipeline (not launched)."""
+@dataclass(frozen=True)
+class _Form:
+    """The input column's components."""
+
+    prompts: object
+    generate: object  # the Generate button
+    method: object
+    steps: object
+    guidance: object
+    num_images: object
+    seed: object
+    dice: object  # the button that rolls a random seed
+    image_prompts: object
+    image_weight: object
+    init_image: object
+    strength: object
+
+    def api_inputs(self) -> list:
+        """The inputs of `generate`, in the order of its parameters (the API's)."""
+        return [self.prompts, self.image_prompts, self.image_weight, self.init_image,
+                self.strength, self.method, self.steps, self.guidance, self.seed, self.num_images]
+
+    def example_inputs(self) -> list:
+        """The inputs an EXAMPLES row fills, in its order."""
+        return [self.prompts, self.method, self.steps, self.guidance, self.num_images, self.seed]
+
+
+def _upload_inputs():
+    """The image prompts, their weight, the init image and its strength: a folded section."""
+    import gradio as gr
+
+    with gr.Accordion("Image prompts and init image", open=False):
+        image_prompts = gr.File(label=f"Image prompts (up to {MAX_IMAGE_PROMPTS})",
+                                file_count="multiple", elem_id="image-prompts")
+        image_weight = gr.Number(DEFAULT_GUIDANCE, label="Image prompt weight",
+                                 elem_id="image-weight")
+        init_image = gr.File(label="Init image (start from this picture)",
+                             file_count="single", elem_id="init-image")
+        strength = _named_range_checks(gr.Slider(
+            0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
+            info="how far from the init image (1 ignores it)", elem_id="strength"))
+    return image_prompts, image_weight, init_image, strength
+
+
+def _input_column(num_images: int) -> _Form:
+    """Prompts and the Generate button, the sampler's settings, then the folded uploads."""
     import gradio as gr
 
     from . import sampling
 
-    store = store or ResultStore(max_age=keep_minutes * 60)
-    lock = threading.BoundedSemaphore(max(1, int(concurrency)))
-    age = max(60, int(keep_minutes * 60))
+    with gr.Column(scale=2, min_width=320):
+        prompts = gr.Textbox(label="Prompts", lines=3, max_lines=MAX_PROMPTS, elem_id="prompts",
+                             placeholder="a snowy landscape, oil on canvas:3")
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            # The samplers registered now, when the app is built, including any added at run time.
+            method = gr.Dropdown(list(sampling.SAMPLERS), value=DEFAULT_METHOD, label="Method",
+                                 elem_id="method")
+            steps = _named_range_checks(gr.Slider(
+                1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
+        with gr.Row():
+            guidance = gr.Number(DEFAULT_GUIDANCE, label="Guidance",
+                                 info="weight of prompts given without one", elem_id="guidance")
+            count = _named_range_checks(gr.Slider(
+                1, MAX_IMAGES, value=num_images, step=1, label="Number of images",
+                elem_id="num-images"))
+        with gr.Row():
+            seed = gr.Number(0, precision=0, label="Seed", info="blank: a random one",
+                             elem_id="seed")
+            dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
+        image_prompts, image_weight, init_image, strength = _upload_inputs()
+    return _Form(prompts=prompts, generate=button, method=method, steps=steps, guidance=guidance,
+                 num_images=count, seed=seed, dice=dice, image_prompts=image_prompts,
+                 image_weight=image_weight, init_image=init_image, strength=strength)
+
+
+def _results_column():
+    """The gallery of PNGs and the parameters they were painted with."""
+    import gradio as gr
+
+    with gr.Column(scale=3, min_width=320):
+        gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
+                             object_fit="contain", interactive=False,
+                             buttons=["download", "fullscreen"], elem_id="gallery")
+        params = gr.JSON(label="Parameters", elem_id="parameters", open=True, max_height=320)
+    return gallery, params
+
+
+def _generate_handler(pipe, *, store: ResultStore, lock, size: int, max_upload_bytes: int):
+    """The Generate button's function: the form's values into `generate`."""
+    import gradio as gr
 
     def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
             method=None, steps=None, guidance=None, seed=None, num_images=None,
@@ -444,67 +528,47 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
                         size=size, max_upload_bytes=max_upload_bytes, lock=lock,
                         progress=progress)
 
-    css = "#dice {min-width: 3em; max-width: 4em; align-self: end; font-size: 1.6em}"
+    return run
+
+
+def _wire(form: _Form, gallery, params, run, concurrency: int) -> None:
+    """Generate paints (also the API's `/generate`); the die rolls a seed in the browser."""
+    form.generate.click(run, inputs=form.api_inputs(), outputs=[gallery, params],
+                        api_name="generate",
+                        api_description="Paint images; returns the gallery of PNGs and their "
+                                        "parameters.",
+                        concurrency_limit=concurrency, show_progress="full")
+    form.dice.click(None, None, form.seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})",
+                    api_visibility="private", queue=False)
+
+
+def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
+              queue_size: int = DEFAULT_QUEUE_SIZE, size: int = DEFAULT_SIZE,
+              max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
+              keep_minutes: float = KEEP_MINUTES, num_images: int = DEFAULT_NUM_IMAGES,
+              examples=EXAMPLES):
+    """The Gradio Blocks app around a loaded pipeline (not launched)."""
+    import gradio as gr
+
+    store = store or ResultStore(max_age=keep_minutes * 60)
+    concurrency = max(1, int(concurrency))
+    run = _generate_handler(pipe, store=store, lock=threading.BoundedSemaphore(concurrency),
+                            size=size, max_upload_bytes=max_upload_bytes)
+    age = max(60, int(keep_minutes * 60))
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(600, age), age)) as demo:
-        gr.Markdown(f"## {TITLE}\nPaint pictures from text and image prompts. One prompt a "
-                    "line as `TEXT` or `TEXT:WEIGHT` (a negative weight steers away). Every PNG "
-                    "records its parameters; the same seed and settings paint the same picture.",
-                    elem_id="ccld-title")
+        gr.Markdown(INTRO, elem_id="ccld-title")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320):
-                prompts = gr.Textbox(label="Prompts", lines=3, max_lines=MAX_PROMPTS,
-                                     elem_id="prompts",
-                                     placeholder="a snowy landscape, oil on canvas:3")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Row():
-                    method = gr.Dropdown(list(sampling.SAMPLERS), value=DEFAULT_METHOD,
-                                         label="Method", elem_id="method")
-                    steps = _named_range_checks(gr.Slider(
-                        1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
-                with gr.Row():
-                    guidance = gr.Number(DEFAULT_GUIDANCE, label="Guidance",
-                                         info="weight of prompts given without one",
-                                         elem_id="guidance")
-                    count = _named_range_checks(gr.Slider(
-                        1, MAX_IMAGES, value=num_images, step=1, label="Number of images",
-                        elem_id="num-images"))
-                with gr.Row():
-                    seed = gr.Number(0, precision=0, label="Seed", info="blank: a random one",
-                                     elem_id="seed")
-                    dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
-                with gr.Accordion("Image prompts and init image", open=False):
-                    image_prompts = gr.File(label=f"Image prompts (up to {MAX_IMAGE_PROMPTS})",
-                                            file_count="multiple", elem_id="image-prompts")
-                    image_weight = gr.Number(DEFAULT_GUIDANCE, label="Image prompt weight",
-                                             elem_id="image-weight")
-                    init_image = gr.File(label="Init image (start from this picture)",
-                                         file_count="single", elem_id="init-image")
-                    strength = _named_range_checks(gr.Slider(
-                        0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
-                        info="how far from the init image (1 ignores it)", elem_id="strength"))
-            with gr.Column(scale=3, min_width=320):
-                gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
-                                     object_fit="contain", interactive=False,
-                                     buttons=["download", "fullscreen"], elem_id="gallery")
-                params = gr.JSON(label="Parameters", elem_id="parameters", open=True,
-                                 max_height=320)
+            form = _input_column(num_images)
+            gallery, params = _results_column()
         if examples:
-            gr.Examples(examples=examples, inputs=[prompts, method, steps, guidance, count, seed],
-                        label="Example prompts", cache_examples=False)
+            gr.Examples(examples=examples, inputs=form.example_inputs(), label="Example prompts",
+                        cache_examples=False)
         with gr.Accordion("API", open=False):
             gr.Markdown(API_DOC.format(url="http://127.0.0.1:7860/"))
-
-        button.click(run, inputs=[prompts, image_prompts, image_weight, init_image, strength,
-                                  method, steps, guidance, seed, count],
-                     outputs=[gallery, params], api_name="generate",
-                     api_description="Paint images; returns the gallery of PNGs and their "
-                                     "parameters.",
-                     concurrency_limit=max(1, int(concurrency)), show_progress="full")
-        dice.click(None, None, seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})",
-                   api_visibility="private", queue=False)
-    demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=max(1, int(concurrency)))
+        _wire(form, gallery, params, run, concurrency)
+    demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=concurrency)
     demo.ccld_store = store  # for the server's cleanup and for tests
-    demo.ccld_css = css
+    demo.ccld_css = CSS
     return demo
 
 
