@@ -653,11 +653,8 @@ def _check_port_free(host: str, port: int) -> None:
                             "or stop the program using it") from None
 
 
-def cmd_serve(args) -> int:
-    from .loading import load_pipeline
-
-    _check_serve_args(args)
-    _check_port_free(args.host, args.port)
+def _log_to_stderr() -> None:
+    """The server's own log lines on stderr, marked as ccld serve's, and nothing of Gradio's."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("ccld serve: %(message)s"))
     log.addHandler(handler)
@@ -666,65 +663,107 @@ def cmd_serve(args) -> int:
     # Gradio's internal deprecation notices and unclosed event loops are not the user's concern.
     warnings.filterwarnings("ignore", category=ResourceWarning)
     warnings.filterwarnings("ignore", module=r"gradio(_client)?(\.|$)")
+
+
+def _keep_gradio_private(workdir: Path) -> None:
+    """Sets Gradio up (through its environment variables, read at import) so that nothing leaves
+    this machine and its files stay in `workdir`, which the server removes at exit."""
     # No analytics, no version check, no share links: nothing leaves this machine.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("GRADIO_RUN_HISTORY", "False")
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")  # the queue's local statistics
-    workdir = Path(tempfile.mkdtemp(prefix="ccld-serve-"))
-    if "GRADIO_TEMP_DIR" not in os.environ:  # Gradio's upload and result cache, removed at exit
+    if "GRADIO_TEMP_DIR" not in os.environ:  # Gradio's upload and result cache
         os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
+
+
+def _require_gradio() -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CCLDError("the web app needs Gradio; install it with pip install 'ccld[web]'") from None
+
+
+def _load_models(args):
+    """(the pipeline, loaded once; how many samplings may run at once on its device)."""
+    from .loading import load_pipeline
+
+    log.info("loading the models ...")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args)
+    concurrency = args.concurrency or (1 if pipe.device.type in ("cpu", "mps") else 2)
+    log.info("models loaded in %.1f s on %s (%s); %d sampling(s) at once, queue of %d",
+             time.perf_counter() - t0, pipe.device,
+             ", ".join(f"{k}: {v}" for k, v in pipe.sources.items()), concurrency,
+             args.queue_size)
+    return pipe, concurrency
+
+
+def _launch(demo, args, max_upload_bytes: int) -> None:
+    """Starts serving `demo` in Gradio's threads and says where; an address it cannot listen on
+    is a CCLDError."""
+    if not _is_loopback(args.host):
+        log.warning("listening on %s: anyone who can reach this machine can use the app",
+                    args.host)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=False,
+                    inbrowser=False, prevent_thread_lock=True, show_error=True,
+                    max_file_size=max_upload_bytes, allowed_paths=[str(demo.ccld_store.root)],
+                    ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
+                    enable_monitoring=False, footer_links=["api"], quiet=True,
+                    css=demo.ccld_css)
+    except OSError as e:
+        reason = " ".join(str(e).split(". ")[:1]).strip()
+        raise CCLDError(f"cannot listen on {args.host}:{args.port} ({reason}); pass another "
+                        "--port or --host") from None
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+    if ":" in host:
+        host = f"[{host}]"
+    port = demo.server_port if getattr(demo, "server_port", None) else args.port
+    log.info("ready: open http://%s:%d/ (Ctrl+C stops)", host, port)
+
+
+def _wait_for_stop() -> None:
+    """Returns on SIGTERM or Ctrl+C; meanwhile the server runs in Gradio's threads."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def _close(demo) -> None:
+    if demo is None:
+        return
+    try:
+        demo.close()
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        pass
+
+
+def cmd_serve(args) -> int:
+    """`ccld serve`: checks the options and the port before the slow model loading, serves until
+    stopped, then removes everything it wrote."""
+    _check_serve_args(args)
+    _check_port_free(args.host, args.port)
+    _log_to_stderr()
+    workdir = Path(tempfile.mkdtemp(prefix="ccld-serve-"))
+    _keep_gradio_private(workdir)
     demo = None
     try:
-        try:
-            import gradio  # noqa: F401
-        except ImportError:
-            raise CCLDError("the web app needs Gradio; install it with pip install 'ccld[web]'") from None
-        log.info("loading the models ...")
-        t0 = time.perf_counter()
-        pipe = load_pipeline(args)
-        concurrency = args.concurrency or (1 if pipe.device.type in ("cpu", "mps") else 2)
-        log.info("models loaded in %.1f s on %s (%s); %d sampling(s) at once, queue of %d",
-                 time.perf_counter() - t0, pipe.device,
-                 ", ".join(f"{k}: {v}" for k, v in pipe.sources.items()), concurrency,
-                 args.queue_size)
+        _require_gradio()
+        pipe, concurrency = _load_models(args)
         store = ResultStore(workdir / "results", max_age=args.keep_minutes * 60)
         log.info("scratch folder %s (removed at exit)", workdir)
-        max_bytes = int(args.max_upload_mb * 1e6)
+        max_upload_bytes = int(args.max_upload_mb * 1e6)
         demo = build_app(pipe, store=store, concurrency=concurrency, queue_size=args.queue_size,
-                         size=args.size, max_upload_bytes=max_bytes,
+                         size=args.size, max_upload_bytes=max_upload_bytes,
                          keep_minutes=args.keep_minutes, num_images=args.num_images)
-        if not _is_loopback(args.host):
-            log.warning("listening on %s: anyone who can reach this machine can use the app",
-                        args.host)
-        try:
-            demo.launch(server_name=args.host, server_port=args.port, share=False,
-                        inbrowser=False, prevent_thread_lock=True, show_error=True,
-                        max_file_size=max_bytes, allowed_paths=[str(store.root)],
-                        ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
-                        enable_monitoring=False, footer_links=["api"], quiet=True,
-                        css=demo.ccld_css)
-        except OSError as e:
-            reason = " ".join(str(e).split(". ")[:1]).strip()
-            raise CCLDError(f"cannot listen on {args.host}:{args.port} ({reason}); pass another "
-                            "--port or --host") from None
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-        if ":" in host:
-            host = f"[{host}]"
-        port = demo.server_port if getattr(demo, "server_port", None) else args.port
-        log.info("ready: open http://%s:%d/ (Ctrl+C stops)", host, port)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
+        _launch(demo, args, max_upload_bytes)
+        _wait_for_stop()
         log.info("stopping")
         return 0
     finally:
-        if demo is not None:
-            try:
-                demo.close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
+        _close(demo)
         shutil.rmtree(workdir, ignore_errors=True)
