@@ -11,7 +11,6 @@ from pathlib import Path
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 
 import pytest
-import torch
 from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[web]')")
@@ -19,7 +18,7 @@ gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install
 from ccld import web  # noqa: E402
 from ccld.cli import build_parser, main  # noqa: E402
 from ccld.images import read_png_parameters  # noqa: E402
-from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH  # noqa: E402
+from conftest import FakePipe, api_client, free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -51,47 +50,6 @@ def pipe(fixtures):
                                    autoencoder=str(fixtures / "autoencoder.ckpt"),
                                    cloob=str(fixtures / "cloob.pkl"),
                                    cloob_config=str(fixtures / "cloob.json"))
-
-
-class FakePipe:
-    """Stands in for the pipeline where only the plumbing matters; counts overlapping calls.
-
-    Its methods take what `CCLDPipeline`'s take, keyword-only past the prompts as there, so a
-    positional call from the web app fails here as it would against the real pipeline.
-    """
-
-    def __init__(self, delay=0.0):
-        self.delay = delay
-        self.running = 0
-        self.most_at_once = 0
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=DEFAULT_STEPS,
-                         method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
-                         init_image=None, strength=DEFAULT_STRENGTH, size=256, callback=None):
-        with self._lock:
-            self.running += 1
-            self.calls += 1
-            self.most_at_once = max(self.most_at_once, self.running)
-        try:
-            for i in range(steps):
-                time.sleep(self.delay / steps)
-                if callback:
-                    callback({"i": i})
-            return torch.zeros(num_images, 4, size // 8, size // 8)
-        finally:
-            with self._lock:
-                self.running -= 1
-
-    def decode(self, latents):
-        return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
-
-    def describe(self, prompts, image_prompts, *, num_images, steps, method, guidance, seed, eta,
-                 init_image, strength, latent_scale, size) -> dict:
-        return {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
-                "num_images": num_images, "method": method,
-                "image_prompts": [[p.label, p.weight] for p in image_prompts]}
 
 
 def error_of(store, **kwargs) -> str:
@@ -268,21 +226,15 @@ def test_serve_rejects_bad_options_before_loading(capsys, argv, message):
 @pytest.mark.filterwarnings("ignore:::gradio.queueing")  # Gradio's own use of pandas
 def test_queue_is_bounded_and_overflow_gets_a_message(tmp_path, store):
     """A launched app with a queue of 1 turns extra requests away with a message and carries on."""
-    import socket
     from concurrent.futures import ThreadPoolExecutor
 
-    from gradio_client import Client
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     demo = web.build_app(FakePipe(delay=1.5), store=store, concurrency=1, queue_size=1, size=64)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 share=False, ssr_mode=False, mcp_server=False, run_history=False)
     try:
         url = f"http://127.0.0.1:{port}/"
-        clients = [Client(url, verbose=False, download_files=str(tmp_path / str(i)),
-                          analytics_enabled=False) for i in range(4)]
+        clients = [api_client(url, tmp_path / str(i)) for i in range(4)]
 
         def one(i):
             try:
