@@ -3,6 +3,8 @@
 The server itself, the load test and the browser are in test_web_server.py.
 """
 
+import ast
+import inspect
 import os
 import threading
 import time
@@ -15,9 +17,10 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[web]')")
 
-from ccld import web  # noqa: E402
+from ccld import sampling, web  # noqa: E402
 from ccld.cli import build_parser, main  # noqa: E402
 from ccld.images import read_png_parameters  # noqa: E402
+from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, CCLDPipeline  # noqa: E402
 from conftest import FakePipe, api_client, free_port  # noqa: E402
 
 
@@ -82,6 +85,36 @@ def error_of(store, **kwargs) -> str:
 def test_bad_inputs_get_a_message(store, kwargs, expected):
     assert expected in error_of(store, **kwargs)
     assert store.batches() == []
+
+
+def test_blank_values_take_their_defaults(png):
+    request = web.check_request(prompts="a cat", image_prompts=[png], image_weight="",
+                                init_image=None, strength=None, method="ddim", steps=3,
+                                guidance="", seed="", num_images=2, max_upload_bytes=10 ** 6)
+    assert request.guidance == DEFAULT_GUIDANCE
+    assert request.prompts == [("a cat", DEFAULT_GUIDANCE)]
+    assert [(p.label, p.weight) for p in request.image_prompts] == [
+        ("picture.png", DEFAULT_GUIDANCE)]
+    assert request.strength == DEFAULT_STRENGTH and request.init_image is None
+    assert 0 <= request.seed <= web.MAX_SEED
+    assert (request.method, request.steps, request.num_images) == ("ddim", 3, 2)
+    # the image prompt weight follows the guidance when blank
+    request = web.check_request(prompts="", image_prompts=png, image_weight=None, init_image=png,
+                                strength=0.5, method="plms", steps=1, guidance=5, seed=4,
+                                num_images=1, max_upload_bytes=10 ** 6)
+    assert [p.weight for p in request.image_prompts] == [5.0]
+    assert request.init_name == "picture.png" and request.strength == 0.5
+
+
+def test_a_sampler_registered_at_run_time_is_offered_and_accepted(store, monkeypatch):
+    monkeypatch.setitem(sampling.SAMPLERS, "mine", sampling.SAMPLERS["ddim"])
+    demo = web.build_app(FakePipe(), store=store, size=64)
+    method = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "method")
+    assert [value for _, value in method.choices] == list(sampling.SAMPLERS)
+    assert "mine" in error_of(store, method="euler")  # the message lists what is registered
+    gallery, params = web.generate(FakePipe(), "a cat", method="mine", steps=1, seed=1,
+                                   store=store, size=64)
+    assert params["method"] == "mine" and len(gallery) == 1
 
 
 def test_non_image_upload_gets_a_message(store, not_an_image):
@@ -204,6 +237,31 @@ def test_build_app_api_and_queue(store):
     assert fn.concurrency_limit == 1
     # nothing written into the package (Gradio writes a .pyi beside a component subclass)
     assert not Path(web.__file__).with_suffix(".pyi").exists()
+
+
+@pytest.mark.parametrize("name", ["generate_latents", "describe"])
+def test_fake_pipe_takes_what_the_pipeline_takes(name):
+    """The stand-in's methods have the pipeline's parameters and defaults; keyword-only past the
+    prompts, so the web app must call the pipeline by keyword."""
+    real = inspect.signature(getattr(CCLDPipeline, name)).parameters
+    fake = inspect.signature(getattr(FakePipe, name)).parameters
+    assert [(p.name, p.default) for p in fake.values()] == \
+        [(p.name, p.default) for p in real.values()]
+    assert all(p.kind == p.KEYWORD_ONLY for p in list(fake.values())[3:])
+
+
+def test_web_does_not_import_the_cli():
+    """The CLI imports the web app for `ccld serve`; the other way round would be a circle."""
+    imported = set()
+    for node in ast.walk(ast.parse(Path(web.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):  # web.py sits in ccld, so "." is ccld
+            module = ("ccld." if node.level else "") + (node.module or "")
+            imported.add(module.rstrip("."))
+            imported.update(f"{module.rstrip('.')}.{alias.name}" for alias in node.names)
+    assert "ccld.loading" in imported  # what it uses instead
+    assert not {m for m in imported if m == "ccld.cli" or m.startswith("ccld.cli.")}
 
 
 def test_serve_command_options():
