@@ -45,3 +45,69 @@ def fixture_pipeline(model_files):
     from ccld import CCLDPipeline
 
     return CCLDPipeline.from_files(**model_files)
+
+# Web app: ports and stand-in pipelines ---------------------------------------------------------
+# Shared by test_web.py and test_web_server.py (`from conftest import ...`, as max_rel_err is).
+# The imports stay in this section so that it reads, and merges, as one piece.
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH  # noqa: E402
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on at the moment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api_client(url: str, downloads):
+    """A Gradio API client of the app at `url`, saving results under `downloads`, quietly and with
+    no analytics."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=str(downloads), analytics_enabled=False)
+
+
+class FakePipe:
+    """Stands in for the pipeline where only the plumbing matters; counts overlapping calls.
+
+    Its methods take what `CCLDPipeline`'s take, keyword-only past the prompts as there, so a
+    positional call from the web app fails here as it would against the real pipeline.
+    """
+
+    def __init__(self, delay=0.0):
+        self.delay = delay
+        self.running = 0
+        self.most_at_once = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=DEFAULT_STEPS,
+                         method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
+                         init_image=None, strength=DEFAULT_STRENGTH, size=256, callback=None):
+        with self._lock:
+            self.running += 1
+            self.calls += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            for i in range(steps):
+                time.sleep(self.delay / steps)
+                if callback:
+                    callback({"i": i})
+            return torch.zeros(num_images, 4, size // 8, size // 8)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def decode(self, latents):
+        return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
+
+    def describe(self, prompts, image_prompts, *, num_images, steps, method, guidance, seed, eta,
+                 init_image, strength, latent_scale, size) -> dict:
+        return {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
+                "num_images": num_images, "method": method,
+                "image_prompts": [[p.label, p.weight] for p in image_prompts]}

@@ -3,6 +3,8 @@
 The server itself, the load test and the browser are in test_web_server.py.
 """
 
+import ast
+import inspect
 import os
 import threading
 import time
@@ -11,14 +13,15 @@ from pathlib import Path
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 
 import pytest
-import torch
 from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[web]')")
 
-from ccld import web  # noqa: E402
+from ccld import sampling, web  # noqa: E402
 from ccld.cli import build_parser, main  # noqa: E402
 from ccld.images import read_png_parameters  # noqa: E402
+from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, CCLDPipeline  # noqa: E402
+from conftest import FakePipe, api_client, free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -52,41 +55,6 @@ def pipe(fixtures):
                                    cloob_config=str(fixtures / "cloob.json"))
 
 
-class FakePipe:
-    """Stands in for the pipeline where only the plumbing matters; counts overlapping calls."""
-
-    def __init__(self, delay=0.0):
-        self.delay = delay
-        self.running = 0
-        self.most_at_once = 0
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def generate_latents(self, prompts, image_prompts, num_images, steps, method, guidance, seed,
-                         eta, init_image, strength, size, callback=None):
-        with self._lock:
-            self.running += 1
-            self.calls += 1
-            self.most_at_once = max(self.most_at_once, self.running)
-        try:
-            for i in range(steps):
-                time.sleep(self.delay / steps)
-                if callback:
-                    callback({"i": i})
-            return torch.zeros(num_images, 4, size // 8, size // 8)
-        finally:
-            with self._lock:
-                self.running -= 1
-
-    def decode(self, latents):
-        return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
-
-    def describe(self, prompts, image_prompts, num_images, steps, method, guidance, seed, *rest):
-        return {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
-                "num_images": num_images, "method": method,
-                "image_prompts": [[p.label, p.weight] for p in image_prompts]}
-
-
 def error_of(store, **kwargs) -> str:
     kwargs.setdefault("prompts", "a cat")
     with pytest.raises(gr.Error) as e:
@@ -117,6 +85,36 @@ def error_of(store, **kwargs) -> str:
 def test_bad_inputs_get_a_message(store, kwargs, expected):
     assert expected in error_of(store, **kwargs)
     assert store.batches() == []
+
+
+def test_blank_values_take_their_defaults(png):
+    request = web.check_request(prompts="a cat", image_prompts=[png], image_weight="",
+                                init_image=None, strength=None, method="ddim", steps=3,
+                                guidance="", seed="", num_images=2, max_upload_bytes=10 ** 6)
+    assert request.guidance == DEFAULT_GUIDANCE
+    assert request.prompts == [("a cat", DEFAULT_GUIDANCE)]
+    assert [(p.label, p.weight) for p in request.image_prompts] == [
+        ("picture.png", DEFAULT_GUIDANCE)]
+    assert request.strength == DEFAULT_STRENGTH and request.init_image is None
+    assert 0 <= request.seed <= web.MAX_SEED
+    assert (request.method, request.steps, request.num_images) == ("ddim", 3, 2)
+    # the image prompt weight follows the guidance when blank
+    request = web.check_request(prompts="", image_prompts=png, image_weight=None, init_image=png,
+                                strength=0.5, method="plms", steps=1, guidance=5, seed=4,
+                                num_images=1, max_upload_bytes=10 ** 6)
+    assert [p.weight for p in request.image_prompts] == [5.0]
+    assert request.init_name == "picture.png" and request.strength == 0.5
+
+
+def test_a_sampler_registered_at_run_time_is_offered_and_accepted(store, monkeypatch):
+    monkeypatch.setitem(sampling.SAMPLERS, "mine", sampling.SAMPLERS["ddim"])
+    demo = web.build_app(FakePipe(), store=store, size=64)
+    method = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "method")
+    assert [value for _, value in method.choices] == list(sampling.SAMPLERS)
+    assert "mine" in error_of(store, method="euler")  # the message lists what is registered
+    gallery, params = web.generate(FakePipe(), "a cat", method="mine", steps=1, seed=1,
+                                   store=store, size=64)
+    assert params["method"] == "mine" and len(gallery) == 1
 
 
 def test_non_image_upload_gets_a_message(store, not_an_image):
@@ -241,6 +239,31 @@ def test_build_app_api_and_queue(store):
     assert not Path(web.__file__).with_suffix(".pyi").exists()
 
 
+@pytest.mark.parametrize("name", ["generate_latents", "describe"])
+def test_fake_pipe_takes_what_the_pipeline_takes(name):
+    """The stand-in's methods have the pipeline's parameters and defaults; keyword-only past the
+    prompts, so the web app must call the pipeline by keyword."""
+    real = inspect.signature(getattr(CCLDPipeline, name)).parameters
+    fake = inspect.signature(getattr(FakePipe, name)).parameters
+    assert [(p.name, p.default) for p in fake.values()] == \
+        [(p.name, p.default) for p in real.values()]
+    assert all(p.kind == p.KEYWORD_ONLY for p in list(fake.values())[3:])
+
+
+def test_web_does_not_import_the_cli():
+    """The CLI imports the web app for `ccld serve`; the other way round would be a circle."""
+    imported = set()
+    for node in ast.walk(ast.parse(Path(web.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):  # web.py sits in ccld, so "." is ccld
+            module = ("ccld." if node.level else "") + (node.module or "")
+            imported.add(module.rstrip("."))
+            imported.update(f"{module.rstrip('.')}.{alias.name}" for alias in node.names)
+    assert "ccld.loading" in imported  # what it uses instead
+    assert not {m for m in imported if m == "ccld.cli" or m.startswith("ccld.cli.")}
+
+
 def test_serve_command_options():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.func) == ("127.0.0.1", 7860, web.cmd_serve)
@@ -261,21 +284,15 @@ def test_serve_rejects_bad_options_before_loading(capsys, argv, message):
 @pytest.mark.filterwarnings("ignore:::gradio.queueing")  # Gradio's own use of pandas
 def test_queue_is_bounded_and_overflow_gets_a_message(tmp_path, store):
     """A launched app with a queue of 1 turns extra requests away with a message and carries on."""
-    import socket
     from concurrent.futures import ThreadPoolExecutor
 
-    from gradio_client import Client
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     demo = web.build_app(FakePipe(delay=1.5), store=store, concurrency=1, queue_size=1, size=64)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 share=False, ssr_mode=False, mcp_server=False, run_history=False)
     try:
         url = f"http://127.0.0.1:{port}/"
-        clients = [Client(url, verbose=False, download_files=str(tmp_path / str(i)),
-                          analytics_enabled=False) for i in range(4)]
+        clients = [api_client(url, tmp_path / str(i)) for i in range(4)]
 
         def one(i):
             try:

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ gradio_client = pytest.importorskip("gradio_client", reason="needs gradio (pip i
 from gradio_client import Client, handle_file  # noqa: E402
 
 from ccld.images import read_png_parameters  # noqa: E402
+from conftest import api_client, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -34,12 +34,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-sync"]
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 TINY = dict(method="ddim", steps=2, guidance=3.0, num_images=1)  # fast on 2 CPU cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -61,8 +55,7 @@ class Server:
         return self.proc.poll() is None
 
     def client(self, downloads: Path) -> Client:
-        return Client(self.url, verbose=False, download_files=str(downloads),
-                      analytics_enabled=False)
+        return api_client(self.url, downloads)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ import threading
 import time
 import uuid
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -141,11 +142,24 @@ class ResultStore:
 
 # Generation
 
+SAVE_FAILED = "the server could not save the images (see its log); try again later"
+
+
 def _error(message: str):
     import gradio as gr
 
     log.info("rejected: %s", message)
     return gr.Error(message, print_exception=False)
+
+
+@contextmanager
+def _page_errors():
+    """Turns a `CCLDError` raised inside into the page's error: its one-line message is already
+    one the user can act on."""
+    try:
+        yield
+    except CCLDError as e:
+        raise _error(str(e)) from None
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> int:
@@ -206,6 +220,24 @@ def _load_upload(item, what: str, max_bytes: int):
     return image, name
 
 
+def _load_image_prompts(items, weight: float, max_bytes: int) -> list:
+    """The uploaded image prompts as `Prompt`s of `weight`, labelled with their file names."""
+    from .pipeline import Prompt
+
+    if items is None or items == "":
+        items = []
+    elif not isinstance(items, (list, tuple)):
+        items = [items]  # a single upload, as some clients send one
+    if len(items) > MAX_IMAGE_PROMPTS:
+        raise _error(f"{len(items)} image prompts is too many; give at most {MAX_IMAGE_PROMPTS}")
+    prompts = []
+    for item in items:
+        image, name = _load_upload(item, "image prompt", max_bytes)
+        if image is not None:
+            prompts.append(Prompt(image, weight, name))
+    return prompts
+
+
 def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
     """One `TEXT[:WEIGHT]` prompt a line (blank lines skipped) as (text, weight) pairs."""
     from .prompts import parse_weighted
@@ -222,10 +254,8 @@ def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
         if len(line) > MAX_PROMPT_CHARS:
             raise _error(f"a prompt is {len(line)} characters long; keep each under "
                          f"{MAX_PROMPT_CHARS} (the text encoder reads only the first 77 tokens)")
-        try:
+        with _page_errors():
             prompt, weight = parse_weighted(line, guidance)
-        except CCLDError as e:
-            raise _error(str(e)) from None
         if abs(weight) > MAX_ABS_WEIGHT:
             raise _error(f"the weight of {prompt!r} is {weight:g}; keep weights within "
                          f"±{MAX_ABS_WEIGHT:g} (about 1 to 10 is typical)")
@@ -233,26 +263,41 @@ def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
     return out
 
 
-def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_GUIDANCE,
-             init_image=None, strength=DEFAULT_STRENGTH, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
-             guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, *, store: ResultStore,
-             size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
-             lock=None, progress: Callable | None = None):
-    """Checks the inputs, paints, writes the PNGs; returns ([(png path, caption)], parameters).
+@dataclass(frozen=True)
+class Request:
+    """A checked request, in the pipeline's terms."""
 
-    Every problem the user can fix is raised as `gr.Error` with a one-line message. `lock`
-    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`.
-    """
+    prompts: list[tuple[str, float]]  # (text, weight)
+    image_prompts: list  # pipeline.Prompt, each labelled with its upload's file name
+    init_image: object  # a PIL image, or None
+    init_name: str | None  # the init image's file name, recorded instead of its server path
+    strength: float  # checked only with an init image, the only thing it affects
+    method: str
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int
+
+    def pipeline_arguments(self) -> dict:
+        """The keyword arguments `generate_latents` and `describe` share (the page has no eta)."""
+        return dict(prompts=self.prompts, image_prompts=self.image_prompts,
+                    num_images=self.num_images, steps=self.steps, method=self.method,
+                    guidance=self.guidance, seed=self.seed, eta=0.0, init_image=self.init_image,
+                    strength=self.strength)
+
+
+def check_request(*, prompts, image_prompts, image_weight, init_image, strength, method, steps,
+                  guidance, seed, num_images, max_upload_bytes: int) -> Request:
+    """The form's values checked, cheapest checks first and all before any model work; a
+    `gr.Error` with a one-line message for the first one the user must fix. Blank values take
+    defaults: the guidance DEFAULT_GUIDANCE, the image prompt weight the guidance, the seed a
+    random one."""
     from . import sampling
-    from .images import save_png, tensor_to_pil
-    from .pipeline import Prompt
 
-    started = time.perf_counter()
-    # Inputs, cheapest checks first, all before any model work.
     steps = _int_in("steps", steps, 1, MAX_STEPS)
     num_images = _int_in("number of images", num_images, 1, MAX_IMAGES)
-    if method not in sampling.SAMPLERS:
-        raise _error(f"unknown method {method!r}; choose from {', '.join(sampling.SAMPLERS)}")
+    with _page_errors():
+        sampling.get_sampler(method)
     guidance = _float_in("guidance", DEFAULT_GUIDANCE if guidance in (None, "") else guidance,
                          -MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)
     image_weight = _float_in("image prompt weight",
@@ -262,18 +307,7 @@ def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_G
         seed = secrets.randbelow(MAX_SEED + 1)
     seed = _int_in("seed", seed, 0, MAX_SEED)
     texts = parse_prompts(prompts, guidance)
-    if image_prompts is None or image_prompts == "":
-        image_prompts = []
-    elif not isinstance(image_prompts, (list, tuple)):
-        image_prompts = [image_prompts]
-    if len(image_prompts) > MAX_IMAGE_PROMPTS:
-        raise _error(f"{len(image_prompts)} image prompts is too many; give at most "
-                     f"{MAX_IMAGE_PROMPTS}")
-    images = []
-    for item in image_prompts:
-        image, name = _load_upload(item, "image prompt", max_upload_bytes)
-        if image is not None:
-            images.append(Prompt(image, image_weight, name))
+    images = _load_image_prompts(image_prompts, image_weight, max_upload_bytes)
     if not texts and not images:
         raise _error("type a prompt (one a line, TEXT or TEXT:WEIGHT) or upload an image prompt")
     init, init_name = _load_upload(init_image, "init image", max_upload_bytes)
@@ -281,61 +315,106 @@ def generate(pipe, prompts: str = "", image_prompts=None, image_weight=DEFAULT_G
         strength = _float_in("strength", strength, 0.0, 1.0, lo_open=True)
     else:
         strength = DEFAULT_STRENGTH if strength in (None, "") else strength
+    return Request(prompts=texts, image_prompts=images, init_image=init, init_name=init_name,
+                   strength=strength, method=method, steps=steps, guidance=guidance, seed=seed,
+                   num_images=num_images)
 
-    def report(fraction, desc):
-        if progress is not None:
-            progress(fraction, desc=desc)
 
-    done = [0]
+class _Progress:
+    """Reports to a `gr.Progress`, when there is one: the stages, then each sampling step."""
 
-    def on_step(info: dict):
-        done[0] += 1
-        if progress is not None:
-            progress((min(done[0], steps), steps), desc="Sampling", unit="steps")
+    def __init__(self, progress: Callable | None, steps: int):
+        self.progress, self.steps, self.done = progress, steps, 0
 
-    report(0.0, "Waiting for the model" if lock is not None else "Starting")
+    def stage(self, fraction: float, desc: str) -> None:
+        if self.progress is not None:
+            self.progress(fraction, desc=desc)
+
+    def step(self, info: dict) -> None:  # the sampler's callback
+        self.done += 1
+        if self.progress is not None:
+            self.progress((min(self.done, self.steps), self.steps), desc="Sampling", unit="steps")
+
+
+def paint(pipe, request: Request, *, size: int, lock=None, progress: Callable | None = None):
+    """Samples and decodes the request's images, holding `lock` (when given) meanwhile; their
+    pixels, in chunks of DECODE_CHUNK images. Running out of memory is a message, not a crash."""
+    report = _Progress(progress, request.steps)
+    report.stage(0.0, "Waiting for the model" if lock is not None else "Starting")
     try:
-        with lock if lock is not None else nullcontext():
-            report(0.0, "Encoding prompts")
-            latents = pipe.generate_latents(texts, images, num_images, steps, method, guidance,
-                                            seed, 0.0, init, strength, size, callback=on_step)
-            report(1.0, "Decoding")
+        with lock if lock is not None else nullcontext(), _page_errors():
+            report.stage(0.0, "Encoding prompts")
+            latents = pipe.generate_latents(**request.pipeline_arguments(), size=size,
+                                            callback=report.step)
+            report.stage(1.0, "Decoding")
             pixels = [pipe.decode(latents[i:i + DECODE_CHUNK]).float().cpu()
-                      for i in range(0, num_images, DECODE_CHUNK)]
-            del latents
-    except CCLDError as e:
-        raise _error(str(e)) from None
+                      for i in range(0, request.num_images, DECODE_CHUNK)]
+            del latents  # freed before the next request takes the lock and makes its own
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-            log.warning("out of memory painting %d images of %d px", num_images, size)
-            raise _error(f"out of memory painting {num_images} images; ask for fewer images") from None
+            log.warning("out of memory painting %d images of %d px", request.num_images, size)
+            raise _error(f"out of memory painting {request.num_images} images; "
+                         "ask for fewer images") from None
         raise
-    params = pipe.describe(texts, images, num_images, steps, method, guidance, seed, 0.0,
-                           init, strength, None, size)
-    if init is not None:
-        params["init_image"] = init_name
+    return pixels
+
+
+def save_gallery(store: ResultStore, request: Request, pixels, params: dict):
+    """Writes the images into a new batch folder as PNGs carrying `params` and their index;
+    returns the gallery's (path, caption) pairs. Failing to save is the server's problem, and the
+    message says so plainly."""
+    from .images import save_png, tensor_to_pil
+
     gallery = []
-    index = 0
+    images = (image for chunk in pixels for image in chunk)
     try:
         folder = store.new_batch()
-        for chunk in pixels:
-            for p in chunk:
-                path = folder / f"ccld-{seed}-{index:02d}.png"
-                save_png(tensor_to_pil(p), path, {**params, "index": index})
-                gallery.append((str(path), f"seed {seed} · {index + 1}/{num_images}"))
-                index += 1
-    except CCLDError as e:  # a full disk, say: the server's problem, said plainly
+        for index, image in enumerate(images):
+            path = folder / f"ccld-{request.seed}-{index:02d}.png"
+            save_png(tensor_to_pil(image), path, {**params, "index": index})
+            gallery.append((str(path),
+                            f"seed {request.seed} · {index + 1}/{request.num_images}"))
+    except CCLDError as e:  # a full disk, say
         log.error("%s", e)
-        raise _error("the server could not save the images (see its log); try again later") from None
+        raise _error(SAVE_FAILED) from None
     except OSError as e:
         log.error("cannot create a result folder in %s: %s", store.root, e)
-        raise _error("the server could not save the images (see its log); try again later") from None
-    log.info("painted %d image(s), %s %d steps, seed %d, in %.1f s", num_images, method, steps,
-             seed, time.perf_counter() - started)
+        raise _error(SAVE_FAILED) from None
+    return gallery
+
+
+def generate(pipe, prompts: str = "", *, image_prompts=None, image_weight=DEFAULT_GUIDANCE,
+             init_image=None, strength=DEFAULT_STRENGTH, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
+             guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, store: ResultStore,
+             size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
+             lock=None, progress: Callable | None = None):
+    """Checks the inputs, paints, writes the PNGs; returns ([(png path, caption)], parameters).
+
+    Every problem the user can fix is raised as `gr.Error` with a one-line message. `lock`
+    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`.
+    """
+    started = time.perf_counter()
+    request = check_request(
+        prompts=prompts, image_prompts=image_prompts, image_weight=image_weight,
+        init_image=init_image, strength=strength, method=method, steps=steps, guidance=guidance,
+        seed=seed, num_images=num_images, max_upload_bytes=max_upload_bytes)
+    pixels = paint(pipe, request, size=size, lock=lock, progress=progress)
+    params = pipe.describe(**request.pipeline_arguments(), latent_scale=None, size=size)
+    if request.init_image is not None:  # the pipeline has only the pixels; the PNG gets the name
+        params["init_image"] = request.init_name
+    gallery = save_gallery(store, request, pixels, params)
+    log.info("painted %d image(s), %s %d steps, seed %d, in %.1f s", request.num_images,
+             request.method, request.steps, request.seed, time.perf_counter() - started)
     return gallery, params
 
 
 # The page
+
+INTRO = (f"## {TITLE}\nPaint pictures from text and image prompts. One prompt a line as `TEXT` or "
+         "`TEXT:WEIGHT` (a negative weight steers away). Every PNG records its parameters; the "
+         "same seed and settings paint the same picture.")
+CSS = "#dice {min-width: 3em; max-width: 4em; align-self: end; font-size: 1.6em}"
+
 
 def _named_range_checks(slider):
     """Leaves a slider's range check to `generate`, whose message names the field.
@@ -348,6 +427,121 @@ def _named_range_checks(slider):
     return slider
 
 
+@dataclass(frozen=True)
+class _Form:
+    """The input column's components."""
+
+    prompts: object
+    generate: object  # the Generate button
+    method: object
+    steps: object
+    guidance: object
+    num_images: object
+    seed: object
+    dice: object  # the button that rolls a random seed
+    image_prompts: object
+    image_weight: object
+    init_image: object
+    strength: object
+
+    def api_inputs(self) -> list:
+        """The inputs of `generate`, in the order of its parameters (the API's)."""
+        return [self.prompts, self.image_prompts, self.image_weight, self.init_image,
+                self.strength, self.method, self.steps, self.guidance, self.seed, self.num_images]
+
+    def example_inputs(self) -> list:
+        """The inputs an EXAMPLES row fills, in its order."""
+        return [self.prompts, self.method, self.steps, self.guidance, self.num_images, self.seed]
+
+
+def _upload_inputs():
+    """The image prompts, their weight, the init image and its strength: a folded section."""
+    import gradio as gr
+
+    with gr.Accordion("Image prompts and init image", open=False):
+        image_prompts = gr.File(label=f"Image prompts (up to {MAX_IMAGE_PROMPTS})",
+                                file_count="multiple", elem_id="image-prompts")
+        image_weight = gr.Number(DEFAULT_GUIDANCE, label="Image prompt weight",
+                                 elem_id="image-weight")
+        init_image = gr.File(label="Init image (start from this picture)",
+                             file_count="single", elem_id="init-image")
+        strength = _named_range_checks(gr.Slider(
+            0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
+            info="how far from the init image (1 ignores it)", elem_id="strength"))
+    return image_prompts, image_weight, init_image, strength
+
+
+def _input_column(num_images: int) -> _Form:
+    """Prompts and the Generate button, the sampler's settings, then the folded uploads."""
+    import gradio as gr
+
+    from . import sampling
+
+    with gr.Column(scale=2, min_width=320):
+        prompts = gr.Textbox(label="Prompts", lines=3, max_lines=MAX_PROMPTS, elem_id="prompts",
+                             placeholder="a snowy landscape, oil on canvas:3")
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            # The samplers registered now, when the app is built, including any added at run time.
+            method = gr.Dropdown(list(sampling.SAMPLERS), value=DEFAULT_METHOD, label="Method",
+                                 elem_id="method")
+            steps = _named_range_checks(gr.Slider(
+                1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
+        with gr.Row():
+            guidance = gr.Number(DEFAULT_GUIDANCE, label="Guidance",
+                                 info="weight of prompts given without one", elem_id="guidance")
+            count = _named_range_checks(gr.Slider(
+                1, MAX_IMAGES, value=num_images, step=1, label="Number of images",
+                elem_id="num-images"))
+        with gr.Row():
+            seed = gr.Number(0, precision=0, label="Seed", info="blank: a random one",
+                             elem_id="seed")
+            dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
+        image_prompts, image_weight, init_image, strength = _upload_inputs()
+    return _Form(prompts=prompts, generate=button, method=method, steps=steps, guidance=guidance,
+                 num_images=count, seed=seed, dice=dice, image_prompts=image_prompts,
+                 image_weight=image_weight, init_image=init_image, strength=strength)
+
+
+def _results_column():
+    """The gallery of PNGs and the parameters they were painted with."""
+    import gradio as gr
+
+    with gr.Column(scale=3, min_width=320):
+        gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
+                             object_fit="contain", interactive=False,
+                             buttons=["download", "fullscreen"], elem_id="gallery")
+        params = gr.JSON(label="Parameters", elem_id="parameters", open=True, max_height=320)
+    return gallery, params
+
+
+def _generate_handler(pipe, *, store: ResultStore, lock, size: int, max_upload_bytes: int):
+    """The Generate button's function: the form's values into `generate`."""
+    import gradio as gr
+
+    def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
+            method=None, steps=None, guidance=None, seed=None, num_images=None,
+            progress=gr.Progress()):  # None defaults: optional in the API (components' values)
+        return generate(pipe, prompts, image_prompts=image_prompts, image_weight=image_weight,
+                        init_image=init_image, strength=strength, method=method, steps=steps,
+                        guidance=guidance, seed=seed, num_images=num_images, store=store,
+                        size=size, max_upload_bytes=max_upload_bytes, lock=lock,
+                        progress=progress)
+
+    return run
+
+
+def _wire(form: _Form, gallery, params, run, concurrency: int) -> None:
+    """Generate paints (also the API's `/generate`); the die rolls a seed in the browser."""
+    form.generate.click(run, inputs=form.api_inputs(), outputs=[gallery, params],
+                        api_name="generate",
+                        api_description="Paint images; returns the gallery of PNGs and their "
+                                        "parameters.",
+                        concurrency_limit=concurrency, show_progress="full")
+    form.dice.click(None, None, form.seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})",
+                    api_visibility="private", queue=False)
+
+
 def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
               queue_size: int = DEFAULT_QUEUE_SIZE, size: int = DEFAULT_SIZE,
               max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
@@ -356,80 +550,25 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
     """The Gradio Blocks app around a loaded pipeline (not launched)."""
     import gradio as gr
 
-    from . import sampling
-
     store = store or ResultStore(max_age=keep_minutes * 60)
-    lock = threading.BoundedSemaphore(max(1, int(concurrency)))
+    concurrency = max(1, int(concurrency))
+    run = _generate_handler(pipe, store=store, lock=threading.BoundedSemaphore(concurrency),
+                            size=size, max_upload_bytes=max_upload_bytes)
     age = max(60, int(keep_minutes * 60))
-
-    def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
-            method=None, steps=None, guidance=None, seed=None, num_images=None,
-            progress=gr.Progress()):  # None defaults: optional in the API (components' values)
-        return generate(pipe, prompts, image_prompts, image_weight, init_image, strength, method,
-                        steps, guidance, seed, num_images, store=store, size=size,
-                        max_upload_bytes=max_upload_bytes, lock=lock, progress=progress)
-
-    css = "#dice {min-width: 3em; max-width: 4em; align-self: end; font-size: 1.6em}"
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(600, age), age)) as demo:
-        gr.Markdown(f"## {TITLE}\nPaint pictures from text and image prompts. One prompt a "
-                    "line as `TEXT` or `TEXT:WEIGHT` (a negative weight steers away). Every PNG "
-                    "records its parameters; the same seed and settings paint the same picture.",
-                    elem_id="ccld-title")
+        gr.Markdown(INTRO, elem_id="ccld-title")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320):
-                prompts = gr.Textbox(label="Prompts", lines=3, max_lines=MAX_PROMPTS,
-                                     elem_id="prompts",
-                                     placeholder="a snowy landscape, oil on canvas:3")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Row():
-                    method = gr.Dropdown(list(sampling.SAMPLERS), value=DEFAULT_METHOD,
-                                         label="Method", elem_id="method")
-                    steps = _named_range_checks(gr.Slider(
-                        1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
-                with gr.Row():
-                    guidance = gr.Number(DEFAULT_GUIDANCE, label="Guidance",
-                                         info="weight of prompts given without one",
-                                         elem_id="guidance")
-                    count = _named_range_checks(gr.Slider(
-                        1, MAX_IMAGES, value=num_images, step=1, label="Number of images",
-                        elem_id="num-images"))
-                with gr.Row():
-                    seed = gr.Number(0, precision=0, label="Seed", info="blank: a random one",
-                                     elem_id="seed")
-                    dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
-                with gr.Accordion("Image prompts and init image", open=False):
-                    image_prompts = gr.File(label=f"Image prompts (up to {MAX_IMAGE_PROMPTS})",
-                                            file_count="multiple", elem_id="image-prompts")
-                    image_weight = gr.Number(DEFAULT_GUIDANCE, label="Image prompt weight",
-                                             elem_id="image-weight")
-                    init_image = gr.File(label="Init image (start from this picture)",
-                                         file_count="single", elem_id="init-image")
-                    strength = _named_range_checks(gr.Slider(
-                        0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
-                        info="how far from the init image (1 ignores it)", elem_id="strength"))
-            with gr.Column(scale=3, min_width=320):
-                gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
-                                     object_fit="contain", interactive=False,
-                                     buttons=["download", "fullscreen"], elem_id="gallery")
-                params = gr.JSON(label="Parameters", elem_id="parameters", open=True,
-                                 max_height=320)
+            form = _input_column(num_images)
+            gallery, params = _results_column()
         if examples:
-            gr.Examples(examples=examples, inputs=[prompts, method, steps, guidance, count, seed],
-                        label="Example prompts", cache_examples=False)
+            gr.Examples(examples=examples, inputs=form.example_inputs(), label="Example prompts",
+                        cache_examples=False)
         with gr.Accordion("API", open=False):
             gr.Markdown(API_DOC.format(url="http://127.0.0.1:7860/"))
-
-        button.click(run, inputs=[prompts, image_prompts, image_weight, init_image, strength,
-                                  method, steps, guidance, seed, count],
-                     outputs=[gallery, params], api_name="generate",
-                     api_description="Paint images; returns the gallery of PNGs and their "
-                                     "parameters.",
-                     concurrency_limit=max(1, int(concurrency)), show_progress="full")
-        dice.click(None, None, seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})",
-                   api_visibility="private", queue=False)
-    demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=max(1, int(concurrency)))
+        _wire(form, gallery, params, run, concurrency)
+    demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=concurrency)
     demo.ccld_store = store  # for the server's cleanup and for tests
-    demo.ccld_css = css
+    demo.ccld_css = CSS
     return demo
 
 
@@ -514,11 +653,8 @@ def _check_port_free(host: str, port: int) -> None:
                             "or stop the program using it") from None
 
 
-def cmd_serve(args) -> int:
-    from .loading import load_pipeline
-
-    _check_serve_args(args)
-    _check_port_free(args.host, args.port)
+def _log_to_stderr() -> None:
+    """The server's own log lines on stderr, marked as ccld serve's, and nothing of Gradio's."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("ccld serve: %(message)s"))
     log.addHandler(handler)
@@ -527,65 +663,107 @@ def cmd_serve(args) -> int:
     # Gradio's internal deprecation notices and unclosed event loops are not the user's concern.
     warnings.filterwarnings("ignore", category=ResourceWarning)
     warnings.filterwarnings("ignore", module=r"gradio(_client)?(\.|$)")
+
+
+def _keep_gradio_private(workdir: Path) -> None:
+    """Sets Gradio up (through its environment variables, read at import) so that nothing leaves
+    this machine and its files stay in `workdir`, which the server removes at exit."""
     # No analytics, no version check, no share links: nothing leaves this machine.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("GRADIO_RUN_HISTORY", "False")
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")  # the queue's local statistics
-    workdir = Path(tempfile.mkdtemp(prefix="ccld-serve-"))
-    if "GRADIO_TEMP_DIR" not in os.environ:  # Gradio's upload and result cache, removed at exit
+    if "GRADIO_TEMP_DIR" not in os.environ:  # Gradio's upload and result cache
         os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
+
+
+def _require_gradio() -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CCLDError("the web app needs Gradio; install it with pip install 'ccld[web]'") from None
+
+
+def _load_models(args):
+    """(the pipeline, loaded once; how many samplings may run at once on its device)."""
+    from .loading import load_pipeline
+
+    log.info("loading the models ...")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args)
+    concurrency = args.concurrency or (1 if pipe.device.type in ("cpu", "mps") else 2)
+    log.info("models loaded in %.1f s on %s (%s); %d sampling(s) at once, queue of %d",
+             time.perf_counter() - t0, pipe.device,
+             ", ".join(f"{k}: {v}" for k, v in pipe.sources.items()), concurrency,
+             args.queue_size)
+    return pipe, concurrency
+
+
+def _launch(demo, args, max_upload_bytes: int) -> None:
+    """Starts serving `demo` in Gradio's threads and says where; an address it cannot listen on
+    is a CCLDError."""
+    if not _is_loopback(args.host):
+        log.warning("listening on %s: anyone who can reach this machine can use the app",
+                    args.host)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=False,
+                    inbrowser=False, prevent_thread_lock=True, show_error=True,
+                    max_file_size=max_upload_bytes, allowed_paths=[str(demo.ccld_store.root)],
+                    ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
+                    enable_monitoring=False, footer_links=["api"], quiet=True,
+                    css=demo.ccld_css)
+    except OSError as e:
+        reason = " ".join(str(e).split(". ")[:1]).strip()
+        raise CCLDError(f"cannot listen on {args.host}:{args.port} ({reason}); pass another "
+                        "--port or --host") from None
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+    if ":" in host:
+        host = f"[{host}]"
+    port = demo.server_port if getattr(demo, "server_port", None) else args.port
+    log.info("ready: open http://%s:%d/ (Ctrl+C stops)", host, port)
+
+
+def _wait_for_stop() -> None:
+    """Returns on SIGTERM or Ctrl+C; meanwhile the server runs in Gradio's threads."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def _close(demo) -> None:
+    if demo is None:
+        return
+    try:
+        demo.close()
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        pass
+
+
+def cmd_serve(args) -> int:
+    """`ccld serve`: checks the options and the port before the slow model loading, serves until
+    stopped, then removes everything it wrote."""
+    _check_serve_args(args)
+    _check_port_free(args.host, args.port)
+    _log_to_stderr()
+    workdir = Path(tempfile.mkdtemp(prefix="ccld-serve-"))
+    _keep_gradio_private(workdir)
     demo = None
     try:
-        try:
-            import gradio  # noqa: F401
-        except ImportError:
-            raise CCLDError("the web app needs Gradio; install it with pip install 'ccld[web]'") from None
-        log.info("loading the models ...")
-        t0 = time.perf_counter()
-        pipe = load_pipeline(args)
-        concurrency = args.concurrency or (1 if pipe.device.type in ("cpu", "mps") else 2)
-        log.info("models loaded in %.1f s on %s (%s); %d sampling(s) at once, queue of %d",
-                 time.perf_counter() - t0, pipe.device,
-                 ", ".join(f"{k}: {v}" for k, v in pipe.sources.items()), concurrency,
-                 args.queue_size)
+        _require_gradio()
+        pipe, concurrency = _load_models(args)
         store = ResultStore(workdir / "results", max_age=args.keep_minutes * 60)
         log.info("scratch folder %s (removed at exit)", workdir)
-        max_bytes = int(args.max_upload_mb * 1e6)
+        max_upload_bytes = int(args.max_upload_mb * 1e6)
         demo = build_app(pipe, store=store, concurrency=concurrency, queue_size=args.queue_size,
-                         size=args.size, max_upload_bytes=max_bytes,
+                         size=args.size, max_upload_bytes=max_upload_bytes,
                          keep_minutes=args.keep_minutes, num_images=args.num_images)
-        if not _is_loopback(args.host):
-            log.warning("listening on %s: anyone who can reach this machine can use the app",
-                        args.host)
-        try:
-            demo.launch(server_name=args.host, server_port=args.port, share=False,
-                        inbrowser=False, prevent_thread_lock=True, show_error=True,
-                        max_file_size=max_bytes, allowed_paths=[str(store.root)],
-                        ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
-                        enable_monitoring=False, footer_links=["api"], quiet=True,
-                        css=demo.ccld_css)
-        except OSError as e:
-            reason = " ".join(str(e).split(". ")[:1]).strip()
-            raise CCLDError(f"cannot listen on {args.host}:{args.port} ({reason}); pass another "
-                            "--port or --host") from None
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-        if ":" in host:
-            host = f"[{host}]"
-        port = demo.server_port if getattr(demo, "server_port", None) else args.port
-        log.info("ready: open http://%s:%d/ (Ctrl+C stops)", host, port)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
+        _launch(demo, args, max_upload_bytes)
+        _wait_for_stop()
         log.info("stopping")
         return 0
     finally:
-        if demo is not None:
-            try:
-                demo.close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
+        _close(demo)
         shutil.rmtree(workdir, ignore_errors=True)
