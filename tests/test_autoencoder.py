@@ -110,3 +110,17 @@ def test_save_pretrained_round_trip(ae, io, tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(CCLDError, match="without config.json"):
         load_autoencoder(tmp_path)
+
+
+def test_torch_module_computes_what_diffusers_computes(ae, io):
+    """KLAutoencoder is diffusers' AutoencoderKL in plain torch: same names, same arithmetic."""
+    from diffusers import AutoencoderKL
+
+    reference = AutoencoderKL(**{k: v for k, v in ae.config.to_diffusers().items()
+                                 if not k.startswith("_")}).eval()
+    reference.load_state_dict(ae.state_dict(), strict=True)
+    with torch.no_grad():
+        z = io["z"]
+        assert torch.equal(ae.decode(z), reference.decode(z).sample)
+        h = reference.quant_conv(reference.encoder(io["image"]))
+        assert torch.equal(torch.cat(ae.encode_moments(io["image"]), dim=1), h)

@@ -230,7 +230,7 @@ class CCLDPipeline:
         cloob_sd = {k: v.detach().contiguous().cpu() for k, v in self.cloob.state_dict().items()}
         save_file(cloob_sd, str(folder / "cloob" / CLOOB_WEIGHTS))
         (folder / "cloob" / "config.json").write_text(json.dumps(self.cloob.config, indent=2))
-        self.autoencoder.save_pretrained(folder / "vae", safe_serialization=True)
+        self.autoencoder.save_pretrained(folder / "vae")
         index = {"_class_name": type(self).__name__, "ccld_version": __version__,
                  "unet": ["ccld", "CCLDUNet"], "vae": ["diffusers", "AutoencoderKL"],
                  "cloob": ["ccld", "CLOOB"], "sources": self.sources}

@@ -1,27 +1,268 @@
-"""The KL-f8 autoencoder of latent diffusion, loaded into diffusers' `AutoencoderKL`.
+"""The KL-f8 autoencoder of latent diffusion, as a plain PyTorch module.
 
 The published autoencoder (`huggan/ccld_wa` `ae_model.ckpt` + `ae_model.yaml`) is in the CompVis
 latent-diffusion format: a `torch.save` of `{'state_dict': ...}` (or of the bare state dict) with
 `encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*` and training-only `loss.*` weights,
-described by an `ldm.models.autoencoder.AutoencoderKL` yaml. The weights are renamed by diffusers'
-own LDM converter (`diffusers.loaders.single_file_utils.convert_ldm_vae_checkpoint`); the
-architecture comes from the yaml's `ddconfig`. A folder written by `AutoencoderKL.save_pretrained`
-loads as it is.
+described by an `ldm.models.autoencoder.AutoencoderKL` yaml. diffusers is the converter of record:
+its LDM converter (`convert_ldm_vae_checkpoint`) renames the weights and its config builder reads
+the yaml. The network that runs them, `KLAutoencoder`, is diffusers' `AutoencoderKL` (KL-f8 kind)
+written again in plain torch with the same parameter names and the same arithmetic (tested equal),
+for one reason: importing diffusers costs about 3 s, more than ten U-Net forwards, and a painting
+only needs the decoder. So only a first load of an LDM file imports diffusers; a converted copy
+(`ccld.weights_cache`) or a folder written by `save_pretrained` (diffusers' own layout, which
+`diffusers.AutoencoderKL.from_pretrained` also reads) needs torch alone.
 
-CCLD's latent scale is not the diffusers `scaling_factor`: it is the U-Net's `autoencoder_scale`
-buffer, applied by the pipeline. The converted model's `scaling_factor` is set to 1.0 so nothing
-scales twice by accident.
+CCLD's latent scale is not diffusers' `scaling_factor`: it is the U-Net's `autoencoder_scale`
+buffer, applied by the pipeline. The saved `scaling_factor` is 1.0 so nothing scales twice.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from ..checkpoints import load_state_file
 from ..errors import CCLDError
+
+
+
+# The network: diffusers' AutoencoderKL (DownEncoderBlock2D / UpDecoderBlock2D, SiLU, GroupNorm),
+# parameter for parameter
+
+EPS = 1e-6  # every GroupNorm of the KL autoencoder
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """The architecture, in diffusers `AutoencoderKL` terms (so config.json round-trips)."""
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    sample_size: int = 256
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "autoencoder config") -> AutoencoderConfig:
+        """From a diffusers AutoencoderKL config; CCLDError for a kind this module does not run."""
+        blocks = len(config.get("block_out_channels", ()))
+        checks = [("down_block_types", ["DownEncoderBlock2D"] * blocks),
+                  ("up_block_types", ["UpDecoderBlock2D"] * blocks), ("act_fn", "silu")]
+        for key, supported in checks:
+            got = config.get(key, supported)
+            if (list(got) if isinstance(got, (list, tuple)) else got) != supported:
+                raise CCLDError(f"{source}: {key} {got!r} is not a KL autoencoder ccld runs "
+                                f"(it runs {supported!r}); pass an LDM KL-f8 autoencoder")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in config.items() if k in names}
+        if "block_out_channels" in values:
+            values["block_out_channels"] = tuple(int(c) for c in values["block_out_channels"])
+        return cls(**values)
+
+    def to_diffusers(self) -> dict:
+        blocks = len(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", **asdict(self),
+                "block_out_channels": list(self.block_out_channels),
+                "down_block_types": ["DownEncoderBlock2D"] * blocks,
+                "up_block_types": ["UpDecoderBlock2D"] * blocks,
+                "act_fn": "silu", "scaling_factor": 1.0, "force_upcast": True}
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=EPS)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=EPS)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the pixels, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        y = self.group_norm(x.view(n, c, h * w)).transpose(1, 2)
+        q, k, v = (proj(y)[:, None] for proj in (self.to_q, self.to_k, self.to_v))
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        return self.to_out[0](y).transpose(1, 2).reshape(n, c, h, w) + x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)] if attention else [])
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+class Resample(nn.Module):
+    """The conv of a resolution change; `Downsample` pads right/bottom and strides, `Upsample`
+    doubles by nearest neighbour first."""
+
+    def __init__(self, channels: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2 if down else 1,
+                              padding=0 if down else 1)
+
+    def forward(self, x):
+        if self.down:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ResolutionBlock(nn.Module):
+    """Resnets at one resolution, then a down- or upsampler unless it is the last level."""
+
+    def __init__(self, c_in: int, c_out: int, n_layers: int, groups: int, down: bool,
+                 resample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, groups)
+                                      for i in range(n_layers)])
+        self.samplers_name = "downsamplers" if down else "upsamplers"  # diffusers' key names
+        setattr(self, self.samplers_name, nn.ModuleList([Resample(c_out, down)] if resample else []))
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        for sampler in getattr(self, self.samplers_name):
+            x = sampler(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        widths, groups = c.block_out_channels, c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            ResolutionBlock(widths[max(i - 1, 0)], w, c.layers_per_block, groups, down=True,
+                            resample=i < len(widths) - 1) for i, w in enumerate(widths)])
+        self.mid_block = MidBlock(widths[-1], groups, c.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        widths, groups = c.block_out_channels[::-1], c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups, c.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList([
+            ResolutionBlock(widths[max(i - 1, 0)], w, c.layers_per_block + 1, groups, down=False,
+                            resample=i < len(widths) - 1) for i, w in enumerate(widths)])
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(widths[-1], c.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class KLAutoencoder(nn.Module):
+    """The KL autoencoder: images in [-1, 1] <-> latents (unscaled), diffusers' parameter names."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        latent = config.latent_channels
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean, logvar)` of the posterior; logvar before any clamping."""
+        h = self.encoder(images)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] (not clamped) from latents."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """diffusers' folder layout: config.json + diffusion_pytorch_model.safetensors."""
+        from safetensors.torch import save_file
+
+        from ..files import atomic_write
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME))
+        config = json.dumps(self.config.to_diffusers(), indent=2).encode()
+        atomic_write(folder / "config.json", lambda f: f.write(config), "autoencoder config")
+        return folder
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def autoencoder_from_state_dict(config: AutoencoderConfig, state_dict: dict,
+                                source: str | os.PathLike = "checkpoint") -> KLAutoencoder:
+    """A frozen autoencoder holding diffusers-named weights; built on the meta device, so no
+    random initialisation is spent on weights the file replaces."""
+    try:
+        with torch.device("meta"):
+            ae = KLAutoencoder(config)
+    except ValueError as e:  # e.g. channels not divisible by the number of groups
+        raise CCLDError(f"{source}: the config does not make an autoencoder ({str(e).strip()[:160]}); "
+                        "pass the autoencoder's own yaml") from None
+    try:
+        ae.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        detail = (lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__))[:200]
+        raise CCLDError(f"{source}: the weights do not fit the autoencoder its config describes "
+                        f"({detail}); pass the config that belongs to this checkpoint") from None
+    return ae.eval().requires_grad_(False)
+
+
+# Loading: LDM checkpoints (converted by diffusers) and diffusers folders
 
 LDM_PREFIXES = ("", "first_stage_model.", "vae.")  # bare, or inside a full LDM/SD checkpoint
 
@@ -121,38 +362,39 @@ def _ldm_state_dict(obj: dict, path: Path) -> dict:
                     "pass the LDM autoencoder .ckpt (e.g. ae_model.ckpt)")
 
 
-def autoencoder_from_ldm(state_dict: dict, ae_config: dict, path: str | os.PathLike = "checkpoint"):
-    """An `AutoencoderKL` holding LDM-format weights, renamed by diffusers' converter."""
-    from diffusers import AutoencoderKL
-
+def convert_ldm(state_dict: dict, ae_config: dict,
+                source: str | os.PathLike = "checkpoint") -> tuple[dict, AutoencoderConfig]:
+    """(diffusers-named weights, architecture) of LDM-format weights and their yaml's config,
+    by diffusers' own converter."""
     _, convert = _ldm_vae_tools()
-    config = diffusers_vae_config(ae_config, state_dict)
+    diffusers_config = diffusers_vae_config(ae_config, state_dict)
+    config = AutoencoderConfig.from_dict(diffusers_config, str(source))
     try:
-        ae = AutoencoderKL(**config)
-    except (ValueError, TypeError, RuntimeError) as e:  # e.g. channels not divisible by 32 groups
-        raise CCLDError(f"{path}: the config does not make an autoencoder ({str(e).strip()[:160]}); "
-                        "pass the autoencoder's own yaml") from None
-    try:
-        converted = convert(state_dict, config)
-        ae.load_state_dict(converted, strict=True)
+        return convert(state_dict, diffusers_config), config
     except (RuntimeError, KeyError, IndexError, AttributeError) as e:
-        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-        detail = (lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__))[:200]
-        raise CCLDError(f"{path}: the weights do not fit the autoencoder its yaml describes "
+        detail = " ".join(str(e).split())[:160] or type(e).__name__
+        raise CCLDError(f"{source}: the weights do not fit the autoencoder its yaml describes "
                         f"({detail}); pass the yaml that belongs to this checkpoint") from None
-    return ae.eval().requires_grad_(False)
 
 
-def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | None = None):
+def autoencoder_from_ldm(state_dict: dict, ae_config: dict,
+                         source: str | os.PathLike = "checkpoint") -> KLAutoencoder:
+    """A `KLAutoencoder` holding LDM-format weights, renamed by diffusers' converter."""
+    weights, config = convert_ldm(state_dict, ae_config, source)
+    return autoencoder_from_state_dict(config, weights, source)
+
+
+def load_autoencoder(path: str | os.PathLike,
+                     config_path: str | os.PathLike | None = None) -> KLAutoencoder:
     """The KL autoencoder, eval mode, frozen.
 
     `path`: an LDM `.ckpt` (or `.safetensors`) with its yaml beside it (`model.ckpt` ->
-    `model.yaml`) unless `config_path` is given; or a folder written by
-    `AutoencoderKL.save_pretrained` (or a pipeline folder with a `vae/` subfolder).
+    `model.yaml`) unless `config_path` is given; or a folder written by `save_pretrained` or
+    diffusers' `AutoencoderKL.save_pretrained` (or a pipeline folder with a `vae/` subfolder).
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        return _load_diffusers_folder(path)
+        return _load_folder(path)
     if not path.is_file():
         raise CCLDError(f"{path}: no such autoencoder checkpoint file; check the path, or run "
                         "`ccld download` to fetch the published models")
@@ -166,40 +408,36 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
     return autoencoder_from_ldm(state_dict, read_autoencoder_config(config_path), path)
 
 
-def _load_diffusers_folder(folder: Path):
-    from diffusers import AutoencoderKL
+def _load_folder(folder: Path) -> KLAutoencoder:
+    from ..checkpoints import load_safetensors_file
 
-    subfolder = None
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
     if not (folder / "config.json").is_file():
-        if (folder / "vae" / "config.json").is_file():
-            subfolder = "vae"
-        else:
-            raise CCLDError(f"{folder}: a folder without config.json; give an LDM autoencoder "
-                            ".ckpt or a folder written by AutoencoderKL.save_pretrained")
+        raise CCLDError(f"{folder}: a folder without config.json; give an LDM autoencoder "
+                        ".ckpt or a folder written by AutoencoderKL.save_pretrained")
     try:
-        ae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raw = json.loads((folder / "config.json").read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        config = AutoencoderConfig.from_dict(raw, str(folder / "config.json"))
+    except (OSError, ValueError, TypeError) as e:
         detail = " ".join(str(e).split())[:160] or type(e).__name__
         raise CCLDError(f"{folder}: not a loadable diffusers autoencoder folder ({detail}); "
                         "save it again or pass the LDM autoencoder .ckpt") from None
-    return ae.eval().requires_grad_(False)
+    weights = load_safetensors_file(folder / WEIGHTS_NAME, "autoencoder weights")
+    return autoencoder_from_state_dict(config, weights, folder)
 
 
-def encode_moments(ae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(mean, logvar)` of the posterior for images in [-1, 1]; logvar before any clamping.
-
-    This is LDM's `quant_conv(encoder(x)).chunk(2, dim=1)`; diffusers' `encode()` would clamp
-    logvar to [-30, 20] inside its DiagonalGaussianDistribution.
-    """
+def encode_moments(ae: KLAutoencoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mean, logvar)` of the posterior for images in [-1, 1] on the autoencoder's device and
+    dtype; logvar before any clamping (LDM's `quant_conv(encoder(x)).chunk(2)`; diffusers'
+    `encode()` would clamp it to [-30, 20])."""
     param = next(ae.parameters())
-    h = ae.encoder(images.to(device=param.device, dtype=param.dtype))
-    if ae.quant_conv is not None:
-        h = ae.quant_conv(h)
-    mean, logvar = h.chunk(2, dim=1)
-    return mean, logvar
+    return ae.encode_moments(images.to(device=param.device, dtype=param.dtype))
 
 
-def decode_latents(ae, z: torch.Tensor) -> torch.Tensor:
+def decode_latents(ae: KLAutoencoder, z: torch.Tensor) -> torch.Tensor:
     """Images in about [-1, 1] (not clamped) from latents: `decoder(post_quant_conv(z))`."""
     param = next(ae.parameters())
-    return ae.decode(z.to(device=param.device, dtype=param.dtype)).sample
+    return ae.decode(z.to(device=param.device, dtype=param.dtype))
