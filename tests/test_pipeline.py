@@ -52,7 +52,7 @@ def test_end_to_end_latents_and_pixels(pipe, reference):
 
 def test_call_returns_pil_images_with_parameters(pipe, reference):
     images = pipe(f"{PROMPT}:3", image_prompts=[(reference["image_prompt"][0], 1.0)],
-                  num_images=2, steps=6, seed=42, latent_scale=2.55, progress=False)
+                  num_images=2, steps=6, method="plms", seed=42, latent_scale=2.55, progress=False)
     assert [im.size for im in images] == [(256, 256)] * 2
     assert_pixels_match(images, reference)
     params = json.loads(images[1].info["parameters"])
@@ -104,15 +104,15 @@ def cli_files(files):
             "--cloob", str(files["cloob"]), "--cloob-config", str(files["cloob_config"])]
 
 
-def test_cli_generate_reproduces_the_reference(files, reference, tmp_path, capsys):
+@pytest.mark.parametrize("recipe", [["--method", "plms", "--precision", "fp32"], ["--reference"]])
+def test_cli_generate_reproduces_the_reference(files, reference, tmp_path, capsys, recipe):
     prompt_png = tmp_path / "prompt.png"
     arr = (reference["image_prompt"][0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     Image.fromarray(arr).save(prompt_png)
     out = tmp_path / "out"
     code = main(["generate", f"{PROMPT}:3", "--image-prompt", f"{prompt_png}:1", "-n", "2",
-                 "--seed", "42", "--steps", "6", "--method", "plms", "--latent-scale", "2.55",
-                 "--out", str(out), "--grid", "-q", "--device", "cpu", "--precision", "fp32",
-                 *cli_files(files)])
+                 "--seed", "42", "--steps", "6", *recipe, "--latent-scale", "2.55",
+                 "--out", str(out), "--grid", "-q", "--device", "cpu", *cli_files(files)])
     assert code == 0
     images = [Image.open(out / f"{i:05}.png") for i in range(2)]
     assert_pixels_match(images, reference)
@@ -153,3 +153,37 @@ def test_cli_help(capsys):
     for option in ["--image-prompt", "--init-image", "--strength", "--method", "--latent-scale",
                    "--unet", "--cloob-config", "--grid", "dpm++2m", "2.55"]:
         assert option in out
+
+
+def test_defaults_are_the_fast_recipe_and_reference_is_the_demos(files, reference, tmp_path):
+    from ccld.pipeline import DEFAULT_METHOD, DEFAULT_STEPS
+
+    args = [f"{PROMPT}:3", "-n", "2", "--seed", "42", "-q", "--device", "cpu", *cli_files(files)]
+    assert main(["generate", *args, "--out", str(tmp_path / "fast")]) == 0
+    params = read_png_parameters(tmp_path / "fast" / "00000.png")
+    assert (params["method"], params["steps"]) == (DEFAULT_METHOD, DEFAULT_STEPS) == ("unipc", 10)
+    assert params["precision"] in ("fp32", "bf16") and params["channels_last"]
+    # --reference is the demo's recipe; explicit options still win over it
+    assert main(["generate", *args, "--out", str(tmp_path / "ref"), "--reference",
+                 "--steps", "6"]) == 0
+    params = read_png_parameters(tmp_path / "ref" / "00000.png")
+    assert (params["method"], params["steps"], params["precision"]) == ("plms", 6, "fp32")
+    assert not params["channels_last"] and params["latent_scale"] == 3.25  # a local file: its buffer
+
+
+def test_published_models_decode_at_the_demos_latent_scale(fixture_pipeline, files, tmp_path):
+    from ccld import hub
+
+    pipe = CCLDPipeline(fixture_pipeline.unet, fixture_pipeline.autoencoder, fixture_pipeline.cloob,
+                        latent_scale=hub.PUBLISHED_LATENT_SCALE)
+    latents = torch.randn(1, 4, 32, 32)
+    assert torch.equal(pipe.decode(latents), fixture_pipeline.decode(latents, latent_scale=2.55))
+    assert pipe.describe("x", (), num_images=1, steps=1, method="ddim", guidance=3.0, seed=0,
+                         eta=0.0, init_image=None, strength=0.6, latent_scale=None,
+                         size=256)["latent_scale"] == 2.55
+    # a converted folder keeps the scale it was decoded with; --latent-scale still overrides
+    pipe.save_pretrained(tmp_path / "m")
+    again = CCLDPipeline.from_pretrained(tmp_path / "m")
+    assert again.default_latent_scale == 2.55 and float(again.unet.autoencoder_scale) == 3.25
+    assert torch.equal(again.decode(latents, latent_scale=4.0),
+                       fixture_pipeline.decode(latents, latent_scale=4.0))

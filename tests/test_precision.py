@@ -51,3 +51,25 @@ def test_bf16_text_embeddings_are_close(pipe):
         pipe.to(precision="fp32")
     assert fast.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(fast, exact).item() > 0.99
+
+
+def test_auto_on_a_cpu_without_bf16_is_fp32_channels_last_within_1e4(pipe, fixtures, monkeypatch):
+    import ccld.pipeline
+
+    monkeypatch.setattr(ccld.pipeline, "fast_bf16_cpu", lambda: False)  # as on an AVX2-only CPU
+    io = load_file(fixtures / "unet_io.safetensors")
+    x, t, e = io["x"], io["t"], io["embed"]
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pipe.autocast():
+        exact, exact_pixels = pipe.unet(x, t, e), pipe.decode(z)
+    pipe.to(precision="auto")
+    try:
+        assert pipe.precision == "fp32" and pipe.channels_last
+        assert pipe.unet.net[0].main[0].weight.is_contiguous(memory_format=torch.channels_last)
+        with pipe.autocast():
+            fast, fast_pixels = pipe.unet(x, t, e), pipe.decode(z)
+        assert max_rel_err(fast, exact) < 1e-4 and max_rel_err(fast_pixels, exact_pixels) < 1e-4
+    finally:
+        pipe.to(precision="fp32")
+    assert not pipe.channels_last
+    assert pipe.unet.net[0].main[0].weight.is_contiguous()  # explicit fp32: the reference layout

@@ -15,7 +15,8 @@ from . import sampling
 from ._version import __version__
 from .errors import CCLDError
 from .loading import add_model_options, describe_checkpoint, download_defaults, load_pipeline
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
+from .pipeline import (DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH,
+                       REFERENCE_METHOD, REFERENCE_PRECISION, REFERENCE_STEPS)
 
 
 def next_index(out: Path) -> int:
@@ -24,9 +25,23 @@ def next_index(out: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+def apply_recipe(args) -> None:
+    """Fills the sampling options left out: the reference demo's recipe with --reference (plms,
+    15 steps, contiguous fp32; the latent scale is the model's own reference one either way),
+    else the fast defaults. Options given explicitly always win."""
+    reference = getattr(args, "reference", False)
+    if getattr(args, "method", "") is None:
+        args.method = REFERENCE_METHOD if reference else DEFAULT_METHOD
+    if getattr(args, "steps", 0) is None:
+        args.steps = REFERENCE_STEPS if reference else DEFAULT_STEPS
+    if args.precision is None:
+        args.precision = REFERENCE_PRECISION if reference else "auto"
+
+
 def cmd_generate(args) -> int:
     from .images import make_grid, save_png
 
+    apply_recipe(args)
     if args.n < 1:
         raise CCLDError(f"-n must be at least 1 (got {args.n})")
     if args.steps < 1:
@@ -39,6 +54,8 @@ def cmd_generate(args) -> int:
     except OSError as e:
         raise CCLDError(f"{out}: cannot create the output folder ({e.strerror}); pass another --out") from None
     pipe = load_pipeline(args)
+    if args.compile:
+        compile_unet(pipe, args)
     images = pipe(args.prompts, image_prompts=args.image_prompt, num_images=args.n,
                   steps=args.steps, method=args.method, guidance=args.guidance, seed=args.seed,
                   eta=args.eta, init_image=args.init_image,
@@ -54,6 +71,18 @@ def cmd_generate(args) -> int:
         save_png(make_grid(images), path, {**json.loads(images[0].info["parameters"]), "grid": True})
         print(path)
     return 0
+
+
+def compile_unet(pipe, args) -> None:
+    """torch.compile the U-Net and warm it up on this run's shapes, saying what it cost."""
+    import time
+
+    started = time.perf_counter()
+    pipe.compile()
+    pipe.generate_latents(args.prompts, args.image_prompt, num_images=args.n, steps=1,
+                          method=args.method, guidance=args.guidance, seed=args.seed,
+                          init_image=args.init_image)
+    print(f"ccld: torch.compile warm-up took {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
 def cmd_download(args) -> int:
@@ -89,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="paint pictures from prompts",
                        description="Paint pictures from text and image prompts. Each PNG records "
-                       "its parameters; the same seed and settings paint the same picture.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "its parameters; the same seed and settings paint the same picture.")
     g.add_argument("prompts", nargs="*", metavar="PROMPT[:WEIGHT]",
                    help="text prompts; a weight after the last colon (negative steers away)")
     g.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
@@ -98,18 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", metavar="PATH", help="start from this image (image to image)")
     g.add_argument("--strength", type=float, default=None,
                    help=f"how far to noise the init image, 0..1 (default {DEFAULT_STRENGTH})")
-    g.add_argument("-n", type=int, default=1, help="number of images")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
-    g.add_argument("--method", default=DEFAULT_METHOD, choices=list(sampling.SAMPLERS),
-                   help="sampler")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic)")
+    g.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default {DEFAULT_STEPS}; {REFERENCE_STEPS} with --reference)")
+    g.add_argument("--method", default=None, choices=list(sampling.SAMPLERS),
+                   help=f"sampler (default {DEFAULT_METHOD}; {REFERENCE_METHOD} with --reference)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default 0: deterministic)")
     g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help="default prompt weight (classifier-free guidance scale)")
+                   help=f"default prompt weight (classifier-free guidance scale, default "
+                        f"{DEFAULT_GUIDANCE:g})")
     g.add_argument("--latent-scale", type=float, default=None,
-                   help="latent scale for decoding (default: the U-Net's stored "
-                        "autoencoder_scale; the original demo decoded with 2.55)")
-    g.add_argument("--out", default="out", help="output folder")
+                   help="latent scale for decoding (default: 2.55 for the published WikiArt "
+                        "models, as their demos decode; else the U-Net's stored autoencoder_scale)")
+    g.add_argument("--reference", action="store_true",
+                   help=f"the reference demo's exact recipe: {REFERENCE_METHOD}, "
+                        f"{REFERENCE_STEPS} steps, contiguous {REFERENCE_PRECISION} (options given "
+                        "explicitly still win)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net first (pays a warm-up, reported; worth it for "
+                        "many images)")
+    g.add_argument("--out", default="out", help="output folder (default out)")
     g.add_argument("--grid", action="store_true", help="also write grid.png")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_options(g)

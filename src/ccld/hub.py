@@ -17,6 +17,9 @@ DEFAULT_UNET = ("huggan/distill-ccld-wa", "model_student.ckpt")  # the 105M dist
 DEFAULT_AUTOENCODER = ("huggan/ccld_wa", "ae_model.ckpt", "ae_model.yaml")
 DEFAULT_CLOOB = "cloob_laion_400m_vit_b_16_16_epochs"
 TEACHER_REPO = "huggan/ccld_wa"  # the 1.2B WikiArt teacher, beside the autoencoder
+# The latent scale the published WikiArt models' demos (the student's notebook, JD-P's
+# cfg_sample.py for the teacher) decode with, whatever the checkpoint's buffer says.
+PUBLISHED_LATENT_SCALE = 2.55
 
 
 def _reason(e: Exception) -> str:

@@ -38,9 +38,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "its architecture is read from the weights")
     _add_encoder_arguments(g, "default: inferred from the checkpoint's file name")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: auto)")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="arithmetic: auto is fp16 on CUDA, bf16 on CPUs with native bf16 "
-                        "(AMX/AVX512-BF16), else fp32; fp32 is bit-faithful to the reference demo")
+    g.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="arithmetic (default auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
+                        "(AMX/AVX512-BF16), else fp32, all with channels-last convolutions); "
+                        "fp32 is contiguous and bit-faithful to the reference demo")
 
 
 def add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -63,7 +64,7 @@ def load_pipeline(args) -> CCLDPipeline:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return pipe.to(device, precision=args.precision)
+        return pipe.to(device, precision=args.precision or "auto")
     except (RuntimeError, AssertionError) as e:
         raise CCLDError(f"cannot use device {device!r} ({str(e).splitlines()[0][:120]}); "
                         "pass --device cpu or an available device") from None
