@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from ccld.cli import main
-from ccld.data import (ImageDataset, ShardedStream, open_image_source,
-                       open_training_data, prepare_pixels, sample_posterior)
 from ccld.errors import CCLDError
+from ccld.training.data import (ImageDataset, ShardedStream, open_image_source,
+                                open_training_data, prepare_pixels, sample_posterior)
 
 
 def write_synthetic_images(root: Path, count: int = 8) -> dict:
@@ -171,7 +171,7 @@ def test_posterior_sample_clamps_logvar_like_ldm():
 def test_autoencoder_scale_is_the_std_of_posterior_samples():
     from torch.utils.data import Dataset
 
-    from ccld.data import TrainingData
+    from ccld.training.data import TrainingData
     from ccld.training.commands import make_accelerator
     from ccld.training.encode import estimate_autoencoder_scale
 

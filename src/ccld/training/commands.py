@@ -116,7 +116,7 @@ def load_encoders(files: dict, need_autoencoder: bool = True, need_cloob: bool =
 
 
 def open_data(args):
-    from ..data import open_training_data
+    from .data import open_training_data
 
     return open_training_data(args.data, args.image_size, args.image_column)
 
@@ -313,7 +313,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_encode_dataset(args) -> int:
-    from ..data import check_image_size, open_image_source
+    from .data import check_image_size, open_image_source
     from .encode import DTYPES, encode_dataset
 
     check_image_size(args.image_size)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import (CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, EncodeItems, ImageSource,
-                    ShardedStream, TrainingData, collate_encode_items, encode_pixels, num_shards,
-                    read_cache_index, sample_posterior, shard_name)
 from ..errors import CCLDError
 from .checkpointing import atomic_write, remove_stale_temporaries, save_safetensors
+from .data import (CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, EncodeItems, ImageSource,
+                   ShardedStream, TrainingData, collate_encode_items, encode_pixels, num_shards,
+                   read_cache_index, sample_posterior, shard_name)
 from .engine import derive_seed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -32,10 +32,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
-from ..data import ShardedStream, TrainingData, encode_pixels, sample_posterior
 from ..errors import CCLDError
 from ..sampling import t_to_alpha_sigma
 from .checkpointing import CheckpointFolder, cpu_state, export_weights, remove_stale_temporaries
+from .data import ShardedStream, TrainingData, encode_pixels, sample_posterior
 from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
 from .ema import WARMUP_STEPS, ema_decay, ema_update
 from .logs import RunLog

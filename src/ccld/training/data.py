@@ -34,7 +34,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 
-from .errors import CCLDError
+from ..errors import CCLDError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CACHE_FORMAT = "ccld-latent-cache"
@@ -71,7 +71,7 @@ class ImageSource:
         return f"{self.parquet_files[f]} (row group {g}, row {r})"
 
     def read(self, i: int):
-        from .images import load_image
+        from ..images import load_image
 
         if self.paths is not None:
             return load_image(self.paths[i])
@@ -100,7 +100,7 @@ def decode_image_bytes(data: bytes, name: str):
     """An RGB image from encoded bytes, with the same checks and conversions as `load_image`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from .images import _READ_ERRORS, MAX_PIXELS, _to_rgb
+    from ..images import _READ_ERRORS, MAX_PIXELS, _to_rgb
 
     try:
         with warnings.catch_warnings():
@@ -220,7 +220,7 @@ def open_image_source(spec: str | os.PathLike, image_column: str = "image") -> I
 
 def prepare_pixels(image, size: int) -> torch.Tensor:
     """[3, size, size] in [0, 1]: short side to `size` (Lanczos), center crop, as the reference."""
-    from .images import pil_to_tensor, resize_and_center_crop
+    from ..images import pil_to_tensor, resize_and_center_crop
 
     return pil_to_tensor(resize_and_center_crop(image, size))
 
@@ -435,7 +435,7 @@ def num_shards(num_items: int, shard_size: int) -> int:
 @torch.no_grad()
 def encode_pixels(autoencoder, cloob, pixels: torch.Tensor):
     """`(mean, logvar, embed)` of images in [0, 1]: the frozen encoders' view of a batch."""
-    from .models.autoencoder import encode_moments
+    from ..models.autoencoder import encode_moments
 
     mean, logvar = encode_moments(autoencoder, pixels * 2 - 1)
     size = cloob.config["image_encoder"]["image_size"]
