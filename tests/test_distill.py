@@ -9,7 +9,7 @@ import torch
 from ccld.cli import main
 from ccld.models.unet import CCLDUNet
 from ccld.training.distill import DistillationObjective
-from ccld.training.engine import NoisedBatch
+from ccld.training.objective import NoisedBatch
 from test_data import write_synthetic_images
 from test_training import one_thread  # noqa: F401  (autouse: one thread for tiny nets)
 from test_training import QUIET, encode, encoder_options, narrow_autoencoder, state
@@ -47,7 +47,7 @@ def test_objective_targets_the_teacher_its_guidance_and_the_true_v():
     guided = DistillationObjective(teacher, guidance=3.0).teacher_velocity(batch)
     assert torch.allclose(guided, v_uncond + 3 * (v_cond - v_uncond), atol=1e-5)
     assert torch.allclose(guided[2], v_uncond[2], atol=1e-5)  # unconditional rows learn v_u
-    mixed, parts = DistillationObjective(teacher, true_v_weight=0.5).loss(student, batch)
+    mixed, parts = DistillationObjective(teacher, true_v_weight=0.5).match_teacher(student, batch)
     teacher_mse = (v_student - v_cond).square().mean()
     true_mse = (v_student - batch.v).square().mean()
     assert torch.allclose(parts["teacher_mse"], teacher_mse, atol=1e-5)

@@ -96,7 +96,7 @@ def test_ema_update_averages_parameters_and_copies_buffers():
 
 def test_noised_batch_follows_the_v_parameterisation():
     from ccld.sampling import t_to_alpha_sigma
-    from ccld.training.engine import noised_batch
+    from ccld.training.objective import noised_batch
 
     mean, logvar = torch.randn(64, 4, 2, 2), torch.full([64, 4, 2, 2], -60.0)  # a sharp posterior
     embed = torch.randn(64, 8)

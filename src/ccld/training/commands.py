@@ -153,7 +153,7 @@ def settings_from_args(args):
     return Settings(
         out=Path(args.out), batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
-        cond_drop=args.cond_drop, ema_decay_at=args.ema_decay_at,
+        ema_decay_at=args.ema_decay_at,
         ema_warmup_steps=args.ema_warmup_steps, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
@@ -259,19 +259,20 @@ def cmd_train(args) -> int:
     from .train import VelocityObjective
 
     def build(args, accelerator, resume, resume_path, embed_dim):
+        objective = VelocityObjective(args.cond_drop)
         if resume is not None:
             model, ema = unets_from_resume(resume, resume_path)
-            return model, ema, VelocityObjective(), True
+            return model, ema, objective, True
         if args.init:
             model, stored = load_unet_weights(args.init, "checkpoint to fine-tune")
             if args.base_channels is not None or args.channel_multipliers is not None:
                 raise CCLDError("--base-channels and --channel-multipliers are for training from "
                                 "scratch; --init takes the architecture from the checkpoint")
-            return model, None, VelocityObjective(), stored
+            return model, None, objective, stored
         base = args.base_channels or TEACHER_ARCHITECTURE[0]
         mults = parse_multipliers(args.channel_multipliers or TEACHER_ARCHITECTURE[1])
         torch.manual_seed(args.seed)  # the same initial weights on every process and run
-        return CCLDUNet(base, mults, embed_dim), None, VelocityObjective(), False
+        return CCLDUNet(base, mults, embed_dim), None, objective, False
 
     summary = run_training(args, "train", build)
     return 130 if summary["interrupted"] else 0
@@ -291,7 +292,7 @@ def cmd_distill(args) -> int:
     def build(args, accelerator, resume, resume_path, embed_dim):
         teacher, teacher_scale = load_unet_weights(args.teacher, "teacher checkpoint")
         objective = DistillationObjective(teacher, args.true_v_weight, args.distill_guidance,
-                                          accelerator.autocast)
+                                          args.cond_drop, accelerator.autocast)
         if resume is not None:
             model, ema = unets_from_resume(resume, resume_path)
             return model, ema, objective, True

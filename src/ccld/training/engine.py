@@ -1,9 +1,9 @@
-"""The training loop that `ccld train` and `ccld distill` share; they differ only in the loss.
+"""The training loop that `ccld train` and `ccld distill` share; they differ only in the objective.
 
 Every step, on each process: a batch of posterior moments and CLOOB embeddings (from the latent
-cache, or from images encoded on the fly), a posterior sample scaled by the U-Net's
-`autoencoder_scale`, quasi-random (Sobol) timesteps, the condition dropped to the zero embedding
-with probability `cond_drop`, and noise; then the objective's loss, AdamW, and the EMA update.
+cache, or from images encoded on the fly) goes to the objective (`objective.py`) with a seeded
+generator and the run's Sobol timesteps; the objective makes its inputs and targets and returns
+the loss; then gradient accumulation, AdamW, and the EMA update.
 
 Reproducibility: all the noise of step s on process r comes from a generator seeded by
 (seed, r, s, micro-batch), the Sobol sequence is fast-forwarded, and the data order is a seeded
@@ -12,7 +12,6 @@ stream, so a run resumed at step k continues exactly as if it had never stopped.
 Distribution is Accelerate's: the same code runs alone, under `accelerate launch` or `torchrun`;
 each process reads its own slice of every epoch, and only the main process writes files.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -33,12 +32,12 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from ..errors import CCLDError
-from ..sampling import t_to_alpha_sigma
 from .checkpointing import CheckpointFolder, cpu_state, export_weights, remove_stale_temporaries
-from .data import ShardedStream, TrainingData, encode_pixels, sample_posterior
+from .data import ShardedStream, TrainingData, encode_pixels
 from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
 from .ema import WARMUP_STEPS, ema_decay, ema_update
 from .logs import RunLog
+from .objective import LatentBatch, Objective, SobolTimesteps
 
 
 @dataclass
@@ -49,7 +48,6 @@ class Settings:
     max_steps: int | None = None  # None: until interrupted
     lr: float = 3e-5
     weight_decay: float = 0.01
-    cond_drop: float = 0.2
     ema_decay_at: int = 200_000
     ema_warmup_steps: int = WARMUP_STEPS
     seed: int = 0
@@ -66,31 +64,10 @@ class Settings:
     wandb_project: str | None = None
 
 
-@dataclass
-class NoisedBatch:
-    x: torch.Tensor  # noised latents alpha * x0 + sigma * noise
-    t: torch.Tensor
-    cond: torch.Tensor  # CLOOB embeddings, zero where dropped
-    v: torch.Tensor  # the true velocity alpha * noise - sigma * x0
-
-
 def derive_seed(*numbers: int) -> int:
     """A well-mixed 63-bit seed from several integers (nearby inputs give unrelated streams)."""
     return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(
         1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def noised_batch(mean, logvar, embed, scale, t, generator, cond_drop: float) -> NoisedBatch:
-    """The training input of one micro-batch; the noise is drawn on the CPU from `generator`."""
-    device = mean.device
-    posterior_noise = torch.randn(mean.shape, generator=generator).to(device)
-    keep = (torch.rand(mean.shape[0], generator=generator) > cond_drop).to(device)
-    noise = torch.randn(mean.shape, generator=generator).to(device)
-    x0 = sample_posterior(mean, logvar, posterior_noise) / scale
-    cond = torch.where(keep[:, None], embed.float(), torch.zeros_like(embed, dtype=torch.float32))
-    t = t.to(device)
-    alpha, sigma = (a[:, None, None, None] for a in t_to_alpha_sigma(t))
-    return NoisedBatch(x0 * alpha + noise * sigma, t, cond, noise * alpha - x0 * sigma)
 
 
 def make_trainable(unet: torch.nn.Module) -> torch.nn.Module:
@@ -194,13 +171,13 @@ class IntervalMeter:
 
 
 class Trainer:
-    """Runs an objective (`train.VelocityObjective`, `distill.DistillationObjective`) on a model.
+    """Minimises an objective (`train.VelocityObjective`, `distill.DistillationObjective`).
 
     `model` and `ema` are CPU or device U-Nets (raw and averaged weights); `resume` is a
     training checkpoint to continue from (its weights already in `model` and `ema`).
     """
 
-    def __init__(self, settings: Settings, objective, model, ema, data: TrainingData,
+    def __init__(self, settings: Settings, objective: Objective, model, ema, data: TrainingData,
                  accelerator, autoencoder=None, cloob=None, config: dict | None = None,
                  resume: dict | None = None):
         self.s = settings
@@ -295,8 +272,7 @@ class Trainer:
         unwrapped = acc.unwrap_model(model)
         scale = unwrapped.autoencoder_scale.float()
 
-        sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=derive_seed(s.seed, rank, 1))
-        sobol.fast_forward(samples)
+        timesteps = SobolTimesteps(derive_seed(s.seed, rank, 1), start=samples)
         self._print(f"ccld: {self.objective.kind} on {self.data.description} "
                     f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
                     f"{s.batch_size} x {s.grad_accum} accumulation per process), "
@@ -316,11 +292,10 @@ class Trainer:
                     batch = next(batches)
                     mean, logvar, embed = self.latents_of(batch)
                     generator = torch.Generator().manual_seed(derive_seed(s.seed, rank, step, micro))
-                    t = sobol.draw(mean.shape[0])[:, 0]
-                    nb = noised_batch(mean, logvar, embed, scale, t, generator, s.cond_drop)
+                    latents = LatentBatch(mean, logvar, embed, scale, generator, timesteps)
                     last = micro == s.grad_accum - 1
                     with contextlib.nullcontext() if last else acc.no_sync(model):
-                        loss, parts = self.objective.loss(model, nb)
+                        loss, parts = self.objective.loss(model, latents)
                         acc.backward(loss / s.grad_accum)
                     meter.add_micro_batch(loss, parts, batch, s.grad_accum)
                 samples += s.batch_size * s.grad_accum
