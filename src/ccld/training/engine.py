@@ -193,7 +193,50 @@ class Trainer:
         if not data.cached and (autoencoder is None or cloob is None):
             raise ValueError("training on images needs the autoencoder and CLOOB to encode them")
 
+    def fit(self) -> dict:
+        """Trains until --max-steps or a stop request, saves, and returns a summary of the run."""
+        self._setup()
+        with StopRequest() as stop:
+            # made inside, so that loader workers inherit the handler rather than die on Ctrl-C
+            batches = iter(self._loader(self.samples))
+            while self.s.max_steps is None or self.step < self.s.max_steps:
+                self._optimizer_step(batches)
+                self._log_if_due()
+                self._save_outputs_if_due()
+                if self._stop_requested(stop):
+                    self.interrupted = True
+                    break
+        return self._finish()
+
     # Setup
+
+    def _setup(self) -> None:
+        """The run folder and logs, the position to start from, the models and the optimizer."""
+        s, acc = self.s, self.acc
+        if s.batch_size < 1 or s.grad_accum < 1:
+            raise CCLDError("--batch-size and --grad-accum must be at least 1")
+        if s.batch_size > self.data.num_items // acc.num_processes:
+            raise CCLDError(f"--batch-size {s.batch_size} is more than the {self.data.num_items} "
+                            f"items give each of {acc.num_processes} processes; use a smaller "
+                            "batch or more data")
+        self.checkpoints = CheckpointFolder(s.out / "checkpoints", s.keep_checkpoints)
+        if acc.is_main_process:
+            (s.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(s.out / "checkpoints")
+            remove_stale_temporaries(s.out)
+        self.log = RunLog(s.out / "logs", acc.is_main_process, s.tensorboard, s.wandb_project,
+                          self.config)
+        self.step, self.samples = self._start_position()
+        self._prepare_models()
+        self.timesteps = SobolTimesteps(derive_seed(s.seed, acc.process_index, 1), self.samples)
+        self.meter = IntervalMeter(acc.device)
+        self.losses, self.step_times = [], []
+        self.last_saved = self.step if self.resume is not None else None
+        self.interrupted = False
+        self._print(f"ccld: {self.objective.kind} on {self.data.description} "
+                    f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
+                    f"{s.batch_size} x {s.grad_accum} accumulation per process), "
+                    f"autoencoder scale {float(self.scale):.4f}, from step {self.step}")
 
     def _start_position(self) -> tuple[int, int]:
         """(optimizer steps done, items this process has consumed)."""
@@ -212,6 +255,31 @@ class Trainer:
                         f"run has {world}; the data order within this epoch will differ")
         return step, samples
 
+    def _prepare_models(self) -> None:
+        """Everything on the device, AdamW, the resumed optimizer and random states, and the
+        model as Accelerate wraps it (`self.model`) beside the bare one (`self.raw_model`)."""
+        s, acc = self.s, self.acc
+        model = make_trainable(self.model).to(acc.device)
+        self.ema = self.ema.to(acc.device).eval().requires_grad_(False)
+        for part in (self.autoencoder, self.cloob):
+            if part is not None:
+                part.to(acc.device)
+        self.objective.to(acc.device)
+        if s.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=s.lr, weight_decay=s.weight_decay)
+        if self.resume is not None:
+            optimizer.load_state_dict(self.resume["optimizer"])
+            for group in optimizer.param_groups:  # the command line may change these on resume
+                group["lr"], group["weight_decay"] = s.lr, s.weight_decay
+            torch.set_rng_state(self.resume["rng"]["torch"])
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.resume is not None and acc.scaler is not None and "grad_scaler" in self.resume:
+            acc.scaler.load_state_dict(self.resume["grad_scaler"])
+        self.raw_model = acc.unwrap_model(self.model)
+        self.scale = self.raw_model.autoencoder_scale.float()
+
     def _print(self, *args):
         if self.acc.is_main_process:
             print(*args, flush=True)
@@ -222,190 +290,156 @@ class Trainer:
         return DataLoader(self.data.dataset, self.s.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.s.num_workers, pin_memory=self.acc.device.type == "cuda")
 
-    def latents_of(self, batch: dict):
-        """(mean, logvar, embed) of a loaded batch on the device, encoding images if need be."""
+    # One step
+
+    def _optimizer_step(self, batches) -> None:
+        """AdamW on the gradients of `grad_accum` micro-batches, then the EMA update."""
+        s, acc = self.s, self.acc
+        started = time.perf_counter()
+        for micro in range(s.grad_accum):
+            batch = next(batches)
+            latents = self._latent_batch(batch, micro)
+            last = micro == s.grad_accum - 1
+            # processes exchange gradients once per step, in the last micro-batch's backward
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                loss, parts = self.objective.loss(self.model, latents)
+                acc.backward(loss / s.grad_accum)
+            self.meter.add_micro_batch(loss, parts, batch, s.grad_accum)
+        self.samples += s.batch_size * s.grad_accum
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update(self.raw_model, self.ema,
+                   ema_decay(self.step, s.ema_decay_at, s.ema_warmup_steps))
+        self.step += 1
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize(acc.device)
+        self.step_times.append(time.perf_counter() - started)
+        self.meter.add_step(self.step_times[-1])
+
+    def _latent_batch(self, batch: dict, micro: int) -> LatentBatch:
+        """A loaded batch on the device, encoding images if need be, with its own generator."""
         device = self.acc.device
         if "pixels" in batch:
-            return encode_pixels(self.autoencoder, self.cloob,
-                                 batch["pixels"].to(device, non_blocking=True))
-        return tuple(batch[k].to(device, non_blocking=True) for k in ("mean", "logvar", "embed"))
+            mean, logvar, embed = encode_pixels(self.autoencoder, self.cloob,
+                                                batch["pixels"].to(device, non_blocking=True))
+        else:
+            mean, logvar, embed = (batch[k].to(device, non_blocking=True)
+                                   for k in ("mean", "logvar", "embed"))
+        seed = derive_seed(self.s.seed, self.acc.process_index, self.step, micro)
+        return LatentBatch(mean, logvar, embed, self.scale, torch.Generator().manual_seed(seed),
+                           self.timesteps)
 
-    # The loop
+    # After each step
 
-    def fit(self) -> dict:
-        s, acc = self.s, self.acc
-        if s.batch_size < 1 or s.grad_accum < 1:
-            raise CCLDError("--batch-size and --grad-accum must be at least 1")
-        if s.batch_size > self.data.num_items // acc.num_processes:
-            raise CCLDError(f"--batch-size {s.batch_size} is more than the {self.data.num_items} "
-                            f"items give each of {acc.num_processes} processes; use a smaller "
-                            "batch or more data")
-        device = acc.device
-        main = acc.is_main_process
-        rank = acc.process_index
-        ckpt_folder = CheckpointFolder(s.out / "checkpoints", s.keep_checkpoints)
-        if main:
-            (s.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(s.out / "checkpoints")
-            remove_stale_temporaries(s.out)
-        log = RunLog(s.out / "logs", main, s.tensorboard, s.wandb_project, self.config)
+    def _log_if_due(self) -> None:
+        s, step, kind = self.s, self.step, self.objective.kind
+        if step % s.log_every != 0 and step != s.max_steps:
+            return
+        values = self.meter.report(self.acc, kind)
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        values["ema_decay"] = ema_decay(step - 1, s.ema_decay_at, s.ema_warmup_steps)
+        self.log.scalars(step, values)
+        loss = values[f"{kind}/loss"]
+        self.losses.append((step, loss))
+        skipped = values["skipped_images"]
+        self._print(f"step {step}: loss {loss:.4f}, {values['steps_per_second']:.2f} steps/s"
+                    + (f", {skipped} unreadable images skipped" if skipped else ""))
 
-        step, samples = self._start_position()
-        model = make_trainable(self.model).to(device)
-        ema = self.ema.to(device).eval().requires_grad_(False)
-        for part in (self.autoencoder, self.cloob):
-            if part is not None:
-                part.to(device)
-        self.objective.to(device)
-        if s.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=s.lr, weight_decay=s.weight_decay)
-        if self.resume is not None:
-            optimizer.load_state_dict(self.resume["optimizer"])
-            for group in optimizer.param_groups:  # the command line may change these on resume
-                group["lr"], group["weight_decay"] = s.lr, s.weight_decay
-            torch.set_rng_state(self.resume["rng"]["torch"])
-        model, optimizer = acc.prepare(model, optimizer)
-        if self.resume is not None and acc.scaler is not None and "grad_scaler" in self.resume:
-            acc.scaler.load_state_dict(self.resume["grad_scaler"])
-        unwrapped = acc.unwrap_model(model)
-        scale = unwrapped.autoencoder_scale.float()
+    def _save_outputs_if_due(self) -> None:
+        s = self.s
+        if s.demo_every and (self.step - 1) % s.demo_every == 0 and self.acc.is_main_process:
+            self._demo()
+        if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+            self._save()
 
-        timesteps = SobolTimesteps(derive_seed(s.seed, rank, 1), start=samples)
-        self._print(f"ccld: {self.objective.kind} on {self.data.description} "
-                    f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
-                    f"{s.batch_size} x {s.grad_accum} accumulation per process), "
-                    f"autoencoder scale {float(scale):.4f}, from step {step}")
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop: every process must stop at the same step."""
+        requested = torch.tensor(float(stop.requested), device=self.acc.device)
+        if self.acc.num_processes > 1:
+            requested = self.acc.reduce(requested, "sum")
+        return requested.item() > 0
 
-        losses, step_times = [], []
-        meter = IntervalMeter(device)
-        last_saved = step if self.resume is not None else None
-        interrupted = False
-
-        with StopRequest() as stop:
-            # made inside, so that loader workers inherit the handler rather than die on Ctrl-C
-            batches = iter(self._loader(samples))
-            while s.max_steps is None or step < s.max_steps:
-                started = time.perf_counter()
-                for micro in range(s.grad_accum):
-                    batch = next(batches)
-                    mean, logvar, embed = self.latents_of(batch)
-                    generator = torch.Generator().manual_seed(derive_seed(s.seed, rank, step, micro))
-                    latents = LatentBatch(mean, logvar, embed, scale, generator, timesteps)
-                    last = micro == s.grad_accum - 1
-                    with contextlib.nullcontext() if last else acc.no_sync(model):
-                        loss, parts = self.objective.loss(model, latents)
-                        acc.backward(loss / s.grad_accum)
-                    meter.add_micro_batch(loss, parts, batch, s.grad_accum)
-                samples += s.batch_size * s.grad_accum
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                ema_update(unwrapped, ema, ema_decay(step, s.ema_decay_at, s.ema_warmup_steps))
-                step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_times.append(time.perf_counter() - started)
-                meter.add_step(step_times[-1])
-
-                if step % s.log_every == 0 or step == s.max_steps:
-                    values = meter.report(acc, self.objective.kind)
-                    values["lr"] = optimizer.param_groups[0]["lr"]
-                    values["ema_decay"] = ema_decay(step - 1, s.ema_decay_at, s.ema_warmup_steps)
-                    log.scalars(step, values)
-                    loss_value = values[f"{self.objective.kind}/loss"]
-                    losses.append((step, loss_value))
-                    skipped = values["skipped_images"]
-                    self._print(f"step {step}: loss {loss_value:.4f}, "
-                                f"{values['steps_per_second']:.2f} steps/s"
-                                + (f", {skipped} unreadable images skipped" if skipped else ""))
-
-                if s.demo_every and (step - 1) % s.demo_every == 0 and main:
-                    self._demo(step, ema, log)
-                if s.checkpoint_every and step % s.checkpoint_every == 0:
-                    self._save(step, samples, model, ema, optimizer, ckpt_folder, log)
-                    last_saved = step
-                requested = torch.tensor(float(stop.requested), device=device)
-                if acc.num_processes > 1:  # every process must stop at the same step
-                    requested = acc.reduce(requested, "sum")
-                if requested.item() > 0:
-                    interrupted = True
-                    break
-
-        if last_saved != step:
-            self._save(step, samples, model, ema, optimizer, ckpt_folder, log)
-        log.close()
-        warm = min(2, max(0, len(step_times) - 1))  # the first steps pay for start-up
-        timed = step_times[warm:]
-        summary = {"step": step, "losses": losses, "interrupted": interrupted,
-                   "checkpoint": str(ckpt_folder.last),
-                   "autoencoder_scale": float(scale),
-                   "steps_per_second": len(timed) / sum(timed) if timed else float("nan")}
-        if interrupted:
-            self._print(f"ccld: stopped at step {step}; saved {ckpt_folder.last}; continue with "
-                        "--resume")
-        return summary
+    def _finish(self) -> dict:
+        """The last checkpoint unless the last step has one; the run's summary."""
+        if self.last_saved != self.step:
+            self._save()
+        self.log.close()
+        warm = min(2, max(0, len(self.step_times) - 1))  # the first steps pay for start-up
+        timed = self.step_times[warm:]
+        if self.interrupted:
+            self._print(f"ccld: stopped at step {self.step}; saved {self.checkpoints.last}; "
+                        "continue with --resume")
+        return {"step": self.step, "losses": self.losses, "interrupted": self.interrupted,
+                "checkpoint": str(self.checkpoints.last),
+                "autoencoder_scale": float(self.scale),
+                "steps_per_second": len(timed) / sum(timed) if timed else float("nan")}
 
     # Outputs
 
-    def _demo(self, step, ema, log):
+    def _demo(self) -> None:
         if self.autoencoder is None or self.cloob is None:
             return
         from ..images import save_png
 
-        rows = self.objective.demo_rows(ema)
-        grid = render_demo(rows, self.autoencoder, self.cloob, self.s.demo_prompts,
-                           self.data.latent_shape, self.s.demo_steps, self.s.demo_guidance,
-                           self.s.seed, self.acc.autocast)
-        caption = demo_caption(rows, self.s.demo_prompts)
-        folder = self.s.out / "demo"
+        s, step = self.s, self.step
+        rows = self.objective.demo_rows(self.ema)
+        grid = render_demo(rows, self.autoencoder, self.cloob, s.demo_prompts,
+                           self.data.latent_shape, s.demo_steps, s.demo_guidance, s.seed,
+                           self.acc.autocast)
+        folder = s.out / "demo"
         folder.mkdir(parents=True, exist_ok=True)
         path = save_png(grid, folder / f"demo-{step:08d}.png",
-                        {"step": step, "prompts": self.s.demo_prompts, "rows": [r for r, _ in rows],
-                         "method": "plms", "steps": self.s.demo_steps,
-                         "guidance": self.s.demo_guidance, "seed": self.s.seed})
-        log.image(step, "demo_grid", grid, caption)
-        log.event(step, {"demo": str(path)})
+                        {"step": step, "prompts": s.demo_prompts, "rows": [r for r, _ in rows],
+                         "method": "plms", "steps": s.demo_steps,
+                         "guidance": s.demo_guidance, "seed": s.seed})
+        self.log.image(step, "demo_grid", grid, demo_caption(rows, s.demo_prompts))
+        self.log.event(step, {"demo": str(path)})
 
-    def _save(self, step, samples, model, ema, optimizer, folder: CheckpointFolder, log):
+    def _save(self) -> None:
+        """A training checkpoint and the exported EMA weights (every process calls it: the
+        processes compare their weights first)."""
         from accelerate.utils import gather_object
 
-        from .. import __version__
-
-        acc = self.acc
-        unwrapped = acc.unwrap_model(model)
-        fingerprints = gather_object([weights_fingerprint(unwrapped)])
-        if acc.is_main_process:
+        step = self.step
+        fingerprints = gather_object([weights_fingerprint(self.raw_model)])
+        if self.acc.is_main_process:
             if len(set(fingerprints)) > 1:
                 print(f"ccld: warning: the processes' weights differ at step {step} "
                       f"({len(set(fingerprints))} versions); the checkpoint holds the main "
                       "process's", flush=True)
-            state = {**{f"model.{k}": v for k, v in cpu_state(unwrapped).items()},
-                     **{f"model_ema.{k}": v for k, v in cpu_state(ema).items()}}
-            rng = {"torch": torch.get_rng_state(), "seed": self.s.seed,
-                   "sobol_draws": samples}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            checkpoint = {
-                "state_dict": state,
-                "optimizer": optimizer.state_dict(),
-                "global_step": step,
-                "data_position": {"samples_per_rank": samples, "world_size": acc.num_processes,
-                                  "seed": self.s.seed, "batch_size": self.s.batch_size,
-                                  "grad_accum": self.s.grad_accum},
-                "rng": rng,
-                "config": self.config,
-                "ccld": {"kind": self.objective.kind, "version": __version__},
-            }
-            if acc.scaler is not None:
-                checkpoint["grad_scaler"] = acc.scaler.state_dict()
-            path = folder.save(checkpoint, step)
-            exports = export_weights(ema, self.s.out, self.objective.export_stem)
-            log.event(step, {"checkpoint": str(path), "exports": [str(p) for p in exports],
-                             "replica_sha256": fingerprints,
-                             "replicas_in_sync": len(set(fingerprints)) == 1})
+            path = self.checkpoints.save(self._checkpoint(), step)
+            exports = export_weights(self.ema, self.s.out, self.objective.export_stem)
+            self.log.event(step, {"checkpoint": str(path), "exports": [str(p) for p in exports],
+                                  "replica_sha256": fingerprints,
+                                  "replicas_in_sync": len(set(fingerprints)) == 1})
             print(f"ccld: step {step}: saved {path} and {exports[0].name}", flush=True)
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
+        self.last_saved = step
+
+    def _checkpoint(self) -> dict:
+        """Everything a resumed run needs to continue exactly, in plain containers."""
+        from .. import __version__
+
+        s, acc = self.s, self.acc
+        state = {**{f"model.{k}": v for k, v in cpu_state(self.raw_model).items()},
+                 **{f"model_ema.{k}": v for k, v in cpu_state(self.ema).items()}}
+        rng = {"torch": torch.get_rng_state(), "seed": s.seed, "sobol_draws": self.samples}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint = {
+            "state_dict": state,
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.step,
+            "data_position": {"samples_per_rank": self.samples, "world_size": acc.num_processes,
+                              "seed": s.seed, "batch_size": s.batch_size,
+                              "grad_accum": s.grad_accum},
+            "rng": rng,
+            "config": self.config,
+            "ccld": {"kind": self.objective.kind, "version": __version__},
+        }
+        if acc.scaler is not None:
+            checkpoint["grad_scaler"] = acc.scaler.state_dict()
+        return checkpoint
 
 
 def check_positive(name: str, value, allow_zero: bool = False):
