@@ -370,21 +370,18 @@ class ShardedStream(Sampler):
     """
 
     def __init__(self, num_items: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 start: int = 0, shuffle: bool = True):
+                 start: int = 0):
         if num_items < world:
             raise CCLDError(f"{num_items} training items cannot be shared by {world} processes; "
                             "use more data or fewer processes")
         self.num_items, self.rank, self.world = num_items, rank, world
-        self.seed, self.start, self.shuffle = seed, start, shuffle
+        self.seed, self.start = seed, start
         self.per_rank = num_items // world
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                [self.seed, epoch]).generate_state(1)[0]))
-            order = torch.randperm(self.num_items, generator=g)
-        else:
-            order = torch.arange(self.num_items)
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [self.seed, epoch]).generate_state(1)[0]))
+        order = torch.randperm(self.num_items, generator=g)
         return order[:self.per_rank * self.world][self.rank::self.world]
 
     def __iter__(self):

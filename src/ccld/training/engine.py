@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import math
 import os
 import signal
 import threading
@@ -440,13 +439,6 @@ class Trainer:
         if acc.scaler is not None:
             checkpoint["grad_scaler"] = acc.scaler.state_dict()
         return checkpoint
-
-
-def check_positive(name: str, value, allow_zero: bool = False):
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and not math.isfinite(value)):
-        raise CCLDError(f"{name} must be {'at least 0' if allow_zero else 'positive'} (got {value})")
 
 
 def copy_for_ema(model: torch.nn.Module) -> torch.nn.Module:
