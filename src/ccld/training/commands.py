@@ -390,6 +390,9 @@ def cmd_evaluate(args) -> int:
 
 # The parser
 
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+
+
 def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> None:
     g = p.add_argument_group("optimisation (defaults: the reference recipe)")
     g.add_argument("--out", required=True, metavar="FOLDER",
@@ -434,59 +437,71 @@ def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> N
 
 
 def add_training_commands(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    add_encode_dataset_command(sub)
+    add_autoencoder_scale_command(sub)
+    add_train_command(sub)
+    add_distill_command(sub)
+    add_evaluate_command(sub)
 
-    e = sub.add_parser("encode-dataset", formatter_class=fmt,
+
+def add_encode_dataset_command(sub) -> None:
+    p = sub.add_parser("encode-dataset", formatter_class=HELP_FORMAT,
                        help="encode images once into latent shards for fast training",
                        description="One pass of the frozen autoencoder and CLOOB over a dataset, "
                        "storing each image's latent posterior (mean, log-variance) and CLOOB "
                        "image embedding in shards. Run it again to resume.")
-    add_data_options(e, cache_ok=False)
-    e.add_argument("--out", required=True, metavar="FOLDER", help="the cache folder to write")
-    e.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
-    e.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
-    e.add_argument("--dtype", default="float32", help="storage type of mean and log-variance "
+    add_data_options(p, cache_ok=False)
+    p.add_argument("--out", required=True, metavar="FOLDER", help="the cache folder to write")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
+    p.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
+    p.add_argument("--dtype", default="float32", help="storage type of mean and log-variance "
                    "(float32, float16, bfloat16)")
-    e.add_argument("--cpu", action="store_true", help="encode on the CPU even if a GPU is there")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_encoder_options(e, "default: the released ones, downloaded once")
-    e.set_defaults(func=cmd_encode_dataset)
+    p.add_argument("--cpu", action="store_true", help="encode on the CPU even if a GPU is there")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_encoder_options(p, "default: the released ones, downloaded once")
+    p.set_defaults(func=cmd_encode_dataset)
 
-    s = sub.add_parser("autoencoder-scale", formatter_class=fmt,
+
+def add_autoencoder_scale_command(sub) -> None:
+    p = sub.add_parser("autoencoder-scale", formatter_class=HELP_FORMAT,
                        help="measure the latent scale of a dataset",
                        description="The std of autoencoder posterior samples over a few batches, "
                        "as the reference's autoencoder_scale.py computes it.")
-    add_data_options(s)
-    s.add_argument("--batches", type=int, default=32, help="number of batches")
-    s.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    s.add_argument("--seed", type=int, default=0, help="seeds the order and the samples")
-    s.add_argument("--cpu", action="store_true", help="run on the CPU")
-    add_encoder_options(s, "images only; default: the released autoencoder")
-    s.set_defaults(func=cmd_autoencoder_scale)
+    add_data_options(p)
+    p.add_argument("--batches", type=int, default=32, help="number of batches")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--seed", type=int, default=0, help="seeds the order and the samples")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    add_encoder_options(p, "images only; default: the released autoencoder")
+    p.set_defaults(func=cmd_autoencoder_scale)
 
-    t = sub.add_parser("train", formatter_class=fmt,
+
+def add_train_command(sub) -> None:
+    p = sub.add_parser("train", formatter_class=HELP_FORMAT,
                        help="train or fine-tune a CCLD U-Net (teacher) on your images",
                        description="Train a CLOOB-conditioned latent diffusion U-Net on the "
                        "v objective, from scratch or fine-tuning a checkpoint. Runs on many GPUs "
                        "with `accelerate launch -m ccld train ...`.")
-    add_data_options(t)
-    m = t.add_argument_group("model")
+    add_data_options(p)
+    m = p.add_argument_group("model")
     m.add_argument("--init", metavar="CKPT",
                    help="fine-tune these weights (any U-Net file `ccld generate` reads)")
     m.add_argument("--base-channels", type=int, default=None,
                    help=f"from scratch: base width (default {TEACHER_ARCHITECTURE[0]})")
     m.add_argument("--channel-multipliers", default=None,
                    help=f"from scratch: four multipliers (default {TEACHER_ARCHITECTURE[1]})")
-    add_run_options(t, 3e-5, "latent scale (default: the --init checkpoint's, else measured)")
-    add_encoder_options(t, "default: recorded in the latent cache, else the released ones")
-    t.set_defaults(func=cmd_train)
+    add_run_options(p, 3e-5, "latent scale (default: the --init checkpoint's, else measured)")
+    add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
+    p.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("distill", formatter_class=fmt,
+
+def add_distill_command(sub) -> None:
+    p = sub.add_parser("distill", formatter_class=HELP_FORMAT,
                        help="distil a fast student from a teacher U-Net",
                        description="Train a student U-Net to match a frozen teacher's velocity "
                        "on noised latents of your data.")
-    add_data_options(d)
-    m = d.add_argument_group("models")
+    add_data_options(p)
+    m = p.add_argument_group("models")
     m.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher U-Net")
     m.add_argument("--student-init", metavar="CKPT", help="start the student from these weights")
     m.add_argument("--base-channels", type=int, default=None,
@@ -498,27 +513,29 @@ def add_training_commands(sub) -> None:
     m.add_argument("--distill-guidance", type=float, default=None, metavar="SCALE",
                    help="match the teacher's guided velocity at this scale (sample the student "
                         "with guidance 1 then)")
-    add_run_options(d, 1e-4, "latent scale (default: the teacher's)")
-    add_encoder_options(d, "default: recorded in the latent cache, else the released ones")
-    d.set_defaults(func=cmd_distill)
+    add_run_options(p, 1e-4, "latent scale (default: the teacher's)")
+    add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
+    p.set_defaults(func=cmd_distill)
 
-    v = sub.add_parser("evaluate", formatter_class=fmt,
+
+def add_evaluate_command(sub) -> None:
+    p = sub.add_parser("evaluate", formatter_class=HELP_FORMAT,
                        help="compare a student with its teacher",
                        description="Sample teacher and student from the same noise and prompts; "
                        "report v-MSE, image PSNR, CLOOB text-image similarity and time per "
                        "image as a table and JSON.")
-    v.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: the demo prompts)")
-    v.add_argument("--teacher", required=True, metavar="CKPT")
-    v.add_argument("--student", required=True, metavar="CKPT")
-    v.add_argument("--prompts-file", metavar="TXT", help="prompts, one a line")
-    v.add_argument("-n", type=int, default=4, help="images per prompt")
-    v.add_argument("--steps", type=int, default=15, help="sampling steps")
-    v.add_argument("--method", default="plms", help="sampler")
-    v.add_argument("--guidance", type=float, default=3.0, help="guidance scale")
-    v.add_argument("--seed", type=int, default=0, help="noise seed (prompt i uses seed + i)")
-    v.add_argument("--size", type=int, default=256, help="image size in pixels")
-    v.add_argument("--json", default="evaluation.json", help="where to write the results")
-    v.add_argument("--images", metavar="FOLDER", help="also write teacher/student comparison grids")
-    v.add_argument("--cpu", action="store_true", help="run on the CPU")
-    add_encoder_options(v, "default: the released ones")
-    v.set_defaults(func=cmd_evaluate)
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: the demo prompts)")
+    p.add_argument("--teacher", required=True, metavar="CKPT")
+    p.add_argument("--student", required=True, metavar="CKPT")
+    p.add_argument("--prompts-file", metavar="TXT", help="prompts, one a line")
+    p.add_argument("-n", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=15, help="sampling steps")
+    p.add_argument("--method", default="plms", help="sampler")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i uses seed + i)")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels")
+    p.add_argument("--json", default="evaluation.json", help="where to write the results")
+    p.add_argument("--images", metavar="FOLDER", help="also write teacher/student comparison grids")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    add_encoder_options(p, "default: the released ones")
+    p.set_defaults(func=cmd_evaluate)
