@@ -249,6 +249,38 @@ def test_encode_dataset_writes_resumable_shards(fixtures, sources, tmp_path, cap
     assert "different shard_size" in capsys.readouterr().err
 
 
+def test_commands_print_info_on_stdout_and_warnings_on_stderr_once(fixtures, sources, capsys):
+    # two commands in one Python process: the console handlers are not added twice
+    runs = []
+    for _ in range(2):
+        assert main(["autoencoder-scale", "--data", str(sources["folder"]), "--image-size", "64",
+                     "--batches", "2", "--batch-size", "8", "--num-workers", "0",
+                     *encoder_args(fixtures)]) == 0
+        runs.append(capsys.readouterr())
+    assert runs[0] == runs[1]
+    out, err = runs[0]
+    float(out)  # the measured scale alone
+    warnings = err.splitlines()
+    assert warnings and all(w.startswith("ccld: warning: skipping an unreadable image: ")
+                            and "corrupt.png" in w for w in warnings), err
+
+
+def test_only_the_main_process_speaks(capsys):
+    import logging
+
+    from ccld.training.logs import setup_logging
+
+    logger = logging.getLogger("ccld.training.test")
+    try:
+        setup_logging(main_process=False)
+        logger.warning("from another process")
+        assert capsys.readouterr() == ("", "")
+    finally:
+        setup_logging(main_process=True)
+    logger.info("ccld: from the main process")
+    assert capsys.readouterr() == ("ccld: from the main process\n", "")
+
+
 def test_incomplete_cache_is_refused(fixtures, sources, tmp_path):
     out = tmp_path / "cache"
     assert main(["encode-dataset", "--data", str(sources["list"]), "--out", str(out),

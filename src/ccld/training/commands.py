@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from ..errors import CCLDError
 
 TEACHER_ARCHITECTURE = (192, "4,4,8,8")  # the WikiArt teacher
 STUDENT_ARCHITECTURE = (192, "1,1,2,2")  # the distilled WikiArt student
+
+logger = logging.getLogger(__name__)
 
 
 # Shared pieces
@@ -47,6 +50,16 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
         # (notebooks, tests, the benchmark) may each ask for their own precision.
         AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def start_command(mixed_precision: str = "no", cpu: bool = False):
+    """What every training command starts with: its accelerator, and the console messages of
+    its main process."""
+    from .logs import setup_logging
+
+    accelerator = make_accelerator(mixed_precision, cpu)
+    setup_logging(accelerator.is_main_process)
+    return accelerator
 
 
 def add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -210,9 +223,8 @@ def settle_autoencoder_scale(model, args, stored: bool, data, accelerator, autoe
 
         value = estimate_autoencoder_scale(data, accelerator, autoencoder, args.scale_batches,
                                            args.batch_size, args.seed, args.num_workers)
-        if accelerator.is_main_process:
-            print(f"ccld: autoencoder scale {value:.4f} (std of posterior samples of "
-                  f"{args.scale_batches} batches); pass --autoencoder-scale to fix it", flush=True)
+        logger.info(f"ccld: autoencoder scale {value:.4f} (std of posterior samples of "
+                    f"{args.scale_batches} batches); pass --autoencoder-scale to fix it")
     model.autoencoder_scale.fill_(torch.tensor(value))
 
 
@@ -223,7 +235,7 @@ def run_training(args, kind: str, build):
 
     check_settings(args)
     settings = settings_from_args(args)
-    accelerator = make_accelerator(args.mixed_precision, args.cpu)
+    accelerator = start_command(args.mixed_precision, args.cpu)
     data = open_data(args)
     resume, resume_path = find_resume(args, kind)
     autoencoder = cloob = None
@@ -323,17 +335,16 @@ def cmd_encode_dataset(args) -> int:
             raise CCLDError(f"{name} must be at least 1 (got {value})")
     if args.dtype not in DTYPES:
         raise CCLDError(f"--dtype must be one of {', '.join(DTYPES)}")
-    accelerator = make_accelerator("no", args.cpu)
+    accelerator = start_command("no", args.cpu)
     source = open_image_source(args.data, args.image_column)
     files = resolve_encoder_files(encoder_files(args), accelerator)
     autoencoder, cloob = load_encoders(files)
     index = encode_dataset(source, Path(args.out), autoencoder, cloob, accelerator,
                            args.image_size, args.batch_size, args.shard_size, args.dtype,
                            args.num_workers, files, progress=not args.quiet)
-    if accelerator.is_main_process:
-        print(f"ccld: encoded {index['num_encoded']} images into {args.out} "
-              f"({index['num_shards']} shards, {index['num_skipped']} unreadable images skipped)")
-        print(f"train with: ccld train --data {args.out} ...")
+    logger.info(f"ccld: encoded {index['num_encoded']} images into {args.out} "
+                f"({index['num_shards']} shards, {index['num_skipped']} unreadable images skipped)")
+    logger.info(f"train with: ccld train --data {args.out} ...")
     return 0
 
 
@@ -342,7 +353,7 @@ def cmd_autoencoder_scale(args) -> int:
 
     if args.batches < 1 or args.batch_size < 1:
         raise CCLDError("--batches and --batch-size must be at least 1")
-    accelerator = make_accelerator("no", args.cpu)
+    accelerator = start_command("no", args.cpu)
     data = open_data(args)
     autoencoder = None
     if not data.cached:
@@ -367,13 +378,13 @@ def cmd_evaluate(args) -> int:
     if args.method not in sampling.SAMPLERS:
         raise CCLDError(f"unknown method {args.method!r}; choose from {', '.join(sampling.SAMPLERS)}")
     prompts = list(args.prompts) or read_demo_prompts(args.prompts_file)
-    accelerator = make_accelerator("no", args.cpu)
+    accelerator = start_command("no", args.cpu)
     device = accelerator.device
     teacher = load_unet(args.teacher).to(device)
     student = load_unet(args.student).to(device)
     if abs(float(teacher.autoencoder_scale) - float(student.autoencoder_scale)) > 1e-6:
-        print(f"ccld: warning: the teacher's latent scale {float(teacher.autoencoder_scale):.4f} "
-              f"differs from the student's {float(student.autoencoder_scale):.4f}")
+        logger.warning(f"the teacher's latent scale {float(teacher.autoencoder_scale):.4f} "
+                       f"differs from the student's {float(student.autoencoder_scale):.4f}")
     files = resolve_encoder_files(encoder_files(args), accelerator)
     autoencoder, cloob = load_encoders(files)
     result = evaluate_student(teacher, student, autoencoder.to(device), cloob.to(device), prompts,
@@ -384,7 +395,7 @@ def cmd_evaluate(args) -> int:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(f"wrote {out}")
+    logger.info(f"wrote {out}")
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import io
 import json
+import logging
 import math
 import os
 import warnings
@@ -35,6 +36,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import CCLDError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CACHE_FORMAT = "ccld-latent-cache"
@@ -254,7 +257,7 @@ class ImageDataset(Dataset):
             try:
                 pixels = prepare_pixels(self.source.read(j), self.size)
             except CCLDError as e:
-                print(f"ccld: skipping an unreadable image: {e}", flush=True)
+                logger.warning(f"skipping an unreadable image: {e}")
                 continue
             return {"pixels": pixels, "skipped": skipped}
         raise CCLDError(f"{self.source.description}: {min(n, 1000)} unreadable images in a row "

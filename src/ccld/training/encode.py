@@ -10,6 +10,7 @@ several processes each encodes every world-size-th shard.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .data import (CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, EncodeItems, ImageS
                    ShardedStream, TrainingData, collate_encode_items, encode_pixels, num_shards,
                    read_cache_index, sample_posterior, shard_name)
 from .engine import derive_seed
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # what must match for an existing cache folder to be continued rather than refused
@@ -108,7 +111,7 @@ def encode_dataset(source: ImageSource, out: Path, autoencoder, cloob, accelerat
         for batch in loader:
             failed += batch["failed"]
             for i, reason in batch["failed"]:
-                tqdm.write(f"ccld: skipping an unreadable image: {reason}")
+                logger.warning(f"skipping an unreadable image: {reason}")
             if len(batch["index"]):
                 mean, logvar, embed = encode_pixels(autoencoder, cloob, batch["pixels"].to(device))
                 parts["mean"].append(mean.to("cpu", DTYPES[dtype]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import signal
 import threading
@@ -37,6 +38,8 @@ from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
 from .ema import WARMUP_STEPS, ema_decay, ema_update
 from .logs import RunLog
 from .objective import LatentBatch, Objective, SobolTimesteps
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,8 +129,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nccld: stopping after this step and saving a checkpoint (interrupt again to "
-              "stop at once, losing the steps since the last checkpoint)", flush=True)
+        logger.info("\nccld: stopping after this step and saving a checkpoint (interrupt again "
+                    "to stop at once, losing the steps since the last checkpoint)")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -232,7 +235,7 @@ class Trainer:
         self.losses, self.step_times = [], []
         self.last_saved = self.step if self.resume is not None else None
         self.interrupted = False
-        self._print(f"ccld: {self.objective.kind} on {self.data.description} "
+        logger.info(f"ccld: {self.objective.kind} on {self.data.description} "
                     f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
                     f"{s.batch_size} x {s.grad_accum} accumulation per process), "
                     f"autoencoder scale {float(self.scale):.4f}, from step {self.step}")
@@ -243,15 +246,16 @@ class Trainer:
             return 0, 0
         pos = self.resume["data_position"]
         if int(pos["seed"]) != self.s.seed:
-            self._print(f"ccld: continuing with the run's seed {pos['seed']}, not --seed {self.s.seed}")
+            logger.warning(f"continuing with the run's seed {pos['seed']}, not --seed "
+                           f"{self.s.seed}")
             self.s.seed = int(pos["seed"])
         step = int(self.resume["global_step"])
         samples = int(pos["samples_per_rank"])
         world = self.acc.num_processes
         if int(pos["world_size"]) != world:
             samples = samples * int(pos["world_size"]) // world
-            self._print(f"ccld: the checkpoint was written by {pos['world_size']} processes, this "
-                        f"run has {world}; the data order within this epoch will differ")
+            logger.warning(f"the checkpoint was written by {pos['world_size']} processes, this "
+                           f"run has {world}; the data order within this epoch will differ")
         return step, samples
 
     def _prepare_models(self) -> None:
@@ -278,10 +282,6 @@ class Trainer:
             acc.scaler.load_state_dict(self.resume["grad_scaler"])
         self.raw_model = acc.unwrap_model(self.model)
         self.scale = self.raw_model.autoencoder_scale.float()
-
-    def _print(self, *args):
-        if self.acc.is_main_process:
-            print(*args, flush=True)
 
     def _loader(self, start: int) -> DataLoader:
         sampler = ShardedStream(self.data.num_items, self.acc.process_index,
@@ -341,7 +341,7 @@ class Trainer:
         loss = values[f"{kind}/loss"]
         self.losses.append((step, loss))
         skipped = values["skipped_images"]
-        self._print(f"step {step}: loss {loss:.4f}, {values['steps_per_second']:.2f} steps/s"
+        logger.info(f"step {step}: loss {loss:.4f}, {values['steps_per_second']:.2f} steps/s"
                     + (f", {skipped} unreadable images skipped" if skipped else ""))
 
     def _save_outputs_if_due(self) -> None:
@@ -366,7 +366,7 @@ class Trainer:
         warm = min(2, max(0, len(self.step_times) - 1))  # the first steps pay for start-up
         timed = self.step_times[warm:]
         if self.interrupted:
-            self._print(f"ccld: stopped at step {self.step}; saved {self.checkpoints.last}; "
+            logger.info(f"ccld: stopped at step {self.step}; saved {self.checkpoints.last}; "
                         "continue with --resume")
         return {"step": self.step, "losses": self.losses, "interrupted": self.interrupted,
                 "checkpoint": str(self.checkpoints.last),
@@ -403,15 +403,15 @@ class Trainer:
         fingerprints = gather_object([weights_fingerprint(self.raw_model)])
         if self.acc.is_main_process:
             if len(set(fingerprints)) > 1:
-                print(f"ccld: warning: the processes' weights differ at step {step} "
-                      f"({len(set(fingerprints))} versions); the checkpoint holds the main "
-                      "process's", flush=True)
+                logger.warning(f"the processes' weights differ at step {step} "
+                               f"({len(set(fingerprints))} versions); the checkpoint holds the "
+                               "main process's")
             path = self.checkpoints.save(self._checkpoint(), step)
             exports = export_weights(self.ema, self.s.out, self.objective.export_stem)
             self.log.event(step, {"checkpoint": str(path), "exports": [str(p) for p in exports],
                                   "replica_sha256": fingerprints,
                                   "replicas_in_sync": len(set(fingerprints)) == 1})
-            print(f"ccld: step {step}: saved {path} and {exports[0].name}", flush=True)
+            logger.info(f"ccld: step {step}: saved {path} and {exports[0].name}")
         self.acc.wait_for_everyone()
         self.last_saved = step
 
