@@ -12,6 +12,7 @@ stream, so a run resumed at step k continues exactly as if it had never stopped.
 Distribution is Accelerate's: the same code runs alone, under `accelerate launch` or `torchrun`;
 each process reads its own slice of every epoch, and only the main process writes files.
 """
+
 from __future__ import annotations
 
 import contextlib
