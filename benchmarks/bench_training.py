@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ccld.data import ImageSource, TrainingData, ImageDataset, LatentDataset
 from ccld.models.cloob import CLOOB, resolve_cloob_config
 from ccld.models.unet import CCLDUNet
 from ccld.training.commands import load_encoders, make_accelerator
+from ccld.training.data import ImageDataset, ImageSource, LatentDataset, TrainingData
 from ccld.training.encode import encode_dataset
 from ccld.training.engine import Settings, Trainer, copy_for_ema
 from ccld.training.train import VelocityObjective

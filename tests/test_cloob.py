@@ -7,8 +7,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ccld.errors import CCLDError
-from ccld.models.cloob import (BUILTIN_CONFIGS, SelfAttention, load_cloob, resolve_cloob_config,
-                               validate_cloob_config)
+from ccld.models.cloob import (
+    BUILTIN_CONFIGS,
+    SelfAttention,
+    load_cloob,
+    resolve_cloob_config,
+    validate_cloob_config,
+)
 from ccld.models.tokenizer import PromptTruncatedWarning
 from conftest import max_rel_err
 

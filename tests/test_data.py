@@ -8,50 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ccld.cli import main
-from ccld.data import (ImageDataset, ShardedStream, open_image_source,
-                       open_training_data, prepare_pixels, sample_posterior)
 from ccld.errors import CCLDError
-
-
-def write_synthetic_images(root: Path, count: int = 8) -> dict:
-    """`count` distinct small images of several sizes in a folder with a subfolder, one corrupt
-    PNG beside them, a path list of the good ones, and a WikiArt-layout parquet of all of them
-    (the corrupt one last; None without pyarrow). Returns the three sources."""
-    images = root / "images"
-    (images / "more").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        w, h = (80, 64) if i % 2 else (64, 96)
-        blocks = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
-        path = images / ("more" if i >= count // 2 else "") / f"painting{i}.png"
-        Image.fromarray(blocks).resize((w, h), Image.NEAREST).save(path)
-        paths.append(path)
-    corrupt = images / "corrupt.png"
-    corrupt.write_bytes(paths[0].read_bytes()[:60])  # a PNG cut short
-    path_list = root / "train.txt"
-    path_list.write_text("\n".join(str(p.relative_to(root)) for p in paths) + "\n\n")
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        return {"folder": images, "list": path_list, "parquet": None}
-    rows = [{"bytes": p.read_bytes(), "path": p.name} for p in paths]
-    rows.append({"bytes": b"not an image", "path": "broken.jpg"})
-    table = pa.table({"image": rows, "artist": list(range(len(rows))),
-                      "genre": [3] * len(rows), "style": [7] * len(rows)})
-    parquet = root / "wikiart" / "data" / "train-00000-of-00001.parquet"
-    parquet.parent.mkdir(parents=True)
-    pq.write_table(table, parquet, row_group_size=3)
-    return {"folder": images, "list": path_list, "parquet": parquet}
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    return write_synthetic_images(tmp_path_factory.mktemp("images"))
+from ccld.training.data import (
+    ImageDataset,
+    ShardedStream,
+    open_image_source,
+    open_training_data,
+    prepare_pixels,
+    sample_posterior,
+)
+from conftest import encoder_options
 
 
 def readable(source) -> list[bool]:
@@ -65,46 +33,46 @@ def readable(source) -> list[bool]:
     return ok
 
 
-def test_folder_is_searched_recursively_in_a_stable_order(sources):
-    source = open_image_source(sources["folder"])
+def test_folder_is_searched_recursively_in_a_stable_order(image_sources):
+    source = open_image_source(image_sources["folder"])
     names = [source.name(i) for i in range(len(source))]
     assert len(names) == 9 and names == sorted(names)
-    assert str(sources["folder"] / "more" / "painting7.png") in names
+    assert str(image_sources["folder"] / "more" / "painting7.png") in names
     assert sum(readable(source)) == 8  # the corrupt PNG is found but cannot be read
 
 
-def test_path_list_resolves_relative_paths_and_skips_blank_lines(sources):
-    source = open_image_source(sources["list"])
+def test_path_list_resolves_relative_paths_and_skips_blank_lines(image_sources):
+    source = open_image_source(image_sources["list"])
     assert len(source) == 8 and all(readable(source))
     assert Path(source.name(0)).is_absolute()
 
 
-def parquet(sources) -> Path:
-    if sources["parquet"] is None:
+def parquet(image_sources) -> Path:
+    if image_sources["parquet"] is None:
         pytest.skip("pyarrow is not installed (pip install 'ccld[train]')")
-    return sources["parquet"]
+    return image_sources["parquet"]
 
 
-def test_wikiart_parquet_file_and_folder(sources):
-    parquet(sources)
-    by_file = open_image_source(sources["parquet"])
-    by_folder = open_image_source(sources["parquet"].parents[1])  # found below data/
+def test_wikiart_parquet_file_and_folder(image_sources):
+    parquet(image_sources)
+    by_file = open_image_source(image_sources["parquet"])
+    by_folder = open_image_source(image_sources["parquet"].parents[1])  # found below data/
     assert len(by_file) == len(by_folder) == 9
     assert readable(by_file) == [True] * 8 + [False]
     assert np.array_equal(np.asarray(by_file.read(5)),
-                          np.asarray(open_image_source(sources["list"]).read(5)))
+                          np.asarray(open_image_source(image_sources["list"]).read(5)))
 
 
-def test_hub_dataset_id_reads_the_downloaded_parquet(sources, monkeypatch):
+def test_hub_dataset_id_reads_the_downloaded_parquet(image_sources, monkeypatch):
     import huggingface_hub
 
-    parquet(sources)
+    parquet(image_sources)
 
     calls = []
 
     def fake_snapshot_download(repo_id, repo_type, allow_patterns):
         calls.append((repo_id, repo_type))
-        return str(sources["parquet"].parents[1])
+        return str(image_sources["parquet"].parents[1])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert len(open_image_source("huggan/wikiart")) == 9
@@ -118,26 +86,26 @@ def test_hub_dataset_id_reads_the_downloaded_parquet(sources, monkeypatch):
         open_image_source("huggan/wikiart")
 
 
-def test_bad_sources_are_one_line_errors(tmp_path, sources):
-    parquet(sources)
+def test_bad_sources_are_one_line_errors(tmp_path, image_sources):
+    parquet(image_sources)
     (tmp_path / "empty").mkdir()
     table = pytest.importorskip("pyarrow").table({"pixels": [b"x"]})
     pytest.importorskip("pyarrow.parquet").write_table(table, tmp_path / "other.parquet")
     cases = [(tmp_path / "missing", "no such file or folder"),
              (tmp_path / "empty", "no images"),
              (tmp_path / "other.parquet", "no 'image' column"),
-             (sources["folder"] / "painting0.png", "a single image")]
+             (image_sources["folder"] / "painting0.png", "a single image")]
     for spec, message in cases:
         with pytest.raises(CCLDError, match=message) as e:
             open_image_source(spec)
         assert "\n" not in str(e.value)
 
 
-def test_reference_preprocessing_and_skipping(sources):
-    image = open_image_source(sources["list"]).read(1)  # 80x64
+def test_reference_preprocessing_and_skipping(image_sources):
+    image = open_image_source(image_sources["list"]).read(1)  # 80x64
     pixels = prepare_pixels(image, 64)
     assert pixels.shape == (3, 64, 64) and 0 <= pixels.min() and pixels.max() <= 1
-    dataset = ImageDataset(open_image_source(sources["folder"]), 64)
+    dataset = ImageDataset(open_image_source(image_sources["folder"]), 64)
     names = [Path(dataset.source.name(i)).name for i in range(len(dataset))]
     corrupt = names.index("corrupt.png")
     item = dataset[corrupt]  # replaced by the next readable image, and counted
@@ -171,8 +139,8 @@ def test_posterior_sample_clamps_logvar_like_ldm():
 def test_autoencoder_scale_is_the_std_of_posterior_samples():
     from torch.utils.data import Dataset
 
-    from ccld.data import TrainingData
     from ccld.training.commands import make_accelerator
+    from ccld.training.data import TrainingData
     from ccld.training.encode import estimate_autoencoder_scale
 
     class Latents(Dataset):  # posterior means of std 2 around 1, posterior std 1.5
@@ -192,19 +160,18 @@ def test_autoencoder_scale_is_the_std_of_posterior_samples():
 
 
 def encoder_args(fixtures):
-    return ["--autoencoder", str(fixtures / "autoencoder.ckpt"), "--cloob",
-            str(fixtures / "cloob.pkl"), "--cloob-config", str(fixtures / "cloob.json")]
+    return encoder_options(fixtures / "autoencoder.ckpt", fixtures)  # the plain fixture model
 
 
-def test_encode_dataset_writes_resumable_shards(fixtures, sources, tmp_path, capsys):
-    parquet(sources)
+def test_encode_dataset_writes_resumable_shards(fixtures, image_sources, tmp_path, capsys):
+    parquet(image_sources)
     from ccld.models.autoencoder import encode_moments, load_autoencoder
     from ccld.models.cloob import load_cloob
 
     out = tmp_path / "cache"
 
     def encode(shard_size=4):
-        return main(["encode-dataset", "--data", str(sources["parquet"]), "--out", str(out),
+        return main(["encode-dataset", "--data", str(image_sources["parquet"]), "--out", str(out),
                      "--image-size", "64", "--shard-size", str(shard_size), "--batch-size", "3",
                      "--num-workers", "0", "-q", *encoder_args(fixtures)])
 
@@ -217,7 +184,7 @@ def test_encode_dataset_writes_resumable_shards(fixtures, sources, tmp_path, cap
     # the cache holds the encoders' outputs for the reference preprocessing
     data = open_training_data(out)
     assert data.cached and data.num_items == 8 and data.latent_shape == (4, 8, 8)
-    source = open_image_source(sources["parquet"])
+    source = open_image_source(image_sources["parquet"])
     pixels = prepare_pixels(source.read(5), 64)[None]
     ae = load_autoencoder(fixtures / "autoencoder.ckpt")
     cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
@@ -249,9 +216,41 @@ def test_encode_dataset_writes_resumable_shards(fixtures, sources, tmp_path, cap
     assert "different shard_size" in capsys.readouterr().err
 
 
-def test_incomplete_cache_is_refused(fixtures, sources, tmp_path):
+def test_commands_print_info_on_stdout_and_warnings_on_stderr_once(fixtures, image_sources, capsys):
+    # two commands in one Python process: the console handlers are not added twice
+    runs = []
+    for _ in range(2):
+        assert main(["autoencoder-scale", "--data", str(image_sources["folder"]), "--image-size", "64",
+                     "--batches", "2", "--batch-size", "8", "--num-workers", "0",
+                     *encoder_args(fixtures)]) == 0
+        runs.append(capsys.readouterr())
+    assert runs[0] == runs[1]
+    out, err = runs[0]
+    float(out)  # the measured scale alone
+    warnings = err.splitlines()
+    assert warnings and all(w.startswith("ccld: warning: skipping an unreadable image: ")
+                            and "corrupt.png" in w for w in warnings), err
+
+
+def test_only_the_main_process_speaks(capsys):
+    import logging
+
+    from ccld.training.logs import setup_logging
+
+    logger = logging.getLogger("ccld.training.test")
+    try:
+        setup_logging(main_process=False)
+        logger.warning("from another process")
+        assert capsys.readouterr() == ("", "")
+    finally:
+        setup_logging(main_process=True)
+    logger.info("ccld: from the main process")
+    assert capsys.readouterr() == ("ccld: from the main process\n", "")
+
+
+def test_incomplete_cache_is_refused(fixtures, image_sources, tmp_path):
     out = tmp_path / "cache"
-    assert main(["encode-dataset", "--data", str(sources["list"]), "--out", str(out),
+    assert main(["encode-dataset", "--data", str(image_sources["list"]), "--out", str(out),
                  "--image-size", "64", "--shard-size", "4", "--num-workers", "0", "-q",
                  *encoder_args(fixtures)]) == 0
     index = json.loads((out / "index.json").read_text())

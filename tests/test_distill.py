@@ -9,27 +9,26 @@ import torch
 from ccld.cli import main
 from ccld.models.unet import CCLDUNet
 from ccld.training.distill import DistillationObjective
-from ccld.training.engine import NoisedBatch
-from test_data import write_synthetic_images
-from test_training import one_thread  # noqa: F401  (autouse: one thread for tiny nets)
-from test_training import QUIET, encode, encoder_options, narrow_autoencoder, state
+from ccld.training.objective import NoisedBatch
+from conftest import QUIET, encoder_options, state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(fixtures, tmp_path_factory):
-    """A tiny random teacher (16, 1,1,2,2), an initial student (8, 1,1,1,1) and a latent cache."""
-    root = tmp_path_factory.mktemp("distill")
-    sources = write_synthetic_images(root / "data")
-    autoencoder = narrow_autoencoder(fixtures, root / "models")
+def world(fixtures, narrow_autoencoder, latent_cache, tmp_path_factory):
+    """A tiny random teacher (16, 1,1,2,2), an initial student (8, 1,1,1,1) and the shared
+    latent cache."""
+    models = tmp_path_factory.mktemp("distill")
     torch.manual_seed(1)
     teacher = CCLDUNet(16, (1, 1, 2, 2))
     teacher.autoencoder_scale.fill_(0.35)
-    torch.save(teacher.state_dict(), root / "models" / "teacher.ckpt")
+    torch.save(teacher.state_dict(), models / "teacher.ckpt")
     torch.manual_seed(2)
-    torch.save(CCLDUNet(8, (1, 1, 1, 1)).state_dict(), root / "models" / "student.ckpt")
-    return {"cache": encode(sources["folder"], root / "cache", autoencoder, fixtures),
-            "teacher": root / "models" / "teacher.ckpt", "student": root / "models" / "student.ckpt",
-            "autoencoder": autoencoder, "fixtures": fixtures}
+    torch.save(CCLDUNet(8, (1, 1, 1, 1)).state_dict(), models / "student.ckpt")
+    return {"cache": latent_cache, "teacher": models / "teacher.ckpt",
+            "student": models / "student.ckpt", "autoencoder": narrow_autoencoder,
+            "fixtures": fixtures}
 
 
 def test_objective_targets_the_teacher_its_guidance_and_the_true_v():
@@ -47,7 +46,7 @@ def test_objective_targets_the_teacher_its_guidance_and_the_true_v():
     guided = DistillationObjective(teacher, guidance=3.0).teacher_velocity(batch)
     assert torch.allclose(guided, v_uncond + 3 * (v_cond - v_uncond), atol=1e-5)
     assert torch.allclose(guided[2], v_uncond[2], atol=1e-5)  # unconditional rows learn v_u
-    mixed, parts = DistillationObjective(teacher, true_v_weight=0.5).loss(student, batch)
+    mixed, parts = DistillationObjective(teacher, true_v_weight=0.5).match_teacher(student, batch)
     teacher_mse = (v_student - v_cond).square().mean()
     true_mse = (v_student - batch.v).square().mean()
     assert torch.allclose(parts["teacher_mse"], teacher_mse, atol=1e-5)

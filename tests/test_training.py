@@ -4,7 +4,6 @@ everywhere, every kind of input trains, and two processes stay in sync."""
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,60 +16,23 @@ import torch
 from ccld.cli import main
 from ccld.errors import CCLDError
 from ccld.training.ema import ema_decay, ema_update
-from test_data import write_synthetic_images
+from conftest import QUIET, encoder_options, state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--base-channels", "8", "--channel-multipliers", "1,1,1,1"]
-QUIET = ["--demo-every", "0", "--num-workers", "0", "--no-tensorboard"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny nets on a small shared machine: a second thread costs more than it gives
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def narrow_autoencoder(fixtures: Path, folder: Path) -> Path:
-    """The fixture autoencoder with its posterior log-variance lowered by 14, so that, like the
-    released KL-f8 model (and unlike random weights), the latents are mostly signal."""
-    ckpt = torch.load(fixtures / "autoencoder.ckpt", weights_only=True)
-    ckpt["state_dict"]["quant_conv.bias"][4:] -= 14
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, folder / "narrow.ckpt")
-    shutil.copy(fixtures / "autoencoder.yaml", folder / "narrow.yaml")
-    return folder / "narrow.ckpt"
-
-
-def encoder_options(autoencoder: Path, fixtures: Path) -> list[str]:
-    return ["--autoencoder", str(autoencoder), "--cloob", str(fixtures / "cloob.pkl"),
-            "--cloob-config", str(fixtures / "cloob.json")]
-
-
-def encode(source: Path, out: Path, autoencoder: Path, fixtures: Path) -> Path:
-    assert main(["encode-dataset", "--data", str(source), "--out", str(out), "--image-size", "64",
-                 "--num-workers", "0", "-q", *encoder_options(autoencoder, fixtures)]) == 0
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(fixtures, tmp_path_factory):
-    """Synthetic sources, the narrow autoencoder, and the 8 images encoded into a latent cache."""
-    root = tmp_path_factory.mktemp("train")
-    sources = write_synthetic_images(root / "data")
-    autoencoder = narrow_autoencoder(fixtures, root / "models")
-    cache = encode(sources["folder"], root / "cache", autoencoder, fixtures)
-    return {**sources, "autoencoder": autoencoder, "cache": cache, "fixtures": fixtures}
+def world(fixtures, image_sources, narrow_autoencoder, latent_cache):
+    """The shared image sources, narrow autoencoder and latent cache (conftest.py), by name."""
+    return {**image_sources, "autoencoder": narrow_autoencoder, "cache": latent_cache,
+            "fixtures": fixtures}
 
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
-def state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # The pieces
@@ -96,7 +58,7 @@ def test_ema_update_averages_parameters_and_copies_buffers():
 
 def test_noised_batch_follows_the_v_parameterisation():
     from ccld.sampling import t_to_alpha_sigma
-    from ccld.training.engine import noised_batch
+    from ccld.training.objective import noised_batch
 
     mean, logvar = torch.randn(64, 4, 2, 2), torch.full([64, 4, 2, 2], -60.0)  # a sharp posterior
     embed = torch.randn(64, 8)
@@ -214,7 +176,9 @@ def test_resume_equals_an_uninterrupted_run_and_ema_follows_the_schedule(world, 
         assert torch.equal(v, b["state_dict"][k]), k
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
-    losses = lambda out: [m["train/loss"] for m in metrics(out) if "train/loss" in m]
+    def losses(out):
+        return [m["train/loss"] for m in metrics(out) if "train/loss" in m]
+
     assert losses(whole) == losses(parts)
 
     # EMA after step k = d * EMA after step k-1 + (1 - d) * raw weights after step k, with d from

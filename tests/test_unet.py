@@ -4,10 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ccld.loading import describe_checkpoint
-from ccld.models.unet import infer_unet_config, load_unet
 from ccld.errors import CCLDError
-from ccld.models.unet import CCLDUNet
+from ccld.loading import describe_checkpoint
+from ccld.models.unet import CCLDUNet, infer_unet_config, load_unet
 from conftest import max_rel_err
 
 

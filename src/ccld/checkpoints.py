@@ -101,7 +101,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         if module.startswith("numpy.core") or module.startswith("numpy._core"):
             import numpy
             # numpy 2 renamed numpy.core to numpy._core; numpy 1 has only the old name.
-            new = module.replace("numpy.core", "numpy._core", 1) if module.startswith("numpy.core") else module
+            new = (module.replace("numpy.core", "numpy._core", 1) if module.startswith("numpy.core")
+                   else module)
             if int(numpy.__version__.split(".")[0]) >= 2:
                 module = new
             else:

@@ -15,8 +15,15 @@ from . import sampling
 from ._version import __version__
 from .errors import CCLDError
 from .loading import add_model_options, describe_checkpoint, download_defaults, load_pipeline
-from .pipeline import (DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH,
-                       REFERENCE_METHOD, REFERENCE_PRECISION, REFERENCE_STEPS)
+from .pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_METHOD,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    REFERENCE_METHOD,
+    REFERENCE_PRECISION,
+    REFERENCE_STEPS,
+)
 
 
 def next_index(out: Path) -> int:
@@ -52,7 +59,8 @@ def cmd_generate(args) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CCLDError(f"{out}: cannot create the output folder ({e.strerror}); pass another --out") from None
+        raise CCLDError(f"{out}: cannot create the output folder ({e.strerror}); "
+                        "pass another --out") from None
     pipe = load_pipeline(args)
     if args.compile:
         compile_unet(pipe, args)

@@ -78,7 +78,8 @@ def as_prompts(items: PromptsLike, default_weight: float, what: str) -> list[Pro
             out.append(item)
         elif isinstance(item, tuple):
             value, weight = item
-            out.append(Prompt(value, float(weight), str(value) if isinstance(value, (str, os.PathLike)) else what))
+            label = str(value) if isinstance(value, (str, os.PathLike)) else what
+            out.append(Prompt(value, float(weight), label))
         elif isinstance(item, (str, os.PathLike)) and what == "image prompt":
             path, weight = parse_weighted(str(item), default_weight, what, is_path=True)
             out.append(Prompt(path, weight, path))

@@ -30,8 +30,6 @@ from torch.nn import functional as F
 from ..checkpoints import load_state_file
 from ..errors import CCLDError
 
-
-
 # The network: diffusers' AutoencoderKL (DownEncoderBlock2D / UpDecoderBlock2D, SiLU, GroupNorm),
 # parameter for parameter
 
@@ -272,11 +270,15 @@ def _ldm_vae_tools():
     try:  # diffusers >= 0.28
         from diffusers.loaders.single_file_utils import (
             convert_ldm_vae_checkpoint,
+        )
+        from diffusers.loaders.single_file_utils import (
             create_vae_diffusers_config_from_ldm as create_config,
         )
     except ImportError:  # older diffusers: the same functions under their former names
         from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (
             convert_ldm_vae_checkpoint,
+        )
+        from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (
             create_vae_diffusers_config as _old_create,
         )
 

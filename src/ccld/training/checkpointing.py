@@ -11,50 +11,22 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from pathlib import Path
 
 import torch
 
+from .. import files
 from ..errors import CCLDError
 
 LAST = "last.ckpt"
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
-TEMP_SUFFIX = ".tmp"
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, write) -> Path:
-    """Calls `write(file)` on a temporary file beside `path`, then moves it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CCLDError(f"{path}: could not write it ({e.strerror or e}); free disk space or "
-                        "choose another --out; the previous checkpoint is untouched") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
+    """`ccld.files.atomic_write` with the message a failed checkpoint write deserves."""
+    return files.atomic_write(path, write, "checkpoint",
+                              "free disk space or choose another --out; the previous checkpoint "
+                              "is untouched")
 
 
 def save_torch(obj, path: Path) -> Path:
@@ -66,12 +38,6 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
     return atomic_write(path, lambda f: f.write(data))
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Deletes temporary files a killed process left behind (they are never complete)."""
-    for p in folder.glob(f".*{TEMP_SUFFIX}"):
-        p.unlink(missing_ok=True)
 
 
 def cpu_state(module: torch.nn.Module) -> dict:
@@ -102,7 +68,7 @@ class CheckpointFolder:
     def _point_last_at(self, path: Path, checkpoint: dict) -> None:
         # a hard link costs no space (teacher checkpoints are many GB); it goes in under a
         # temporary name and replaces last.ckpt in one rename, like every other write here
-        tmp = self.folder / f".{LAST}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+        tmp = files.temporary_name(self.last)
         try:
             os.link(path, tmp)
             os.replace(tmp, self.last)

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from ..errors import CCLDError
-from ..loading import (add_encoder_options, encoder_files, load_encoders, load_unet_weights,
-                       resolve_encoder_files)
+from ..loading import (
+    add_encoder_options,
+    encoder_files,
+    load_encoders,
+    load_unet_weights,
+    resolve_encoder_files,
+)
 
 TEACHER_ARCHITECTURE = (192, "4,4,8,8")  # the WikiArt teacher
 STUDENT_ARCHITECTURE = (192, "1,1,2,2")  # the distilled WikiArt student
+
+logger = logging.getLogger(__name__)
 
 
 # Shared pieces
@@ -51,6 +59,16 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
+def start_command(mixed_precision: str = "no", cpu: bool = False):
+    """What every training command starts with: its accelerator, and the console messages of
+    its main process."""
+    from .logs import setup_logging
+
+    accelerator = make_accelerator(mixed_precision, cpu)
+    setup_logging(accelerator.is_main_process)
+    return accelerator
+
+
 def add_data_options(p: argparse.ArgumentParser, cache_ok: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="SOURCE",
@@ -64,7 +82,7 @@ def add_data_options(p: argparse.ArgumentParser, cache_ok: bool = True) -> None:
 
 
 def open_data(args):
-    from ..data import open_training_data
+    from .data import open_training_data
 
     return open_training_data(args.data, args.image_size, args.image_column)
 
@@ -101,7 +119,7 @@ def settings_from_args(args):
     return Settings(
         out=Path(args.out), batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
-        cond_drop=args.cond_drop, ema_decay_at=args.ema_decay_at,
+        ema_decay_at=args.ema_decay_at,
         ema_warmup_steps=args.ema_warmup_steps, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
@@ -150,9 +168,8 @@ def settle_autoencoder_scale(model, args, stored: bool, data, accelerator, autoe
 
         value = estimate_autoencoder_scale(data, accelerator, autoencoder, args.scale_batches,
                                            args.batch_size, args.seed, args.num_workers)
-        if accelerator.is_main_process:
-            print(f"ccld: autoencoder scale {value:.4f} (std of posterior samples of "
-                  f"{args.scale_batches} batches); pass --autoencoder-scale to fix it", flush=True)
+        logger.info(f"ccld: autoencoder scale {value:.4f} (std of posterior samples of "
+                    f"{args.scale_batches} batches); pass --autoencoder-scale to fix it")
     model.autoencoder_scale.fill_(torch.tensor(value))
 
 
@@ -163,7 +180,7 @@ def run_training(args, kind: str, build):
 
     check_settings(args)
     settings = settings_from_args(args)
-    accelerator = make_accelerator(args.mixed_precision, args.cpu)
+    accelerator = start_command(args.mixed_precision, args.cpu)
     data = open_data(args)
     resume, resume_path = find_resume(args, kind)
     autoencoder = cloob = None
@@ -199,19 +216,20 @@ def cmd_train(args) -> int:
     from .train import VelocityObjective
 
     def build(args, accelerator, resume, resume_path, embed_dim):
+        objective = VelocityObjective(args.cond_drop)
         if resume is not None:
             model, ema = unets_from_resume(resume, resume_path)
-            return model, ema, VelocityObjective(), True
+            return model, ema, objective, True
         if args.init:
             model, stored = load_unet_weights(args.init, "checkpoint to fine-tune")
             if args.base_channels is not None or args.channel_multipliers is not None:
                 raise CCLDError("--base-channels and --channel-multipliers are for training from "
                                 "scratch; --init takes the architecture from the checkpoint")
-            return model, None, VelocityObjective(), stored
+            return model, None, objective, stored
         base = args.base_channels or TEACHER_ARCHITECTURE[0]
         mults = parse_multipliers(args.channel_multipliers or TEACHER_ARCHITECTURE[1])
         torch.manual_seed(args.seed)  # the same initial weights on every process and run
-        return CCLDUNet(base, mults, embed_dim), None, VelocityObjective(), False
+        return CCLDUNet(base, mults, embed_dim), None, objective, False
 
     summary = run_training(args, "train", build)
     return 130 if summary["interrupted"] else 0
@@ -231,7 +249,7 @@ def cmd_distill(args) -> int:
     def build(args, accelerator, resume, resume_path, embed_dim):
         teacher, teacher_scale = load_unet_weights(args.teacher, "teacher checkpoint")
         objective = DistillationObjective(teacher, args.true_v_weight, args.distill_guidance,
-                                          accelerator.autocast)
+                                          args.cond_drop, accelerator.autocast)
         if resume is not None:
             model, ema = unets_from_resume(resume, resume_path)
             return model, ema, objective, True
@@ -253,7 +271,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_encode_dataset(args) -> int:
-    from ..data import check_image_size, open_image_source
+    from .data import check_image_size, open_image_source
     from .encode import DTYPES, encode_dataset
 
     check_image_size(args.image_size)
@@ -262,17 +280,16 @@ def cmd_encode_dataset(args) -> int:
             raise CCLDError(f"{name} must be at least 1 (got {value})")
     if args.dtype not in DTYPES:
         raise CCLDError(f"--dtype must be one of {', '.join(DTYPES)}")
-    accelerator = make_accelerator("no", args.cpu)
+    accelerator = start_command("no", args.cpu)
     source = open_image_source(args.data, args.image_column)
     files = resolve_encoder_files(encoder_files(args), accelerator)
     autoencoder, cloob = load_encoders(files)
     index = encode_dataset(source, Path(args.out), autoencoder, cloob, accelerator,
                            args.image_size, args.batch_size, args.shard_size, args.dtype,
                            args.num_workers, files, progress=not args.quiet)
-    if accelerator.is_main_process:
-        print(f"ccld: encoded {index['num_encoded']} images into {args.out} "
-              f"({index['num_shards']} shards, {index['num_skipped']} unreadable images skipped)")
-        print(f"train with: ccld train --data {args.out} ...")
+    logger.info(f"ccld: encoded {index['num_encoded']} images into {args.out} "
+                f"({index['num_shards']} shards, {index['num_skipped']} unreadable images skipped)")
+    logger.info(f"train with: ccld train --data {args.out} ...")
     return 0
 
 
@@ -281,7 +298,7 @@ def cmd_autoencoder_scale(args) -> int:
 
     if args.batches < 1 or args.batch_size < 1:
         raise CCLDError("--batches and --batch-size must be at least 1")
-    accelerator = make_accelerator("no", args.cpu)
+    accelerator = start_command("no", args.cpu)
     data = open_data(args)
     autoencoder = None
     if not data.cached:
@@ -296,8 +313,8 @@ def cmd_autoencoder_scale(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .. import sampling
+    from ..files import atomic_write
     from ..models.unet import load_unet
-    from .checkpointing import atomic_write
     from .demo import read_demo_prompts
     from .evaluate import evaluate_student, format_table
 
@@ -305,13 +322,13 @@ def cmd_evaluate(args) -> int:
         raise CCLDError("-n and --steps must be at least 1")
     sampling.get_sampler(args.method)  # an unknown method fails before any loading
     prompts = list(args.prompts) or read_demo_prompts(args.prompts_file)
-    accelerator = make_accelerator("no", args.cpu)
+    accelerator = start_command("no", args.cpu)
     device = accelerator.device
     teacher = load_unet(args.teacher).to(device)
     student = load_unet(args.student).to(device)
     if abs(float(teacher.autoencoder_scale) - float(student.autoencoder_scale)) > 1e-6:
-        print(f"ccld: warning: the teacher's latent scale {float(teacher.autoencoder_scale):.4f} "
-              f"differs from the student's {float(student.autoencoder_scale):.4f}")
+        logger.warning(f"the teacher's latent scale {float(teacher.autoencoder_scale):.4f} "
+                       f"differs from the student's {float(student.autoencoder_scale):.4f}")
     files = resolve_encoder_files(encoder_files(args), accelerator)
     autoencoder, cloob = load_encoders(files)
     result = evaluate_student(teacher, student, autoencoder.to(device), cloob.to(device), prompts,
@@ -321,12 +338,15 @@ def cmd_evaluate(args) -> int:
     print(format_table(result))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    print(f"wrote {out}")
+    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()), "evaluation")
+    logger.info(f"wrote {out}")
     return 0
 
 
 # The parser
+
+HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
+
 
 def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> None:
     g = p.add_argument_group("optimisation (defaults: the reference recipe)")
@@ -372,59 +392,71 @@ def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> N
 
 
 def add_training_commands(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    add_encode_dataset_command(sub)
+    add_autoencoder_scale_command(sub)
+    add_train_command(sub)
+    add_distill_command(sub)
+    add_evaluate_command(sub)
 
-    e = sub.add_parser("encode-dataset", formatter_class=fmt,
+
+def add_encode_dataset_command(sub) -> None:
+    p = sub.add_parser("encode-dataset", formatter_class=HELP_FORMAT,
                        help="encode images once into latent shards for fast training",
                        description="One pass of the frozen autoencoder and CLOOB over a dataset, "
                        "storing each image's latent posterior (mean, log-variance) and CLOOB "
                        "image embedding in shards. Run it again to resume.")
-    add_data_options(e, cache_ok=False)
-    e.add_argument("--out", required=True, metavar="FOLDER", help="the cache folder to write")
-    e.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
-    e.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
-    e.add_argument("--dtype", default="float32", help="storage type of mean and log-variance "
+    add_data_options(p, cache_ok=False)
+    p.add_argument("--out", required=True, metavar="FOLDER", help="the cache folder to write")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
+    p.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
+    p.add_argument("--dtype", default="float32", help="storage type of mean and log-variance "
                    "(float32, float16, bfloat16)")
-    e.add_argument("--cpu", action="store_true", help="encode on the CPU even if a GPU is there")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_encoder_options(e, "default: the released ones, downloaded once")
-    e.set_defaults(func=cmd_encode_dataset)
+    p.add_argument("--cpu", action="store_true", help="encode on the CPU even if a GPU is there")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_encoder_options(p, "default: the released ones, downloaded once")
+    p.set_defaults(func=cmd_encode_dataset)
 
-    s = sub.add_parser("autoencoder-scale", formatter_class=fmt,
+
+def add_autoencoder_scale_command(sub) -> None:
+    p = sub.add_parser("autoencoder-scale", formatter_class=HELP_FORMAT,
                        help="measure the latent scale of a dataset",
                        description="The std of autoencoder posterior samples over a few batches, "
                        "as the reference's autoencoder_scale.py computes it.")
-    add_data_options(s)
-    s.add_argument("--batches", type=int, default=32, help="number of batches")
-    s.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    s.add_argument("--seed", type=int, default=0, help="seeds the order and the samples")
-    s.add_argument("--cpu", action="store_true", help="run on the CPU")
-    add_encoder_options(s, "images only; default: the released autoencoder")
-    s.set_defaults(func=cmd_autoencoder_scale)
+    add_data_options(p)
+    p.add_argument("--batches", type=int, default=32, help="number of batches")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--seed", type=int, default=0, help="seeds the order and the samples")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    add_encoder_options(p, "images only; default: the released autoencoder")
+    p.set_defaults(func=cmd_autoencoder_scale)
 
-    t = sub.add_parser("train", formatter_class=fmt,
+
+def add_train_command(sub) -> None:
+    p = sub.add_parser("train", formatter_class=HELP_FORMAT,
                        help="train or fine-tune a CCLD U-Net (teacher) on your images",
                        description="Train a CLOOB-conditioned latent diffusion U-Net on the "
                        "v objective, from scratch or fine-tuning a checkpoint. Runs on many GPUs "
                        "with `accelerate launch -m ccld train ...`.")
-    add_data_options(t)
-    m = t.add_argument_group("model")
+    add_data_options(p)
+    m = p.add_argument_group("model")
     m.add_argument("--init", metavar="CKPT",
                    help="fine-tune these weights (any U-Net file `ccld generate` reads)")
     m.add_argument("--base-channels", type=int, default=None,
                    help=f"from scratch: base width (default {TEACHER_ARCHITECTURE[0]})")
     m.add_argument("--channel-multipliers", default=None,
                    help=f"from scratch: four multipliers (default {TEACHER_ARCHITECTURE[1]})")
-    add_run_options(t, 3e-5, "latent scale (default: the --init checkpoint's, else measured)")
-    add_encoder_options(t, "default: recorded in the latent cache, else the released ones")
-    t.set_defaults(func=cmd_train)
+    add_run_options(p, 3e-5, "latent scale (default: the --init checkpoint's, else measured)")
+    add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
+    p.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("distill", formatter_class=fmt,
+
+def add_distill_command(sub) -> None:
+    p = sub.add_parser("distill", formatter_class=HELP_FORMAT,
                        help="distil a fast student from a teacher U-Net",
                        description="Train a student U-Net to match a frozen teacher's velocity "
                        "on noised latents of your data.")
-    add_data_options(d)
-    m = d.add_argument_group("models")
+    add_data_options(p)
+    m = p.add_argument_group("models")
     m.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher U-Net")
     m.add_argument("--student-init", metavar="CKPT", help="start the student from these weights")
     m.add_argument("--base-channels", type=int, default=None,
@@ -436,27 +468,29 @@ def add_training_commands(sub) -> None:
     m.add_argument("--distill-guidance", type=float, default=None, metavar="SCALE",
                    help="match the teacher's guided velocity at this scale (sample the student "
                         "with guidance 1 then)")
-    add_run_options(d, 1e-4, "latent scale (default: the teacher's)")
-    add_encoder_options(d, "default: recorded in the latent cache, else the released ones")
-    d.set_defaults(func=cmd_distill)
+    add_run_options(p, 1e-4, "latent scale (default: the teacher's)")
+    add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
+    p.set_defaults(func=cmd_distill)
 
-    v = sub.add_parser("evaluate", formatter_class=fmt,
+
+def add_evaluate_command(sub) -> None:
+    p = sub.add_parser("evaluate", formatter_class=HELP_FORMAT,
                        help="compare a student with its teacher",
                        description="Sample teacher and student from the same noise and prompts; "
                        "report v-MSE, image PSNR, CLOOB text-image similarity and time per "
                        "image as a table and JSON.")
-    v.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: the demo prompts)")
-    v.add_argument("--teacher", required=True, metavar="CKPT")
-    v.add_argument("--student", required=True, metavar="CKPT")
-    v.add_argument("--prompts-file", metavar="TXT", help="prompts, one a line")
-    v.add_argument("-n", type=int, default=4, help="images per prompt")
-    v.add_argument("--steps", type=int, default=15, help="sampling steps")
-    v.add_argument("--method", default="plms", help="sampler")
-    v.add_argument("--guidance", type=float, default=3.0, help="guidance scale")
-    v.add_argument("--seed", type=int, default=0, help="noise seed (prompt i uses seed + i)")
-    v.add_argument("--size", type=int, default=256, help="image size in pixels")
-    v.add_argument("--json", default="evaluation.json", help="where to write the results")
-    v.add_argument("--images", metavar="FOLDER", help="also write teacher/student comparison grids")
-    v.add_argument("--cpu", action="store_true", help="run on the CPU")
-    add_encoder_options(v, "default: the released ones")
-    v.set_defaults(func=cmd_evaluate)
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: the demo prompts)")
+    p.add_argument("--teacher", required=True, metavar="CKPT")
+    p.add_argument("--student", required=True, metavar="CKPT")
+    p.add_argument("--prompts-file", metavar="TXT", help="prompts, one a line")
+    p.add_argument("-n", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=15, help="sampling steps")
+    p.add_argument("--method", default="plms", help="sampler")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (prompt i uses seed + i)")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels")
+    p.add_argument("--json", default="evaluation.json", help="where to write the results")
+    p.add_argument("--images", metavar="FOLDER", help="also write teacher/student comparison grids")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU")
+    add_encoder_options(p, "default: the released ones")
+    p.set_defaults(func=cmd_evaluate)

@@ -14,7 +14,7 @@ import contextlib
 import torch
 from torch.nn import functional as F
 
-from .engine import NoisedBatch
+from .objective import LatentBatch, NoisedBatch, noised_latents
 
 
 class DistillationObjective:
@@ -22,10 +22,12 @@ class DistillationObjective:
     export_stem = "model_student"  # named like the released student
 
     def __init__(self, teacher: torch.nn.Module, true_v_weight: float = 0.0,
-                 guidance: float | None = None, autocast=contextlib.nullcontext):
+                 guidance: float | None = None, cond_drop: float = 0.2,
+                 autocast=contextlib.nullcontext):
         self.teacher = teacher.eval().requires_grad_(False)
         self.true_v_weight = float(true_v_weight)
         self.guidance = guidance
+        self.cond_drop = cond_drop
         self.autocast = autocast
 
     def to(self, device):
@@ -43,7 +45,11 @@ class DistillationObjective:
             v_uncond, v_cond = self.teacher(x, t, cond).float().chunk(2)
         return v_uncond + self.guidance * (v_cond - v_uncond)
 
-    def loss(self, model, batch: NoisedBatch):
+    def loss(self, model, batch: LatentBatch):
+        return self.match_teacher(model, noised_latents(batch, self.cond_drop))
+
+    def match_teacher(self, model, batch: NoisedBatch):
+        """The loss on given noised inputs: the student's v against the teacher's."""
         target = self.teacher_velocity(batch)
         v = model(batch.x, batch.t, batch.cond).float()
         teacher_mse = F.mse_loss(v, target)

@@ -10,18 +10,34 @@ several processes each encodes every world-size-th shard.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import (CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, EncodeItems, ImageSource,
-                    ShardedStream, TrainingData, collate_encode_items, encode_pixels, num_shards,
-                    read_cache_index, sample_posterior, shard_name)
 from ..errors import CCLDError
-from .checkpointing import atomic_write, remove_stale_temporaries, save_safetensors
+from ..files import atomic_write, remove_stale_temporaries
+from .checkpointing import save_safetensors
+from .data import (
+    CACHE_FORMAT,
+    CACHE_INDEX,
+    CACHE_VERSION,
+    EncodeItems,
+    ImageSource,
+    ShardedStream,
+    TrainingData,
+    collate_encode_items,
+    encode_pixels,
+    num_shards,
+    read_cache_index,
+    sample_posterior,
+    shard_name,
+)
 from .engine import derive_seed
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # what must match for an existing cache folder to be continued rather than refused
@@ -52,7 +68,8 @@ def write_index(folder: Path, identity: dict, total_shards: int, extra: dict) ->
              "num_encoded": sum(m["count"] for m in shards), "num_skipped": len(skipped),
              "shards": [{k: m[k] for k in ("file", "first", "stop", "count")} for m in shards],
              "skipped": skipped}
-    atomic_write(folder / CACHE_INDEX, lambda f: f.write(json.dumps(index, indent=1).encode()))
+    atomic_write(folder / CACHE_INDEX, lambda f: f.write(json.dumps(index, indent=1).encode()),
+                 "latent cache index")
     return index
 
 
@@ -108,7 +125,7 @@ def encode_dataset(source: ImageSource, out: Path, autoencoder, cloob, accelerat
         for batch in loader:
             failed += batch["failed"]
             for i, reason in batch["failed"]:
-                tqdm.write(f"ccld: skipping an unreadable image: {reason}")
+                logger.warning(f"skipping an unreadable image: {reason}")
             if len(batch["index"]):
                 mean, logvar, embed = encode_pixels(autoencoder, cloob, batch["pixels"].to(device))
                 parts["mean"].append(mean.to("cpu", DTYPES[dtype]))

@@ -1,9 +1,9 @@
-"""The training loop that `ccld train` and `ccld distill` share; they differ only in the loss.
+"""The training loop that `ccld train` and `ccld distill` share; they differ only in the objective.
 
 Every step, on each process: a batch of posterior moments and CLOOB embeddings (from the latent
-cache, or from images encoded on the fly), a posterior sample scaled by the U-Net's
-`autoencoder_scale`, quasi-random (Sobol) timesteps, the condition dropped to the zero embedding
-with probability `cond_drop`, and noise; then the objective's loss, AdamW, and the EMA update.
+cache, or from images encoded on the fly) goes to the objective (`objective.py`) with a seeded
+generator and the run's Sobol timesteps; the objective makes its inputs and targets and returns
+the loss; then gradient accumulation, AdamW, and the EMA update.
 
 Reproducibility: all the noise of step s on process r comes from a generator seeded by
 (seed, r, s, micro-batch), the Sobol sequence is fast-forwarded, and the data order is a seeded
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import math
+import logging
 import os
 import signal
 import threading
@@ -32,13 +32,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
-from ..data import ShardedStream, TrainingData, encode_pixels, sample_posterior
 from ..errors import CCLDError
-from ..sampling import t_to_alpha_sigma
-from .checkpointing import CheckpointFolder, cpu_state, export_weights, remove_stale_temporaries
+from ..files import remove_stale_temporaries
+from .checkpointing import CheckpointFolder, cpu_state, export_weights
+from .data import ShardedStream, TrainingData, encode_pixels
 from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
 from .ema import WARMUP_STEPS, ema_decay, ema_update
 from .logs import RunLog
+from .objective import LatentBatch, Objective, SobolTimesteps
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,7 +52,6 @@ class Settings:
     max_steps: int | None = None  # None: until interrupted
     lr: float = 3e-5
     weight_decay: float = 0.01
-    cond_drop: float = 0.2
     ema_decay_at: int = 200_000
     ema_warmup_steps: int = WARMUP_STEPS
     seed: int = 0
@@ -66,31 +68,10 @@ class Settings:
     wandb_project: str | None = None
 
 
-@dataclass
-class NoisedBatch:
-    x: torch.Tensor  # noised latents alpha * x0 + sigma * noise
-    t: torch.Tensor
-    cond: torch.Tensor  # CLOOB embeddings, zero where dropped
-    v: torch.Tensor  # the true velocity alpha * noise - sigma * x0
-
-
 def derive_seed(*numbers: int) -> int:
     """A well-mixed 63-bit seed from several integers (nearby inputs give unrelated streams)."""
     return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(
         1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def noised_batch(mean, logvar, embed, scale, t, generator, cond_drop: float) -> NoisedBatch:
-    """The training input of one micro-batch; the noise is drawn on the CPU from `generator`."""
-    device = mean.device
-    posterior_noise = torch.randn(mean.shape, generator=generator).to(device)
-    keep = (torch.rand(mean.shape[0], generator=generator) > cond_drop).to(device)
-    noise = torch.randn(mean.shape, generator=generator).to(device)
-    x0 = sample_posterior(mean, logvar, posterior_noise) / scale
-    cond = torch.where(keep[:, None], embed.float(), torch.zeros_like(embed, dtype=torch.float32))
-    t = t.to(device)
-    alpha, sigma = (a[:, None, None, None] for a in t_to_alpha_sigma(t))
-    return NoisedBatch(x0 * alpha + noise * sigma, t, cond, noise * alpha - x0 * sigma)
 
 
 def make_trainable(unet: torch.nn.Module) -> torch.nn.Module:
@@ -150,8 +131,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nccld: stopping after this step and saving a checkpoint (interrupt again to "
-              "stop at once, losing the steps since the last checkpoint)", flush=True)
+        logger.info("\nccld: stopping after this step and saving a checkpoint (interrupt again "
+                    "to stop at once, losing the steps since the last checkpoint)")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -194,13 +175,13 @@ class IntervalMeter:
 
 
 class Trainer:
-    """Runs an objective (`train.VelocityObjective`, `distill.DistillationObjective`) on a model.
+    """Minimises an objective (`train.VelocityObjective`, `distill.DistillationObjective`).
 
     `model` and `ema` are CPU or device U-Nets (raw and averaged weights); `resume` is a
     training checkpoint to continue from (its weights already in `model` and `ema`).
     """
 
-    def __init__(self, settings: Settings, objective, model, ema, data: TrainingData,
+    def __init__(self, settings: Settings, objective: Objective, model, ema, data: TrainingData,
                  accelerator, autoencoder=None, cloob=None, config: dict | None = None,
                  resume: dict | None = None):
         self.s = settings
@@ -216,46 +197,25 @@ class Trainer:
         if not data.cached and (autoencoder is None or cloob is None):
             raise ValueError("training on images needs the autoencoder and CLOOB to encode them")
 
+    def fit(self) -> dict:
+        """Trains until --max-steps or a stop request, saves, and returns a summary of the run."""
+        self._setup()
+        with StopRequest() as stop:
+            # made inside, so that loader workers inherit the handler rather than die on Ctrl-C
+            batches = iter(self._loader(self.samples))
+            while self.s.max_steps is None or self.step < self.s.max_steps:
+                self._optimizer_step(batches)
+                self._log_if_due()
+                self._save_outputs_if_due()
+                if self._stop_requested(stop):
+                    self.interrupted = True
+                    break
+        return self._finish()
+
     # Setup
 
-    def _start_position(self) -> tuple[int, int]:
-        """(optimizer steps done, items this process has consumed)."""
-        if self.resume is None:
-            return 0, 0
-        pos = self.resume["data_position"]
-        if int(pos["seed"]) != self.s.seed:
-            self._print(f"ccld: continuing with the run's seed {pos['seed']}, not --seed {self.s.seed}")
-            self.s.seed = int(pos["seed"])
-        step = int(self.resume["global_step"])
-        samples = int(pos["samples_per_rank"])
-        world = self.acc.num_processes
-        if int(pos["world_size"]) != world:
-            samples = samples * int(pos["world_size"]) // world
-            self._print(f"ccld: the checkpoint was written by {pos['world_size']} processes, this "
-                        f"run has {world}; the data order within this epoch will differ")
-        return step, samples
-
-    def _print(self, *args):
-        if self.acc.is_main_process:
-            print(*args, flush=True)
-
-    def _loader(self, start: int) -> DataLoader:
-        sampler = ShardedStream(self.data.num_items, self.acc.process_index,
-                                self.acc.num_processes, self.s.seed, start)
-        return DataLoader(self.data.dataset, self.s.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.s.num_workers, pin_memory=self.acc.device.type == "cuda")
-
-    def latents_of(self, batch: dict):
-        """(mean, logvar, embed) of a loaded batch on the device, encoding images if need be."""
-        device = self.acc.device
-        if "pixels" in batch:
-            return encode_pixels(self.autoencoder, self.cloob,
-                                 batch["pixels"].to(device, non_blocking=True))
-        return tuple(batch[k].to(device, non_blocking=True) for k in ("mean", "logvar", "embed"))
-
-    # The loop
-
-    def fit(self) -> dict:
+    def _setup(self) -> None:
+        """The run folder and logs, the position to start from, the models and the optimizer."""
         s, acc = self.s, self.acc
         if s.batch_size < 1 or s.grad_accum < 1:
             raise CCLDError("--batch-size and --grad-accum must be at least 1")
@@ -263,23 +223,53 @@ class Trainer:
             raise CCLDError(f"--batch-size {s.batch_size} is more than the {self.data.num_items} "
                             f"items give each of {acc.num_processes} processes; use a smaller "
                             "batch or more data")
-        device = acc.device
-        main = acc.is_main_process
-        rank = acc.process_index
-        ckpt_folder = CheckpointFolder(s.out / "checkpoints", s.keep_checkpoints)
-        if main:
+        self.checkpoints = CheckpointFolder(s.out / "checkpoints", s.keep_checkpoints)
+        if acc.is_main_process:
             (s.out / "checkpoints").mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(s.out / "checkpoints")
             remove_stale_temporaries(s.out)
-        log = RunLog(s.out / "logs", main, s.tensorboard, s.wandb_project, self.config)
+        self.log = RunLog(s.out / "logs", acc.is_main_process, s.tensorboard, s.wandb_project,
+                          self.config)
+        self.step, self.samples = self._start_position()
+        self._prepare_models()
+        self.timesteps = SobolTimesteps(derive_seed(s.seed, acc.process_index, 1), self.samples)
+        self.meter = IntervalMeter(acc.device)
+        self.losses, self.step_times = [], []
+        self.last_saved = self.step if self.resume is not None else None
+        self.interrupted = False
+        logger.info(f"ccld: {self.objective.kind} on {self.data.description} "
+                    f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
+                    f"{s.batch_size} x {s.grad_accum} accumulation per process), "
+                    f"autoencoder scale {float(self.scale):.4f}, from step {self.step}")
 
-        step, samples = self._start_position()
-        model = make_trainable(self.model).to(device)
-        ema = self.ema.to(device).eval().requires_grad_(False)
+    def _start_position(self) -> tuple[int, int]:
+        """(optimizer steps done, items this process has consumed)."""
+        if self.resume is None:
+            return 0, 0
+        pos = self.resume["data_position"]
+        if int(pos["seed"]) != self.s.seed:
+            logger.warning(f"continuing with the run's seed {pos['seed']}, not --seed "
+                           f"{self.s.seed}")
+            self.s.seed = int(pos["seed"])
+        step = int(self.resume["global_step"])
+        samples = int(pos["samples_per_rank"])
+        world = self.acc.num_processes
+        if int(pos["world_size"]) != world:
+            samples = samples * int(pos["world_size"]) // world
+            logger.warning(f"the checkpoint was written by {pos['world_size']} processes, this "
+                           f"run has {world}; the data order within this epoch will differ")
+        return step, samples
+
+    def _prepare_models(self) -> None:
+        """Everything on the device, AdamW, the resumed optimizer and random states, and the
+        model as Accelerate wraps it (`self.model`) beside the bare one (`self.raw_model`)."""
+        s, acc = self.s, self.acc
+        model = make_trainable(self.model).to(acc.device)
+        self.ema = self.ema.to(acc.device).eval().requires_grad_(False)
         for part in (self.autoencoder, self.cloob):
             if part is not None:
-                part.to(device)
-        self.objective.to(device)
+                part.to(acc.device)
+        self.objective.to(acc.device)
         if s.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -289,155 +279,168 @@ class Trainer:
             for group in optimizer.param_groups:  # the command line may change these on resume
                 group["lr"], group["weight_decay"] = s.lr, s.weight_decay
             torch.set_rng_state(self.resume["rng"]["torch"])
-        model, optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
         if self.resume is not None and acc.scaler is not None and "grad_scaler" in self.resume:
             acc.scaler.load_state_dict(self.resume["grad_scaler"])
-        unwrapped = acc.unwrap_model(model)
-        scale = unwrapped.autoencoder_scale.float()
+        self.raw_model = acc.unwrap_model(self.model)
+        self.scale = self.raw_model.autoencoder_scale.float()
 
-        sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=derive_seed(s.seed, rank, 1))
-        sobol.fast_forward(samples)
-        self._print(f"ccld: {self.objective.kind} on {self.data.description} "
-                    f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
-                    f"{s.batch_size} x {s.grad_accum} accumulation per process), "
-                    f"autoencoder scale {float(scale):.4f}, from step {step}")
+    def _loader(self, start: int) -> DataLoader:
+        sampler = ShardedStream(self.data.num_items, self.acc.process_index,
+                                self.acc.num_processes, self.s.seed, start)
+        return DataLoader(self.data.dataset, self.s.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.s.num_workers, pin_memory=self.acc.device.type == "cuda")
 
-        losses, step_times = [], []
-        meter = IntervalMeter(device)
-        last_saved = step if self.resume is not None else None
-        interrupted = False
+    # One step
 
-        with StopRequest() as stop:
-            # made inside, so that loader workers inherit the handler rather than die on Ctrl-C
-            batches = iter(self._loader(samples))
-            while s.max_steps is None or step < s.max_steps:
-                started = time.perf_counter()
-                for micro in range(s.grad_accum):
-                    batch = next(batches)
-                    mean, logvar, embed = self.latents_of(batch)
-                    generator = torch.Generator().manual_seed(derive_seed(s.seed, rank, step, micro))
-                    t = sobol.draw(mean.shape[0])[:, 0]
-                    nb = noised_batch(mean, logvar, embed, scale, t, generator, s.cond_drop)
-                    last = micro == s.grad_accum - 1
-                    with contextlib.nullcontext() if last else acc.no_sync(model):
-                        loss, parts = self.objective.loss(model, nb)
-                        acc.backward(loss / s.grad_accum)
-                    meter.add_micro_batch(loss, parts, batch, s.grad_accum)
-                samples += s.batch_size * s.grad_accum
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                ema_update(unwrapped, ema, ema_decay(step, s.ema_decay_at, s.ema_warmup_steps))
-                step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_times.append(time.perf_counter() - started)
-                meter.add_step(step_times[-1])
+    def _optimizer_step(self, batches) -> None:
+        """AdamW on the gradients of `grad_accum` micro-batches, then the EMA update."""
+        s, acc = self.s, self.acc
+        started = time.perf_counter()
+        for micro in range(s.grad_accum):
+            batch = next(batches)
+            latents = self._latent_batch(batch, micro)
+            last = micro == s.grad_accum - 1
+            # processes exchange gradients once per step, in the last micro-batch's backward
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                loss, parts = self.objective.loss(self.model, latents)
+                acc.backward(loss / s.grad_accum)
+            self.meter.add_micro_batch(loss, parts, batch, s.grad_accum)
+        self.samples += s.batch_size * s.grad_accum
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update(self.raw_model, self.ema,
+                   ema_decay(self.step, s.ema_decay_at, s.ema_warmup_steps))
+        self.step += 1
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize(acc.device)
+        self.step_times.append(time.perf_counter() - started)
+        self.meter.add_step(self.step_times[-1])
 
-                if step % s.log_every == 0 or step == s.max_steps:
-                    values = meter.report(acc, self.objective.kind)
-                    values["lr"] = optimizer.param_groups[0]["lr"]
-                    values["ema_decay"] = ema_decay(step - 1, s.ema_decay_at, s.ema_warmup_steps)
-                    log.scalars(step, values)
-                    loss_value = values[f"{self.objective.kind}/loss"]
-                    losses.append((step, loss_value))
-                    skipped = values["skipped_images"]
-                    self._print(f"step {step}: loss {loss_value:.4f}, "
-                                f"{values['steps_per_second']:.2f} steps/s"
-                                + (f", {skipped} unreadable images skipped" if skipped else ""))
+    def _latent_batch(self, batch: dict, micro: int) -> LatentBatch:
+        """A loaded batch on the device, encoding images if need be, with its own generator."""
+        device = self.acc.device
+        if "pixels" in batch:
+            mean, logvar, embed = encode_pixels(self.autoencoder, self.cloob,
+                                                batch["pixels"].to(device, non_blocking=True))
+        else:
+            mean, logvar, embed = (batch[k].to(device, non_blocking=True)
+                                   for k in ("mean", "logvar", "embed"))
+        seed = derive_seed(self.s.seed, self.acc.process_index, self.step, micro)
+        return LatentBatch(mean, logvar, embed, self.scale, torch.Generator().manual_seed(seed),
+                           self.timesteps)
 
-                if s.demo_every and (step - 1) % s.demo_every == 0 and main:
-                    self._demo(step, ema, log)
-                if s.checkpoint_every and step % s.checkpoint_every == 0:
-                    self._save(step, samples, model, ema, optimizer, ckpt_folder, log)
-                    last_saved = step
-                requested = torch.tensor(float(stop.requested), device=device)
-                if acc.num_processes > 1:  # every process must stop at the same step
-                    requested = acc.reduce(requested, "sum")
-                if requested.item() > 0:
-                    interrupted = True
-                    break
+    # After each step
 
-        if last_saved != step:
-            self._save(step, samples, model, ema, optimizer, ckpt_folder, log)
-        log.close()
-        warm = min(2, max(0, len(step_times) - 1))  # the first steps pay for start-up
-        timed = step_times[warm:]
-        summary = {"step": step, "losses": losses, "interrupted": interrupted,
-                   "checkpoint": str(ckpt_folder.last),
-                   "autoencoder_scale": float(scale),
-                   "steps_per_second": len(timed) / sum(timed) if timed else float("nan")}
-        if interrupted:
-            self._print(f"ccld: stopped at step {step}; saved {ckpt_folder.last}; continue with "
-                        "--resume")
-        return summary
+    def _log_if_due(self) -> None:
+        s, step, kind = self.s, self.step, self.objective.kind
+        if step % s.log_every != 0 and step != s.max_steps:
+            return
+        values = self.meter.report(self.acc, kind)
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        values["ema_decay"] = ema_decay(step - 1, s.ema_decay_at, s.ema_warmup_steps)
+        self.log.scalars(step, values)
+        loss = values[f"{kind}/loss"]
+        self.losses.append((step, loss))
+        skipped = values["skipped_images"]
+        logger.info(f"step {step}: loss {loss:.4f}, {values['steps_per_second']:.2f} steps/s"
+                    + (f", {skipped} unreadable images skipped" if skipped else ""))
+
+    def _save_outputs_if_due(self) -> None:
+        s = self.s
+        if s.demo_every and (self.step - 1) % s.demo_every == 0 and self.acc.is_main_process:
+            self._demo()
+        if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+            self._save()
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop: every process must stop at the same step."""
+        requested = torch.tensor(float(stop.requested), device=self.acc.device)
+        if self.acc.num_processes > 1:
+            requested = self.acc.reduce(requested, "sum")
+        return requested.item() > 0
+
+    def _finish(self) -> dict:
+        """The last checkpoint unless the last step has one; the run's summary."""
+        if self.last_saved != self.step:
+            self._save()
+        self.log.close()
+        warm = min(2, max(0, len(self.step_times) - 1))  # the first steps pay for start-up
+        timed = self.step_times[warm:]
+        if self.interrupted:
+            logger.info(f"ccld: stopped at step {self.step}; saved {self.checkpoints.last}; "
+                        "continue with --resume")
+        return {"step": self.step, "losses": self.losses, "interrupted": self.interrupted,
+                "checkpoint": str(self.checkpoints.last),
+                "autoencoder_scale": float(self.scale),
+                "steps_per_second": len(timed) / sum(timed) if timed else float("nan")}
 
     # Outputs
 
-    def _demo(self, step, ema, log):
+    def _demo(self) -> None:
         if self.autoencoder is None or self.cloob is None:
             return
         from ..images import save_png
 
-        rows = self.objective.demo_rows(ema)
-        grid = render_demo(rows, self.autoencoder, self.cloob, self.s.demo_prompts,
-                           self.data.latent_shape, self.s.demo_steps, self.s.demo_guidance,
-                           self.s.seed, self.acc.autocast)
-        caption = demo_caption(rows, self.s.demo_prompts)
-        folder = self.s.out / "demo"
+        s, step = self.s, self.step
+        rows = self.objective.demo_rows(self.ema)
+        grid = render_demo(rows, self.autoencoder, self.cloob, s.demo_prompts,
+                           self.data.latent_shape, s.demo_steps, s.demo_guidance, s.seed,
+                           self.acc.autocast)
+        folder = s.out / "demo"
         folder.mkdir(parents=True, exist_ok=True)
         path = save_png(grid, folder / f"demo-{step:08d}.png",
-                        {"step": step, "prompts": self.s.demo_prompts, "rows": [r for r, _ in rows],
-                         "method": "plms", "steps": self.s.demo_steps,
-                         "guidance": self.s.demo_guidance, "seed": self.s.seed})
-        log.image(step, "demo_grid", grid, caption)
-        log.event(step, {"demo": str(path)})
+                        {"step": step, "prompts": s.demo_prompts, "rows": [r for r, _ in rows],
+                         "method": "plms", "steps": s.demo_steps,
+                         "guidance": s.demo_guidance, "seed": s.seed})
+        self.log.image(step, "demo_grid", grid, demo_caption(rows, s.demo_prompts))
+        self.log.event(step, {"demo": str(path)})
 
-    def _save(self, step, samples, model, ema, optimizer, folder: CheckpointFolder, log):
+    def _save(self) -> None:
+        """A training checkpoint and the exported EMA weights (every process calls it: the
+        processes compare their weights first)."""
         from accelerate.utils import gather_object
 
-        from .. import __version__
-
-        acc = self.acc
-        unwrapped = acc.unwrap_model(model)
-        fingerprints = gather_object([weights_fingerprint(unwrapped)])
-        if acc.is_main_process:
+        step = self.step
+        fingerprints = gather_object([weights_fingerprint(self.raw_model)])
+        if self.acc.is_main_process:
             if len(set(fingerprints)) > 1:
-                print(f"ccld: warning: the processes' weights differ at step {step} "
-                      f"({len(set(fingerprints))} versions); the checkpoint holds the main "
-                      "process's", flush=True)
-            state = {**{f"model.{k}": v for k, v in cpu_state(unwrapped).items()},
-                     **{f"model_ema.{k}": v for k, v in cpu_state(ema).items()}}
-            rng = {"torch": torch.get_rng_state(), "seed": self.s.seed,
-                   "sobol_draws": samples}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            checkpoint = {
-                "state_dict": state,
-                "optimizer": optimizer.state_dict(),
-                "global_step": step,
-                "data_position": {"samples_per_rank": samples, "world_size": acc.num_processes,
-                                  "seed": self.s.seed, "batch_size": self.s.batch_size,
-                                  "grad_accum": self.s.grad_accum},
-                "rng": rng,
-                "config": self.config,
-                "ccld": {"kind": self.objective.kind, "version": __version__},
-            }
-            if acc.scaler is not None:
-                checkpoint["grad_scaler"] = acc.scaler.state_dict()
-            path = folder.save(checkpoint, step)
-            exports = export_weights(ema, self.s.out, self.objective.export_stem)
-            log.event(step, {"checkpoint": str(path), "exports": [str(p) for p in exports],
-                             "replica_sha256": fingerprints,
-                             "replicas_in_sync": len(set(fingerprints)) == 1})
-            print(f"ccld: step {step}: saved {path} and {exports[0].name}", flush=True)
-        acc.wait_for_everyone()
+                logger.warning(f"the processes' weights differ at step {step} "
+                               f"({len(set(fingerprints))} versions); the checkpoint holds the "
+                               "main process's")
+            path = self.checkpoints.save(self._checkpoint(), step)
+            exports = export_weights(self.ema, self.s.out, self.objective.export_stem)
+            self.log.event(step, {"checkpoint": str(path), "exports": [str(p) for p in exports],
+                                  "replica_sha256": fingerprints,
+                                  "replicas_in_sync": len(set(fingerprints)) == 1})
+            logger.info(f"ccld: step {step}: saved {path} and {exports[0].name}")
+        self.acc.wait_for_everyone()
+        self.last_saved = step
 
+    def _checkpoint(self) -> dict:
+        """Everything a resumed run needs to continue exactly, in plain containers."""
+        from .._version import __version__
 
-def check_positive(name: str, value, allow_zero: bool = False):
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and not math.isfinite(value)):
-        raise CCLDError(f"{name} must be {'at least 0' if allow_zero else 'positive'} (got {value})")
+        s, acc = self.s, self.acc
+        state = {**{f"model.{k}": v for k, v in cpu_state(self.raw_model).items()},
+                 **{f"model_ema.{k}": v for k, v in cpu_state(self.ema).items()}}
+        rng = {"torch": torch.get_rng_state(), "seed": s.seed, "sobol_draws": self.samples}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint = {
+            "state_dict": state,
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.step,
+            "data_position": {"samples_per_rank": self.samples, "world_size": acc.num_processes,
+                              "seed": s.seed, "batch_size": s.batch_size,
+                              "grad_accum": s.grad_accum},
+            "rng": rng,
+            "config": self.config,
+            "ccld": {"kind": self.objective.kind, "version": __version__},
+        }
+        if acc.scaler is not None:
+            checkpoint["grad_scaler"] = acc.scaler.state_dict()
+        return checkpoint
 
 
 def copy_for_ema(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import time
 import torch
 
 from .. import sampling
-from ..data import cloob_input
+from .data import cloob_input
 
 
 def _synchronize(device):

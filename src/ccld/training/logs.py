@@ -1,4 +1,8 @@
-"""Run logs, written by the main process only: JSON lines always, TensorBoard and W&B on top.
+"""What a run tells: console messages, and run logs written by the main process only.
+
+Console messages go through `logging.getLogger("ccld.training")` and its children. The training
+commands call `setup_logging`, which writes informational lines plainly to stdout and warnings to
+stderr as `ccld: warning: ...`, on the main process only.
 
 `metrics.jsonl` is plain and always there (one JSON object a line, with `step`), so a run can be
 inspected without extra packages; TensorBoard is used when installed, W&B when asked for.
@@ -7,11 +11,60 @@ inspected without extra packages; TensorBoard is used when installed, W&B when a
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 
 from ..errors import CCLDError
 
+logger = logging.getLogger(__name__)
+
+
+# Console messages
+
+class ConsoleHandler(logging.Handler):
+    """Writes to sys.stdout or sys.stderr as they are when a message comes (tests and notebooks
+    replace them), through tqdm so that a message never tears a progress bar."""
+
+    def __init__(self, stream_name: str):
+        super().__init__()
+        self.stream_name = stream_name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        stream = getattr(sys, self.stream_name)
+        try:
+            tqdm.write(self.format(record), file=stream)
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class LevelPrefix(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"ccld: {record.levelname.lower()}: {super().format(record)}"
+
+
+def setup_logging(main_process: bool = True) -> None:
+    """Info lines plain on stdout, warnings and worse on stderr as `ccld: warning: ...`; other
+    processes than the main one stay silent. The handlers are added once per Python process
+    (several commands may run in one); each call sets who speaks."""
+    training = logging.getLogger("ccld.training")
+    if not any(isinstance(h, ConsoleHandler) for h in training.handlers):
+        info = ConsoleHandler("stdout")
+        info.addFilter(lambda record: record.levelno < logging.WARNING)
+        warnings = ConsoleHandler("stderr")
+        warnings.setLevel(logging.WARNING)
+        warnings.setFormatter(LevelPrefix())
+        training.addHandler(info)
+        training.addHandler(warnings)
+        training.propagate = False  # the lines are complete; a root handler would repeat them
+    training.setLevel(logging.INFO if main_process else logging.CRITICAL + 1)
+
+
+# Run logs
 
 class RunLog:
     def __init__(self, folder: Path, enabled: bool, tensorboard: bool = True,
@@ -27,8 +80,8 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("ccld: tensorboard is not installed, logging to metrics.jsonl only "
-                      "(pip install tensorboard for TensorBoard logs)")
+                logger.warning("tensorboard is not installed, logging to metrics.jsonl only "
+                               "(pip install tensorboard for TensorBoard logs)")
             else:
                 self.tensorboard = SummaryWriter(str(folder))
         if wandb_project:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.nn import functional as F
 
-from .engine import NoisedBatch
+from .objective import LatentBatch, noised_latents
 
 
 class VelocityObjective:
@@ -13,12 +13,16 @@ class VelocityObjective:
     kind = "train"
     export_stem = "model_ema"  # the EMA weights in the released (bare state dict) format
 
+    def __init__(self, cond_drop: float = 0.2):
+        self.cond_drop = cond_drop
+
     def to(self, device):
         return self
 
-    def loss(self, model, batch: NoisedBatch):
-        v = model(batch.x, batch.t, batch.cond)
-        return F.mse_loss(v.float(), batch.v), {}
+    def loss(self, model, batch: LatentBatch):
+        noised = noised_latents(batch, self.cond_drop)
+        v = model(noised.x, noised.t, noised.cond)
+        return F.mse_loss(v.float(), noised.v), {}
 
     def demo_rows(self, ema):
         return [("EMA", ema)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import io
 import json
+import logging
 import math
 import os
 import warnings
@@ -34,7 +35,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 
-from .errors import CCLDError
+from ..errors import CCLDError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CACHE_FORMAT = "ccld-latent-cache"
@@ -71,7 +74,7 @@ class ImageSource:
         return f"{self.parquet_files[f]} (row group {g}, row {r})"
 
     def read(self, i: int):
-        from .images import load_image
+        from ..images import load_image
 
         if self.paths is not None:
             return load_image(self.paths[i])
@@ -100,7 +103,7 @@ def decode_image_bytes(data: bytes, name: str):
     """An RGB image from encoded bytes, with the same checks and conversions as `load_image`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from .images import _READ_ERRORS, MAX_PIXELS, _to_rgb
+    from ..images import _READ_ERRORS, MAX_PIXELS, _to_rgb
 
     try:
         with warnings.catch_warnings():
@@ -220,7 +223,7 @@ def open_image_source(spec: str | os.PathLike, image_column: str = "image") -> I
 
 def prepare_pixels(image, size: int) -> torch.Tensor:
     """[3, size, size] in [0, 1]: short side to `size` (Lanczos), center crop, as the reference."""
-    from .images import pil_to_tensor, resize_and_center_crop
+    from ..images import pil_to_tensor, resize_and_center_crop
 
     return pil_to_tensor(resize_and_center_crop(image, size))
 
@@ -254,7 +257,7 @@ class ImageDataset(Dataset):
             try:
                 pixels = prepare_pixels(self.source.read(j), self.size)
             except CCLDError as e:
-                print(f"ccld: skipping an unreadable image: {e}", flush=True)
+                logger.warning(f"skipping an unreadable image: {e}")
                 continue
             return {"pixels": pixels, "skipped": skipped}
         raise CCLDError(f"{self.source.description}: {min(n, 1000)} unreadable images in a row "
@@ -370,21 +373,18 @@ class ShardedStream(Sampler):
     """
 
     def __init__(self, num_items: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 start: int = 0, shuffle: bool = True):
+                 start: int = 0):
         if num_items < world:
             raise CCLDError(f"{num_items} training items cannot be shared by {world} processes; "
                             "use more data or fewer processes")
         self.num_items, self.rank, self.world = num_items, rank, world
-        self.seed, self.start, self.shuffle = seed, start, shuffle
+        self.seed, self.start = seed, start
         self.per_rank = num_items // world
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                [self.seed, epoch]).generate_state(1)[0]))
-            order = torch.randperm(self.num_items, generator=g)
-        else:
-            order = torch.arange(self.num_items)
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+            [self.seed, epoch]).generate_state(1)[0]))
+        order = torch.randperm(self.num_items, generator=g)
         return order[:self.per_rank * self.world][self.rank::self.world]
 
     def __iter__(self):
@@ -435,7 +435,7 @@ def num_shards(num_items: int, shard_size: int) -> int:
 @torch.no_grad()
 def encode_pixels(autoencoder, cloob, pixels: torch.Tensor):
     """`(mean, logvar, embed)` of images in [0, 1]: the frozen encoders' view of a batch."""
-    from .models.autoencoder import encode_moments
+    from ..models.autoencoder import encode_moments
 
     mean, logvar = encode_moments(autoencoder, pixels * 2 - 1)
     size = cloob.config["image_encoder"]["image_size"]
