@@ -1,9 +1,14 @@
 """Shared test fixtures: the reference models and outputs in ../shared/fixtures."""
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -139,15 +144,8 @@ def fixture_pipeline(model_files):
 
     return CCLDPipeline.from_files(**model_files)
 
-# Web app: ports and stand-in pipelines ---------------------------------------------------------
+# Web app: ports and stand-in pipelines
 # Shared by test_web.py and test_web_server.py (`from conftest import ...`, as max_rel_err is).
-# The imports stay in this section so that it reads, and merges, as one piece.
-
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH  # noqa: E402
 
 
 def free_port() -> int:
