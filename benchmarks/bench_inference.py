@@ -1,19 +1,21 @@
-"""Inference speed and solver accuracy, measured side by side in one run.
+"""Inference speed, side by side in one run: the reference way against ccld's defaults.
 
-    python benchmarks/bench_inference.py                       # everything, student-size models
-    python benchmarks/bench_inference.py --only solvers --reference-steps 200
-    python benchmarks/bench_inference.py --fast-precision bf16 # force a precision for the fast path
+    python benchmarks/bench_inference.py                 # release-size random-weight files
+    python benchmarks/bench_inference.py --files DIR     # reuse files written earlier there
+    python benchmarks/bench_inference.py --only forward  # one section
 
-Models are the released sizes (student U-Net 192 x 1,1,2,2; CLOOB ViT-B/16; KL-f8 autoencoder)
-with random weights: speed and solver error do not depend on the weights. Sections:
-  forward  one guided step (batch 2) of the U-Net: fp32 eager baseline vs the fast path, and the
-           fast path as a fraction of this machine's matmul peak in the fast path's dtype
-  generate `ccld generate` of one 256x256 image with the demo's defaults (plms, 15 steps), each
-           path in its own process: wall time and peak RSS, plus the PSNR of the fast-path image
-           against the fp32 image for the same seed
-  load     seconds to load a converted (safetensors) pipeline folder
-  solvers  error of each method and step count against a long reference solution from the same
-           noise, with the number of guided forwards each costs
+Everything runs on random-weight files in the published formats and sizes
+(`benchmarks/release_files.py`: student U-Net `.ckpt`, LDM autoencoder `.ckpt` + yaml, CLOOB
+Haiku pickle): speed and memory do not depend on the weights. Each painting runs in a fresh
+process, as a user's would. Sections:
+  imports  what each dependency costs to import, in a fresh process
+  forward  one guided step of the student (batch 2): contiguous fp32 against the default path
+  paint    one 256x256 image end to end, `ccld generate` as a user runs it: the baseline (the
+           reference recipe: plms-15, contiguous fp32, from the release files, no converted cache)
+           against the default on a first run (empty cache) and a second run (cache filled), and
+           with a tiny decoder; wall time, peak RSS, the ratio to the baseline, and the PSNR of
+           the default image against the baseline's for the same seed. Then the same runs
+           instrumented stage by stage (import, load, text encode, U-Net, decode).
 Only ratios are meaningful on a shared machine; absolute times only on a dedicated one.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,11 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ccld import sampling
-from ccld.models.unet import CCLDUNet
-from ccld.pipeline import CCLDPipeline, resolve_precision
-
-STUDENT = (192, (1, 1, 2, 2))
+PROMPT = "a snowy landscape, oil on canvas"
+HERE = Path(__file__).resolve().parent
 
 
 def best_time(fn, repeats=5, warmup=2):
@@ -48,70 +48,131 @@ def best_time(fn, repeats=5, warmup=2):
     return min(times)
 
 
-def matmul_peak(dtype, n=2048):
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / best_time(lambda: a @ b, repeats=3, warmup=1)
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
-def random_pipeline(seed=0) -> CCLDPipeline:
-    """Released-size models with random weights."""
-    from diffusers import AutoencoderKL
+# Imports
 
-    from ccld.models.cloob import CLOOB, resolve_cloob_config
-
-    torch.manual_seed(seed)
-    unet = CCLDUNet(*STUDENT, autoencoder_scale=4.3084)
-    autoencoder = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256, scaling_factor=1.0)
-    cloob = CLOOB(resolve_cloob_config("cloob_laion_400m_vit_b_16_16_epochs"))
-    return CCLDPipeline(unet, autoencoder, cloob, {"unet": "random", "autoencoder": "random",
-                                                   "cloob": "random"})
+IMPORTS = ["torch", "numpy", "PIL.Image", "safetensors.torch", "yaml", "tqdm", "huggingface_hub",
+           "ccld.cli", "diffusers", "accelerate", "gradio"]
 
 
-def bench_forward(fast_precision):
+def bench_imports():
+    print("\n## imports: seconds to import each, in a fresh process after those above it")
+    print("| module | s |")
+    print("| --- | --- |")
+    child = ("import importlib, json, sys, time\nout = {}\nfor name in sys.argv[1:]:\n"
+             "    t = time.perf_counter(); importlib.import_module(name)\n"
+             "    out[name] = time.perf_counter() - t\nprint(json.dumps(out))")
+    costs = json.loads(subprocess.run([sys.executable, "-c", child, *IMPORTS], check=True,
+                                      capture_output=True, text=True).stdout)
+    for name, seconds in costs.items():
+        print(f"| {name} | {seconds:.2f} |")
+    started = json.loads(subprocess.run(
+        [sys.executable, "-c", child.replace("sys.argv[1:]", "['ccld.cli']")
+         + "\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+           "('diffusers', 'accelerate', 'gradio', 'sympy'))))"],
+        check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    heavy = ", ".join(started) or "none of diffusers, accelerate, gradio, sympy"
+    print(f"\n`import ccld.cli` pulls in: {heavy}")
+
+
+# The guided forward
+
+def bench_forward():
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ccld.models.unet import CCLDUNet
+    from ccld.pipeline import CCLDPipeline
+
     torch.manual_seed(0)
-    unet = CCLDUNet(*STUDENT).eval().requires_grad_(False)
+    unet = CCLDUNet(192, (1, 1, 2, 2)).eval().requires_grad_(False)
     x, t, e = torch.randn(2, 4, 32, 32), torch.rand(2), torch.randn(2, 512)
     pipe = CCLDPipeline(unet, torch.nn.Identity(), torch.nn.Identity())
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             unet(x, t, e)
         flops = counter.get_total_flops()
-        baseline = best_time(lambda: unet(x, t, e))
-    pipe.to(precision=fast_precision)
-    with pipe.autocast():
-        fast = best_time(lambda: unet(x, t, e))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[pipe.precision]
-    peak = matmul_peak(dtype)
+    rows = {}
+    for name, precision in [("contiguous fp32 (reference)", "fp32"), ("default (auto)", "auto")]:
+        pipe.to(precision=precision)
+        with pipe.autocast():
+            rows[f"{name}: {pipe.precision}{', channels-last' if pipe.channels_last else ''}"] = \
+                best_time(lambda: unet(x, t, e))
+    base = next(iter(rows.values()))
     print(f"\n## guided forward (student U-Net, batch 2 = one guided step, {flops / 1e9:.1f} GFLOP)")
-    print("| path | s/forward | GFLOP/s | x baseline | of matmul peak |")
-    print("| --- | --- | --- | --- | --- |")
-    print(f"| fp32 eager (reference) | {baseline:.3f} | {flops / baseline / 1e9:.0f} | 1.00 | "
-          f"{flops / baseline / matmul_peak(torch.float32):.0%} of fp32 |")
-    print(f"| fast path ({pipe.precision}) | {fast:.3f} | {flops / fast / 1e9:.0f} | "
-          f"{baseline / fast:.2f} | {flops / fast / peak:.0%} of {pipe.precision} "
-          f"({peak / 1e9:.0f} GFLOP/s) |")
+    print("| path | s/forward | GFLOP/s | x reference |")
+    print("| --- | --- | --- | --- |")
+    for name, seconds in rows.items():
+        print(f"| {name} | {seconds:.3f} | {flops / seconds / 1e9:.0f} | {base / seconds:.2f} |")
 
 
-GENERATE_CHILD = r"""
+# Painting end to end
+
+RUNS = [  # name, extra options, converted cache (None: off), tiny decoder
+    ("baseline: --reference, no cache", ["--reference"], None, False),
+    ("default, first run (empty cache)", [], "cache", False),
+    ("default, second run", [], "cache", False),
+    ("default + tiny decoder, second run", [], "cache", True),
+]
+
+STAGES_CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from ccld import CCLDPipeline
-pipe = CCLDPipeline.from_pretrained(sys.argv[1], precision=sys.argv[2])
-t1 = time.perf_counter()
-image = pipe("a snowy landscape, oil on canvas", seed=0, progress=False)[0]
-t2 = time.perf_counter()
-image.save(sys.argv[3])
-print(json.dumps({"load": t1 - t0, "generate": t2 - t1, "precision": pipe.precision,
+import torch
+from ccld.cli import apply_recipe, build_parser
+from ccld.loading import load_pipeline
+t_import = time.perf_counter()
+args = build_parser().parse_args(sys.argv[1:])
+apply_recipe(args)
+pipe = load_pipeline(args)
+t_load = time.perf_counter()
+forwards = []
+def timed(module, inputs, output):
+    forwards.append(time.perf_counter())
+pipe.unet.register_forward_hook(timed)
+with pipe.autocast():
+    embeds, weights = pipe.conditions(args.prompts, args.image_prompt, args.guidance)
+t_text = time.perf_counter()
+latents = pipe.generate_latents(args.prompts, args.image_prompt, steps=args.steps,
+                                method=args.method, seed=args.seed)
+t_sample = time.perf_counter()
+pipe.decode(latents)
+t_decode = time.perf_counter()
+print(json.dumps({"import": t_import - t0, "load": t_load - t_import, "text": t_text - t_load,
+                  "unet": t_sample - t_text, "forwards": len(forwards),
+                  "decode": t_decode - t_sample,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def psnr(a, b):
+def run_child(argv: list[str], env: dict, rss_file: Path | None = None) -> tuple[float, str]:
+    """(wall seconds, stdout) of one process; its peak RSS goes to rss_file via GNU time."""
+    if rss_file is not None and Path("/usr/bin/time").is_file():
+        argv = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(argv[:6])} ... failed:\n{proc.stderr}")
+    return wall, proc.stdout
+
+
+def peak_rss_mb(rss_file: Path) -> float:
+    try:
+        return int(rss_file.read_text().split()[-1]) / 1024  # GNU time reports KiB
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def psnr(a: Path, b: Path) -> float:
     import numpy as np
     from PIL import Image
 
@@ -121,81 +182,72 @@ def psnr(a, b):
     return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
-def bench_generate(folder: Path, fast_precision):
-    runs = {}
-    for name, precision in [("fp32", "fp32"), ("fast", fast_precision)]:
-        out = folder.parent / f"{name}.png"
-        proc = subprocess.run([sys.executable, "-c", GENERATE_CHILD, str(folder), precision,
-                               str(out)], capture_output=True, text=True, check=True)
-        runs[name] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "png": out}
-    base, fast = runs["fp32"], runs["fast"]
-    print("\n## end to end: 1 image, 256x256, plms 15 steps (CLOOB text + sampling + decode)")
-    print("| path | generate s | x baseline | peak RSS MB | load s |")
+def tiny_decoder_option(work: Path) -> list[str] | None:
+    """`--decoder tiny:PATH` for a random-weight tiny decoder, if this ccld has the option."""
+    try:
+        from ccld.models.tiny_decoder import random_tiny_decoder
+    except ImportError:
+        return None
+    folder = random_tiny_decoder().save_pretrained(work / "tiny_decoder")
+    return ["--decoder", f"tiny:{folder}"]
+
+
+def bench_paint(files: dict, work: Path):
+    model = [arg for option, path in files.items() for arg in (option, path)]
+    tiny = tiny_decoder_option(work)
+    rows, stages = [], []
+    for name, extra, cache, with_tiny in RUNS:
+        if with_tiny and tiny is None:
+            print(f"(skipped: {name}; this ccld has no tiny decoder)")
+            continue
+        out = work / "out" / str(len(rows))
+        args = [PROMPT, "--seed", "0", "-q", "--device", "cpu", "--out", str(out), *extra, *model,
+                *(tiny if with_tiny else [])]
+        # the real command, timed from outside: interpreter start to PNG on disk
+        env = {**os.environ, "CCLD_CACHE_DIR": str(work / cache) if cache else "off"}
+        rss_file = work / "rss.txt"
+        wall, _ = run_child([sys.executable, "-m", "ccld", "generate", *args], env, rss_file)
+        rows.append((name, wall, peak_rss_mb(rss_file), out / "00000.png"))
+        # the same again, instrumented, with a cache of its own that fills the same way
+        env["CCLD_CACHE_DIR"] = str(work / f"stages-{cache}") if cache else "off"
+        _, report = run_child([sys.executable, "-c", STAGES_CHILD, "generate", *args], env)
+        stages.append((name, json.loads(report.strip().splitlines()[-1])))
+    base = rows[0][1]
+    print(f"\n## paint: one 256x256 image, `ccld generate` end to end ({cpu_name()})")
+    print("| run | wall s | x baseline | peak RSS MB | PSNR vs baseline dB |")
     print("| --- | --- | --- | --- | --- |")
-    for name, run in runs.items():
-        print(f"| {name} ({run['precision']}) | {run['generate']:.2f} | "
-              f"{base['generate'] / run['generate']:.2f} | {run['rss_mb']:.0f} | {run['load']:.2f} |")
-    print(f"\nPSNR of the fast-path image against the fp32 image: "
-          f"{psnr(fast['png'], base['png']):.1f} dB")
-
-
-def bench_load(folder: Path):
-    start = time.perf_counter()
-    CCLDPipeline.from_pretrained(folder)
-    print(f"\n## load: converted (safetensors) pipeline folder in {time.perf_counter() - start:.2f} s "
-          "(in this process, imports already done)")
-
-
-SOLVER_SETTINGS = [("plms", 15), ("plms", 10), ("iplms", 10), ("plms2", 10), ("ddim", 10),
-                   ("dpm++2m", 8), ("dpm++2m", 10), ("dpm++2m", 15), ("unipc", 6), ("unipc", 8),
-                   ("unipc", 10), ("unipc", 15)]
-
-
-def bench_solvers(reference_steps: int, seed=0):
-    torch.manual_seed(seed)
-    unet = CCLDUNet(*STUDENT).eval().requires_grad_(False)
-    embeds = torch.cat([torch.zeros(1, 512), torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)])
-    model = sampling.guided_model(unet, embeds, sampling.condition_weights([3.0]))
-    noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(seed))
-    with torch.inference_mode():
-        reference = sampling.plms(model, noise, sampling.get_timesteps(reference_steps))
-        rows = []
-        for method, steps in SOLVER_SETTINGS:
-            out = sampling.sample(method, model, noise, sampling.get_sampler(method).timesteps(steps))
-            rms = ((out - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
-            rows.append((method, steps, sampling.get_sampler(method).forwards(steps), rms))
-    demo_error = rows[0][3]
-    print(f"\n## solver error against plms-{reference_steps} from the same noise "
-          "(student U-Net, random weights, guidance 3)")
-    print("| method | steps | guided forwards | relative RMS error | vs plms-15 |")
-    print("| --- | --- | --- | --- | --- |")
-    for method, steps, forwards, rms in rows:
-        print(f"| {method} | {steps} | {forwards} | {rms:.4f} | {rms / demo_error:.2f} |")
-    wins = [f"{m}-{s}" for m, s, f, rms in rows if f <= 10 and rms <= demo_error]
-    print(f"\nsettings with <= 10 forwards at least as accurate as plms-15: {', '.join(wins) or 'none'}")
+    for name, wall, rss, png in rows:
+        quality = "-" if png == rows[0][3] else f"{psnr(png, rows[0][3]):.1f}"
+        print(f"| {name} | {wall:.1f} | {base / wall:.2f} | {rss:.0f} | {quality} |")
+    print("\n### the same runs, stage by stage (seconds; instrumented, in fresh processes)")
+    print("| run | import | load | text encode | U-Net total | forwards | s/forward | decode |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, s in stages:
+        print(f"| {name} | {s['import']:.2f} | {s['load']:.2f} | {s['text']:.2f} | "
+              f"{s['unet']:.2f} | {s['forwards']} | {s['unet'] / max(1, s['forwards']):.3f} | "
+              f"{s['decode']:.2f} |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["forward", "generate", "load", "solvers"], action="append")
-    p.add_argument("--fast-precision", default="auto", help="the fast path's precision")
-    p.add_argument("--reference-steps", type=int, default=500)
+    p.add_argument("--only", choices=["imports", "forward", "paint"], action="append")
+    p.add_argument("--files", type=Path, help="folder for the release-format files (reused)")
     args = p.parse_args()
-    sections = args.only or ["forward", "generate", "load", "solvers"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; fast path on this CPU: "
-          f"{resolve_precision(args.fast_precision, torch.device('cpu'))}")
+    sections = args.only or ["imports", "forward", "paint"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, CPU "
+          f"capability {torch.backends.cpu.get_cpu_capability()}")
+    if "imports" in sections:
+        bench_imports()
     if "forward" in sections:
-        bench_forward(args.fast_precision)
-    if {"generate", "load"} & set(sections):
+        bench_forward()
+    if "paint" in sections:
+        sys.path.insert(0, str(HERE))
+        from release_files import write_release_files
+
         with tempfile.TemporaryDirectory() as tmp:
-            folder = random_pipeline().save_pretrained(Path(tmp) / "model")
-            if "generate" in sections:
-                bench_generate(folder, args.fast_precision)
-            if "load" in sections:
-                bench_load(folder)
-    if "solvers" in sections:
-        bench_solvers(args.reference_steps)
+            folder = args.files or Path(tmp) / "release"
+            files = write_release_files(folder)
+            bench_paint(files, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -31,22 +31,22 @@ Callback = Callable[[dict], None] | None
 
 # Schedules
 
-def t_to_alpha_sigma(t):
+def t_to_alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
 
 
-def alpha_sigma_to_t(alpha, sigma):
+def alpha_sigma_to_t(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return torch.atan2(sigma, alpha) / math.pi * 2
 
 
-def ddpm_schedule(ddpm_t):
+def ddpm_schedule(ddpm_t: torch.Tensor) -> torch.Tensor:
     """Timesteps of the linear-beta DDPM schedule, in continuous time."""
     log_snr = -torch.special.expm1(1e-4 + 10 * ddpm_t ** 2).log()
     alpha, sigma = log_snr.sigmoid().sqrt(), log_snr.neg().sigmoid().sqrt()
     return alpha_sigma_to_t(alpha, sigma)
 
 
-def spliced_ddpm_cosine_schedule(t):
+def spliced_ddpm_cosine_schedule(t: torch.Tensor) -> torch.Tensor:
     """Cosine at low noise, DDPM at high noise, joined where their slopes match."""
     ddpm_crossover = 0.48536712
     cosine_crossover = 0.80074257
@@ -81,7 +81,8 @@ def power_timesteps(n_steps: int, start: float = 1.0, t_min: float = 0.05, rho: 
 
 # Classifier-free guidance
 
-def guided_model(model: Callable, embeds: torch.Tensor, weights: torch.Tensor) -> Model:
+def guided_model(model: Callable[..., torch.Tensor], embeds: torch.Tensor,
+                 weights: torch.Tensor) -> Model:
     """v = sum_i weights[i] * model(x, t, embeds[i]), all conditions in one batched forward.
 
     Row 0 of `embeds` is normally the zero (unconditional) embedding with weight
@@ -101,7 +102,7 @@ def guided_model(model: Callable, embeds: torch.Tensor, weights: torch.Tensor) -
     return fn
 
 
-def condition_weights(user_weights, device=None) -> torch.Tensor:
+def condition_weights(user_weights: Sequence[float], device=None) -> torch.Tensor:
     """Prepends the unconditional weight 1 - sum(w), as the reference demo does."""
     user_weights = [float(w) for w in user_weights]
     return torch.tensor([1 - sum(user_weights), *user_weights], device=device)
@@ -137,8 +138,8 @@ def _notify(callback, i, t, x, pred):
 # DDIM / DDPM
 
 @torch.no_grad()
-def ddim(model: Model, x, timesteps, *, eta: float = 0.0, generator=None,
-         callback: Callback = None):
+def ddim(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *, eta: float = 0.0,
+         generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
     """DDIM with noise level eta (eta=1 is DDPM ancestral sampling, registered as `ddpm`).
 
     Returns the last x0 estimate."""
@@ -213,25 +214,30 @@ def _lms(order):
     return lambda model, x, history, t_1, t_2: _lms_step(model, x, history, t_1, t_2, order)
 
 
-def prk(model: Model, x, timesteps, *, callback: Callback = None):
+def prk(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+        callback: Callback = None) -> torch.Tensor:
     return _pseudo_sample(model, x, timesteps, lambda n: _prk_step, callback)
 
 
-def plms(model: Model, x, timesteps, *, callback: Callback = None):
+def plms(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+         callback: Callback = None) -> torch.Tensor:
     """Fourth-order PLMS, started with three PRK steps (24 forwards for 15 steps)."""
     return _pseudo_sample(model, x, timesteps, lambda n: _prk_step if n < 3 else _lms(4), callback)
 
 
-def pie(model: Model, x, timesteps, *, callback: Callback = None):
+def pie(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+        callback: Callback = None) -> torch.Tensor:
     return _pseudo_sample(model, x, timesteps, lambda n: _pie_step, callback)
 
 
-def plms2(model: Model, x, timesteps, *, callback: Callback = None):
+def plms2(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+          callback: Callback = None) -> torch.Tensor:
     """Second-order PLMS, started with one PIE step."""
     return _pseudo_sample(model, x, timesteps, lambda n: _pie_step if n < 1 else _lms(2), callback)
 
 
-def iplms(model: Model, x, timesteps, *, callback: Callback = None):
+def iplms(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+          callback: Callback = None) -> torch.Tensor:
     """Improved PLMS: lower-order Adams-Bashforth while the history fills (one forward a step)."""
     return _pseudo_sample(model, x, timesteps, lambda n: _lms(min(n + 1, 4)), callback)
 
@@ -239,7 +245,8 @@ def iplms(model: Model, x, timesteps, *, callback: Callback = None):
 # DPM-Solver++(2M) (Lu et al. 2022) in continuous time for a v-model
 
 @torch.no_grad()
-def dpmpp_2m(model: Model, x, timesteps, *, callback: Callback = None):
+def dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+             callback: Callback = None) -> torch.Tensor:
     """Second-order multistep solver in log-SNR on the data prediction; one forward a step.
 
     Steps from each timestep to the next and finally to t = 0, where it returns the clean
@@ -269,7 +276,8 @@ def dpmpp_2m(model: Model, x, timesteps, *, callback: Callback = None):
 # UniPC (Zhao et al. 2023) in its second-order B(h) = expm1(h) form on the data prediction
 
 @torch.no_grad()
-def unipc(model: Model, x, timesteps, *, callback: Callback = None):
+def unipc(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+          callback: Callback = None) -> torch.Tensor:
     """UniPC-2: the DPM-Solver++(2M) predictor, then after each model call the UniC corrector
     refines the point that call was made at, reusing that same output (no extra forwards).
 

@@ -24,7 +24,7 @@ def _synchronize(device):
 
 
 @torch.no_grad()
-def _sample_images(unet, autoencoder, conditions, weights, noise, steps, method, record=None):
+def _sample_images(unet, autoencoder, conditions, weights, noise, timesteps, method, record=None):
     """(pixels in [-1, 1], seconds) for one guided sampling run and its decoding."""
     from ..models.autoencoder import decode_latents
 
@@ -39,7 +39,7 @@ def _sample_images(unet, autoencoder, conditions, weights, noise, steps, method,
     device = noise.device
     _synchronize(device)
     start = time.perf_counter()
-    latents = sampling.sample(method, guided, noise, steps)
+    latents = sampling.sample(method, guided, noise, timesteps)
     pixels = decode_latents(autoencoder, latents.float() * unet.autoencoder_scale).float()
     _synchronize(device)
     return pixels.clamp(-1, 1), time.perf_counter() - start
