@@ -136,13 +136,18 @@ def test_cli_convert_then_generate_from_the_folder(files, tmp_path, capsys):
                           np.asarray(Image.open(tmp_path / "b" / "00000.png")))
 
 
-def test_cli_info(fixtures, capsys):
+def test_cli_info(fixtures, capsys, tmp_path):
     assert main(["info", str(fixtures / "unet.ckpt")]) == 0
     out = capsys.readouterr().out
     assert "CCLD U-Net" in out and "23912012" in out and "3.25" in out
+    assert "3.25 (the file's stored autoencoder_scale" in out and "2.55" not in out
     assert main(["info", "--json", str(fixtures / "unet_lightning.ckpt")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["channel_multipliers"] == [1, 1, 1, 1] and info["autoencoder_scale"] == 5.0
+    # a file named like the published student: its demo's 2.55 is mentioned
+    (tmp_path / "model_student.ckpt").write_bytes((fixtures / "unet.ckpt").read_bytes())
+    assert main(["info", "--json", str(tmp_path / "model_student.ckpt")]) == 0
+    assert "--latent-scale 2.55" in json.loads(capsys.readouterr().out)["latent_scale"]
 
 
 def test_cli_help(capsys):

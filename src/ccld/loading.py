@@ -126,6 +126,19 @@ def download_defaults(cloob_name: str | None = None) -> list[Path]:
     return [hub.default_unet(), *hub.default_autoencoder(), hub.download_cloob(cloob_name)]
 
 
+def unet_file_latent_scale(path: Path, stored: float | None) -> str:
+    """Which latent scale `ccld generate --unet path` decodes with, and why, for `ccld info`."""
+    from . import hub
+
+    scale = 1.0 if stored is None else stored
+    said = f"{scale} (the file's stored autoencoder_scale; --latent-scale overrides it)"
+    if path.name == hub.DEFAULT_UNET[1]:
+        said += (f"; named like the published student, whose demo decodes with "
+                 f"{hub.PUBLISHED_LATENT_SCALE}: pass --latent-scale "
+                 f"{hub.PUBLISHED_LATENT_SCALE} to match it")
+    return said
+
+
 def describe_checkpoint(path: str | os.PathLike) -> dict:
     """What a file is: kind, architecture, parameter count and latent scale where it has one."""
     from .checkpoints import describe_foreign_state_dict, load_array_pickle, load_state_file
@@ -134,8 +147,11 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.is_dir():
         if (p / "model_index.json").is_file():
-            return {"kind": "ccld pipeline folder", "path": str(p),
-                    **json.loads((p / "model_index.json").read_text())}
+            index = json.loads((p / "model_index.json").read_text())
+            scale = index.get("latent_scale")
+            why = (f"{scale} (recorded when converted from a published WikiArt model)"
+                   if scale is not None else "the U-Net's stored autoencoder_scale")
+            return {"kind": "ccld pipeline folder", "path": str(p), **index, "latent_scale": why}
         raise CCLDError(f"{p}: a folder without model_index.json; give a checkpoint file or a "
                         "folder written by `ccld convert`")
     if p.suffix == ".pkl":
@@ -156,6 +172,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
                 "parameters": sum(int(v.numel()) for k, v in sd.items() if k != "autoencoder_scale")}
         if "autoencoder_scale" in sd:
             info["autoencoder_scale"] = round(float(sd["autoencoder_scale"]), 6)
+        info["latent_scale"] = unet_file_latent_scale(p, info.get("autoencoder_scale"))
         if lightning and "global_step" in obj:
             info["global_step"] = int(obj["global_step"])
         return info
