@@ -200,3 +200,29 @@ def test_make_grid():
     assert make_grid(ims[:1]).size == (4, 3)
     with pytest.raises(ValueError):
         make_grid([])
+
+
+PEAK_RSS_CHILD = """
+import resource, sys
+from ccld.images import load_image, resize_and_center_crop
+out = resize_and_center_crop(load_image(sys.argv[1]), 256)
+assert out.size == (256, 256)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+"""
+
+
+def test_extreme_aspect_ratios_are_cut_first_so_memory_stays_bounded(tmp_path):
+    import subprocess
+    import sys
+
+    Image.new("RGB", (1, 10000), (200, 30, 30)).save(tmp_path / "strip.png")  # a few hundred bytes
+    Image.new("RGB", (1, 100), (200, 30, 30)).save(tmp_path / "short.png")
+    peak = {name: int(subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(tmp_path / name)],
+                                     check=True, capture_output=True, text=True).stdout)
+            for name in ("strip.png", "short.png")}
+    # uncut, the strip would be resized to 256 x 2560000 (about 2 GB) before the crop
+    assert peak["strip.png"] - peak["short.png"] < 100 * 1024, peak
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 200, 3), dtype=np.uint8))
+    cut = images.crop_to_aspect(wide, 4.0)
+    assert cut.size == (40, 10) and np.array_equal(np.asarray(cut), np.asarray(wide)[:, 80:120])
+    assert images.crop_to_aspect(wide.crop((0, 0, 40, 10)), 4.0).size == (40, 10)  # at the limit

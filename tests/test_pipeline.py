@@ -119,11 +119,14 @@ def test_cli_generate_reproduces_the_reference(files, reference, tmp_path, capsy
     params = read_png_parameters(out / "00000.png")
     assert params["method"] == "plms" and params["steps"] == 6 and params["latent_scale"] == 2.55
     assert params["image_prompts"] == [[str(prompt_png), 1.0]]
-    with Image.open(out / "grid.png") as grid:
+    with Image.open(out / "grid-00000.png") as grid:
         assert grid.size == (512, 256)
-    # a second run numbers on instead of overwriting
-    assert main(["generate", "x", "--steps", "1", "--out", str(out), "-q", *cli_files(files)]) == 0
-    assert (out / "00002.png").is_file()
+    # a second run numbers on instead of overwriting, its grid too
+    assert main(["generate", "x", "--steps", "1", "--out", str(out), "-q", "--grid",
+                 *cli_files(files)]) == 0
+    assert (out / "00002.png").is_file() and (out / "grid-00002.png").is_file()
+    with Image.open(out / "grid-00000.png") as grid:
+        assert grid.size == (512, 256)
 
 
 def test_cli_convert_then_generate_from_the_folder(files, tmp_path, capsys):

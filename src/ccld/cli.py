@@ -74,8 +74,8 @@ def cmd_generate(args) -> int:
         path = out / f"{start + i:05}.png"
         save_png(image, path, json.loads(image.info["parameters"]))
         print(path)
-    if args.grid:
-        path = out / "grid.png"
+    if args.grid:  # numbered like the images, so a later run never overwrites it
+        path = out / f"grid-{start:05}.png"
         save_png(make_grid(images), path, {**json.loads(images[0].info["parameters"]), "grid": True})
         print(path)
     return 0
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the U-Net first (pays a warm-up, reported; worth it for "
                         "many images)")
     g.add_argument("--out", default="out", help="output folder (default out)")
-    g.add_argument("--grid", action="store_true", help="also write grid.png")
+    g.add_argument("--grid", action="store_true",
+                   help="also write grid-NNNNN.png (numbered by the run's first image)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_options(g)
     g.set_defaults(func=cmd_generate)

@@ -23,6 +23,7 @@ from .errors import CCLDError
 from .files import atomic_write
 
 MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before their pixels are decoded
+MAX_ASPECT = 4.0  # longer strips are cut to this ratio (their middle) before resizing
 PARAMETERS_KEY = "parameters"
 
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
@@ -102,6 +103,24 @@ def _high_depth_to_8bit(im: Image.Image) -> np.ndarray:
     return np.clip(np.round(a), 0, 255).astype(np.uint8)
 
 
+def crop_to_aspect(image: Image.Image, max_aspect: float) -> Image.Image:
+    """The middle of an image whose long side is more than `max_aspect` times its short side,
+    cut to that ratio; other images unchanged.
+
+    Scaling a 1x10000 strip so its short side is 256 would make a 256x2560000 image (2 GB) only
+    to keep its middle: cutting the middle out first bounds memory by the output size.
+    """
+    w, h = image.size
+    if max(w, h) <= max_aspect * min(w, h):
+        return image
+    keep = max(1, round(max_aspect * min(w, h)))
+    if w > h:
+        left = (w - keep) // 2
+        return image.crop((left, 0, left + keep, h))
+    top = (h - keep) // 2
+    return image.crop((0, top, w, top + keep))
+
+
 def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     """The reference demo's transform: scale so the short side is `size` (LANCZOS), crop the middle.
 
@@ -109,6 +128,7 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     `size` through floating-point rounding; torchvision then pads with black, and so does PIL's
     crop outside the image, so that corner case is reproduced as well.
     """
+    image = crop_to_aspect(image, MAX_ASPECT)
     w, h = image.size
     fac = max(size / w, size / h)
     image = image.resize((int(fac * w), int(fac * h)), Image.LANCZOS)
