@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CCLDError
-from . import tokenizer
+from . import meta_aware_randn, tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "cloob_configs"
 _URL_BASE = "https://the-eye.eu/public/AI/models/cloob/"
@@ -91,13 +91,18 @@ class Block(nn.Module):
         return x + self.ff(x)
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    # The same N(0, 1) table as nn.Embedding's own init, which is slow on the meta device.
+    return nn.Embedding(num, dim, _weight=meta_aware_randn(num, dim))
+
+
 class Encoder(nn.Module):
     """The transformer both encoders share: blocks, then the first position projected."""
 
     def __init__(self, d_embed, n_layers, d_model, n_heads, seq_len):
         super().__init__()
         # An Embedding only to hold a [seq_len, d_model] table under the key `pos_embed.weight`.
-        self.pos_embed = nn.Embedding(seq_len, d_model)
+        self.pos_embed = _embedding(seq_len, d_model)
         self.layers = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
         self.proj = nn.Linear(d_model, d_embed)
 
@@ -112,7 +117,7 @@ class TextEncoder(Encoder):
     def __init__(self, d_embed, n_layers, d_model, n_heads, text_size, vocab_size):
         super().__init__(d_embed, n_layers, d_model, n_heads, text_size)
         self.eot_token = vocab_size - 1
-        self.embed = nn.Embedding(vocab_size, d_model)
+        self.embed = _embedding(vocab_size, d_model)
 
     def forward(self, tokens):
         eot = tokens == self.eot_token
@@ -127,7 +132,7 @@ class ViTImageEncoder(Encoder):
         super().__init__(d_embed, n_layers, d_model, n_heads, (image_size // patch_size) ** 2 + 1)
         self.image_size = image_size
         self.embed = nn.Conv2d(input_channels, d_model, patch_size, patch_size, bias=False)
-        self.class_embed = nn.Parameter(torch.randn(d_model) / d_model**0.5)
+        self.class_embed = nn.Parameter(meta_aware_randn(d_model).mul_(d_model**-0.5))  # fast on meta
 
     def forward(self, images):
         x = self.embed(images).flatten(2).transpose(1, 2)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CCLDError
+from . import meta_aware_randn
 
 MAPPING_WIDTH = 1024
 MAPPING_FOURIER = 128
@@ -33,7 +34,8 @@ class FourierFeatures(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, std: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn([out_features // 2, in_features]) * std,
+        # in place: out-of-place arithmetic on the meta device is slow (see meta_aware_randn)
+        self.weight = nn.Parameter(meta_aware_randn(out_features // 2, in_features).mul_(std),
                                    requires_grad=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
