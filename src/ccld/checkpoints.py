@@ -72,6 +72,22 @@ def load_safetensors_file(path: str | os.PathLike, what: str = "checkpoint") -> 
                         "convert or download it again") from None
 
 
+def map_safetensors_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """The tensors of a safetensors file, memory-mapped (read on use, never copied whole).
+
+    The file must not be rewritten in place while they are in use (replacing it by a rename,
+    as ccld's writers do, is fine).
+    """
+    from .weights_cache import map_safetensors
+
+    path = _require_file(path, what)
+    try:
+        return map_safetensors(path)
+    except (OSError, ValueError) as e:
+        raise CCLDError(f"{path}: not a readable safetensors file ({e}); "
+                        "convert or download it again") from None
+
+
 def load_state_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     """Loads a safetensors or torch file by its suffix (torch for anything else)."""
     if str(path).endswith(SAFETENSORS_SUFFIXES):
