@@ -144,6 +144,19 @@ def fixture_pipeline(model_files):
 
     return CCLDPipeline.from_files(**model_files)
 
+
+# The converted-weights cache: one per test session
+# Loads during the tests convert into a fresh folder of the session's own, never the user's cache
+# (subprocesses inherit it). Tests of the cache itself point CCLD_CACHE_DIR at their tmp_path.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_weights_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CCLD_CACHE_DIR", str(tmp_path_factory.mktemp("ccld_cache")))
+        yield
+
+
 # Web app: ports and stand-in pipelines
 # Shared by test_web.py and test_web_server.py (`from conftest import ...`, as max_rel_err is).
 

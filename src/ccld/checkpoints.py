@@ -8,10 +8,10 @@ and what to do.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -72,6 +72,22 @@ def load_safetensors_file(path: str | os.PathLike, what: str = "checkpoint") -> 
                         "convert or download it again") from None
 
 
+def map_safetensors_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """The tensors of a safetensors file, memory-mapped (read on use, never copied whole).
+
+    The file must not be rewritten in place while they are in use (replacing it by a rename,
+    as ccld's writers do, is fine).
+    """
+    from .weights_cache import map_safetensors
+
+    path = _require_file(path, what)
+    try:
+        return map_safetensors(path)
+    except (OSError, ValueError) as e:
+        raise CCLDError(f"{path}: not a readable safetensors file ({e}); "
+                        "convert or download it again") from None
+
+
 def load_state_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     """Loads a safetensors or torch file by its suffix (torch for anything else)."""
     if str(path).endswith(SAFETENSORS_SUFFIXES):
@@ -79,8 +95,44 @@ def load_state_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     return load_torch_file(path, what)
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Admits numpy arrays, dtypes, scalars and plain containers; refuses every other global."""
+class _PayloadFreeMemo(dict):
+    """An unpickler memo that does not keep large data blocks alive.
+
+    A pickler memoizes everything it writes, so an unpickler's memo holds every array's raw-data
+    string (and the argument tuples around it) until the whole pickle is read: twice the arrays'
+    size at the peak. Numpy pickles never refer back to a data block, so blocks are left out;
+    their slot stays taken (protocol 4's MEMOIZE counts slots), and a pickle that does refer back
+    to one is refused as unreadable.
+    """
+
+    LARGE = 1 << 16  # bytes; smaller blocks are not worth the bookkeeping
+
+    @classmethod
+    def _is_payload(cls, value) -> bool:
+        if isinstance(value, (str, bytes, bytearray)):
+            return len(value) > cls.LARGE
+        return isinstance(value, tuple) and any(
+            isinstance(v, (str, bytes, bytearray)) and len(v) > cls.LARGE for v in value)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, _DROPPED if self._is_payload(value) else value)
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if value is _DROPPED:
+            raise KeyError(key)  # the unpickler reports "Memo value not found"
+        return value
+
+
+_DROPPED = object()
+
+
+class _ArraysOnlyUnpickler(pickle._Unpickler):
+    """Admits numpy arrays, dtypes, scalars and plain containers; refuses every other global.
+
+    The pure-Python unpickler, because only its memo can be replaced (see `_PayloadFreeMemo`);
+    the file is read opcode by opcode, and the arrays' data in blocks, at C speed either way.
+    """
 
     ALLOWED = {
         ("numpy", "ndarray"),
@@ -94,6 +146,10 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1')
         ("collections", "OrderedDict"),
     }
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.memo = _PayloadFreeMemo()
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -111,19 +167,25 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 
 def load_array_pickle(path: str | os.PathLike, what: str = "CLOOB checkpoint") -> dict:
-    """Loads a pickle of numpy arrays in plain containers, refusing anything that could run code."""
+    """Loads a pickle of numpy arrays in plain containers, refusing anything that could run code.
+
+    Read from the file as it goes: the peak memory is the arrays themselves, plus one array's
+    data in transit.
+    """
     path = _require_file(path, what)
-    data = path.read_bytes()
     try:
-        obj = _ArraysOnlyUnpickler(io.BytesIO(data)).load()
+        with open(path, "rb") as f:
+            obj = _ArraysOnlyUnpickler(f).load()
     except pickle.UnpicklingError as e:
         if "forbidden global" in str(e):
             raise CCLDError(f"{path}: refused to load: the pickle asks for {str(e)[17:]}, which "
                             f"could run code; a {what} holds only numpy arrays") from None
         raise CCLDError(f"{path}: not a readable {what} (corrupt or truncated: {e}); "
                         "download it again") from None
+    except OSError as e:
+        raise CCLDError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, UnicodeDecodeError) as e:
+            MemoryError, UnicodeDecodeError, OverflowError, struct.error) as e:
         raise CCLDError(f"{path}: not a readable {what} (corrupt or truncated: "
                         f"{type(e).__name__}: {e}); download it again") from None
     if not isinstance(obj, dict):

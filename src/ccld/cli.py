@@ -1,4 +1,4 @@
-"""The `ccld` command: generate, download, convert, info.
+"""The `ccld` command: generate, download, convert, info, cache.
 
 Problems the user can fix arrive as `CCLDError` and are printed as one line with exit status 2.
 """
@@ -118,6 +118,37 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def cmd_cache(args) -> int:
+    from . import weights_cache
+
+    converted = weights_cache.converted_dir()
+    if args.action == "clear":
+        if converted is None:
+            print(f"the converted-weights cache is off ({weights_cache.ENV_VAR}=off); "
+                  "nothing to clear")
+            return 0
+        removed, freed = weights_cache.clear_converted()
+        print(f"removed {removed} entries ({_megabytes(freed)}) from {converted}; "
+              "downloads are kept")
+        return 0
+    print(f"cache folder: {weights_cache.cache_root()}")
+    if converted is None:
+        print(f"converted weights: off ({weights_cache.ENV_VAR}=off)")
+        return 0
+    entries = weights_cache.cache_entries()
+    print(f"converted weights: {converted}")
+    for entry in entries:
+        sources = ", ".join(entry.sources) or "?"
+        print(f"  {entry.folder.name}  {_megabytes(entry.size):>10}  {entry.kind:<10} {sources}")
+    total = sum(entry.size for entry in entries)
+    print(f"{len(entries)} entries, {_megabytes(total)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ccld", description="CLOOB-conditioned latent diffusion: "
                                 "paint from text and image prompts.")
@@ -174,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    k = sub.add_parser("cache", help="show or clear the converted-weights cache",
+                       description="Release files are converted once into safetensors copies "
+                       "that later loads memory-map. The folder is CCLD_CACHE_DIR (default: "
+                       "beside the Hugging Face cache; CCLD_CACHE_DIR=off turns it off).")
+    k.add_argument("action", choices=["info", "clear"],
+                   help="info: the folder and its entries; clear: delete the converted copies "
+                        "(downloads stay)")
+    k.set_defaults(func=cmd_cache)
 
     from .web import add_serve_command
     add_serve_command(sub)

@@ -49,10 +49,11 @@ def hub_list_files(repo_id: str) -> list[str]:
 
 
 def cache_dir() -> Path:
-    """Where non-hub downloads (the CLOOB pickle) live: beside the Hugging Face hub cache."""
-    from huggingface_hub.constants import HF_HUB_CACHE
+    """Where non-hub downloads (the CLOOB pickle) live: ccld's cache folder, `CCLD_CACHE_DIR` or
+    beside the Hugging Face hub cache (see `ccld.weights_cache`)."""
+    from .weights_cache import cache_root
 
-    return Path(HF_HUB_CACHE).parent / "ccld"
+    return cache_root()
 
 
 def sha256_of(path: Path) -> str:

@@ -112,11 +112,10 @@ def load_encoders(files: dict, need_autoencoder: bool = True, need_cloob: bool =
 
 def load_unet_weights(path, what: str):
     """(U-Net, whether the file stored its latent scale) from any file the loaders read."""
-    from .checkpoints import load_state_file
-    from .models.unet import unet_from_state_dict, unet_state_dict
+    from .models.unet import unet_from_state_dict, unet_weights
 
-    sd = unet_state_dict(load_state_file(path, what))
-    return unet_from_state_dict(sd, path), "autoencoder_scale" in sd
+    sd, config = unet_weights(path, what)
+    return unet_from_state_dict(sd, path, config), "autoencoder_scale" in sd
 
 
 def download_defaults(cloob_name: str | None = None) -> list[Path]:

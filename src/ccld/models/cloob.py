@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CCLDError
-from . import tokenizer
+from . import meta_aware_randn, tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "cloob_configs"
 _URL_BASE = "https://the-eye.eu/public/AI/models/cloob/"
@@ -91,15 +92,72 @@ class Block(nn.Module):
         return x + self.ff(x)
 
 
+_WEIGHTS_LOCK = threading.Lock()  # a tower loads its weights once, whichever thread needs them
+
+
+def _load_weights_first(tower, *args):
+    tower.load_weights()
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    # The same N(0, 1) table as nn.Embedding's own init, which is slow on the meta device.
+    return nn.Embedding(num, dim, _weight=meta_aware_randn(num, dim))
+
+
 class Encoder(nn.Module):
-    """The transformer both encoders share: blocks, then the first position projected."""
+    """The transformer both encoders share: blocks, then the first position projected.
+
+    Built on the meta device, a tower can hold its (memory-mapped) weights and take them up only
+    when first needed (`defer_weights`): called, `state_dict()`, `load_state_dict()` or
+    `load_weights()`. Until then its parameters are meta tensors, and moves (`.to(...)`) wait.
+    So text prompts never read the image tower's weights, nor image prompts the text tower's.
+    """
 
     def __init__(self, d_embed, n_layers, d_model, n_heads, seq_len):
         super().__init__()
         # An Embedding only to hold a [seq_len, d_model] table under the key `pos_embed.weight`.
-        self.pos_embed = nn.Embedding(seq_len, d_model)
+        self.pos_embed = _embedding(seq_len, d_model)
         self.layers = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
         self.proj = nn.Linear(d_model, d_embed)
+        self._deferred = None  # (weights, the _apply functions seen since, hook handles)
+
+    def defer_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Takes `weights` (this tower's state dict, shapes already checked) on first use."""
+        hooks = [self.register_forward_pre_hook(_load_weights_first),
+                 self.register_load_state_dict_pre_hook(_load_weights_first)]
+        self._deferred = (weights, [], hooks)
+
+    def load_weights(self) -> Encoder:
+        """Takes up the deferred weights now, if any; returns the tower."""
+        if self._deferred is None:
+            return self
+        with _WEIGHTS_LOCK:
+            if self._deferred is None:  # another thread was first
+                return self
+            weights, moves, hooks = self._deferred
+            for hook in hooks:
+                hook.remove()
+            # Outside any caller's inference mode: these become the tower's ordinary parameters.
+            with torch.inference_mode(False), torch.no_grad():
+                self.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
+                for fn in moves:
+                    super()._apply(fn)
+            self._deferred = None  # last: until now other threads wait on the lock
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() ... on a tower still waiting for its weights would meet meta
+        # tensors, which cannot be moved; the weights make the same moves when they arrive.
+        if self._deferred is not None:
+            with _WEIGHTS_LOCK:
+                if self._deferred is not None:
+                    self._deferred[1].append(fn)
+                    return self
+        return super()._apply(fn, recurse)
+
+    def state_dict(self, *args, **kwargs):
+        self.load_weights()  # a saved model holds both towers, used or not
+        return super().state_dict(*args, **kwargs)
 
     def transform(self, x, query_mask=None):
         x = x + self.pos_embed.weight
@@ -112,7 +170,7 @@ class TextEncoder(Encoder):
     def __init__(self, d_embed, n_layers, d_model, n_heads, text_size, vocab_size):
         super().__init__(d_embed, n_layers, d_model, n_heads, text_size)
         self.eot_token = vocab_size - 1
-        self.embed = nn.Embedding(vocab_size, d_model)
+        self.embed = _embedding(vocab_size, d_model)
 
     def forward(self, tokens):
         eot = tokens == self.eot_token
@@ -127,7 +185,7 @@ class ViTImageEncoder(Encoder):
         super().__init__(d_embed, n_layers, d_model, n_heads, (image_size // patch_size) ** 2 + 1)
         self.image_size = image_size
         self.embed = nn.Conv2d(input_channels, d_model, patch_size, patch_size, bias=False)
-        self.class_embed = nn.Parameter(torch.randn(d_model) / d_model**0.5)
+        self.class_embed = nn.Parameter(meta_aware_randn(d_model).mul_(d_model**-0.5))  # fast on meta
 
     def forward(self, images):
         x = self.embed(images).flatten(2).transpose(1, 2)
@@ -150,10 +208,25 @@ class CLOOB(nn.Module):
         # From the config, not buffers: the port's state dicts lack them, and the loaders build
         # the model on the meta device, where a buffer would have no values.
         self.mean, self.std = ci["normalize"]["mean"], ci["normalize"]["std"]
+        # Where the weights are, or go when a tower takes up deferred weights: moved with them.
+        self._placement = torch.empty(0)
 
     @property
     def device(self) -> torch.device:
-        return self.text_encoder.proj.weight.device
+        return self._placement.device
+
+    def _apply(self, fn, recurse=True):
+        self._placement = fn(self._placement)
+        return super()._apply(fn, recurse)
+
+    def defer_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Keeps `state_dict` (shapes already checked); each tower takes up its part on first
+        use (see `Encoder`)."""
+        for name in ("image_encoder", "text_encoder"):
+            prefix = f"{name}."
+            getattr(self, name).defer_weights(
+                {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        self._placement = torch.empty(0, device=next(iter(state_dict.values())).device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to the per-channel standardised input of the image encoder."""
@@ -173,8 +246,9 @@ class CLOOB(nn.Module):
         if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"encode_image expects images [n, C, {size}, {size}] in [0, 1], "
                              f"got {list(images.shape)}; resize them first")
-        weight = self.image_encoder.embed.weight
-        return self.image_encoder(self.normalize(images.to(weight.device, weight.dtype)))
+        encoder = self.image_encoder.load_weights()
+        weight = encoder.embed.weight
+        return encoder(self.normalize(images.to(weight.device, weight.dtype)))
 
 
 # Configs
@@ -282,11 +356,16 @@ _BASES = {"vi_t_image_encoder": "image_encoder", "text_encoder": "text_encoder"}
 
 
 def convert_haiku_params(image_params: dict, text_params: dict,
-                         source: str = "CLOOB checkpoint") -> dict:
-    """The PyTorch state dict of the released Haiku parameter trees (module path -> {name: array})."""
+                         source: str = "CLOOB checkpoint", release: bool = False) -> dict:
+    """The PyTorch state dict of the released Haiku parameter trees (module path -> {name: array}).
+
+    `release`: empty the trees while converting, so that each array is freed once converted and
+    the pickle's arrays and their conversion are never both whole in memory.
+    """
     state = {}
     for tree in (image_params, text_params):
-        for module_path, params in tree.items():
+        for module_path in list(tree):
+            params = tree.pop(module_path) if release else tree[module_path]
             base, _, rest = module_path.partition("/")
             layer = re.match(r"layer_(\d+)/(.*)", rest)
             if layer:
@@ -296,7 +375,8 @@ def convert_haiku_params(image_params: dict, text_params: dict,
                                 "a CLOOB checkpoint ccld knows")
             module, names = _MODULES[rest]
             prefix = ".".join(filter(None, [_BASES[base], layer and f"layers.{layer[1]}", module]))
-            for name, array in params.items():
+            for name in list(params):
+                array = params.pop(name) if release else params[name]
                 if name not in names:
                     raise CCLDError(f"{source}: unexpected Haiku parameter {module_path}/{name}; "
                                     "this is not a CLOOB checkpoint ccld knows")
@@ -307,7 +387,8 @@ def convert_haiku_params(image_params: dict, text_params: dict,
 
 
 def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB checkpoint") -> CLOOB:
-    """A frozen CLOOB in eval mode; CCLDError if the weights do not fit the config."""
+    """A frozen CLOOB in eval mode holding `state_dict`, each tower taking up its weights on first
+    use; CCLDError if the weights do not fit the config."""
     with torch.device("meta"):  # no wasted random init: the weights come from the file
         model = CLOOB(config)
     expected = model.state_dict()
@@ -325,23 +406,44 @@ def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB c
     if extra:
         raise CCLDError(f"{source}: does not match the CLOOB config {name} ({extra[0]}: not in "
                         f"the model, {len(extra)} such keys); {fix}")
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, assign=True)
+    model.defer_weights(state_dict)
     return model.eval().requires_grad_(False)
 
 
+def haiku_pickle_state_dict(path: str | os.PathLike) -> dict:
+    """The PyTorch state dict of a released CLOOB Haiku pickle."""
+    from ..checkpoints import load_array_pickle
+
+    params = load_array_pickle(path).get("params")
+    if not (isinstance(params, (tuple, list)) and len(params) == 2
+            and all(isinstance(p, dict) for p in params)):
+        raise CCLDError(f"{path}: a pickle, but not a CLOOB checkpoint (no 'params' pair of "
+                        "image and text parameters)")
+    return convert_haiku_params(*params, source=str(path), release=True)
+
+
 def load_cloob(path: str | os.PathLike, config: str | os.PathLike | dict | None = None) -> CLOOB:
-    """CLOOB from a released Haiku pickle (.pkl), a safetensors file, or a torch state dict."""
-    from ..checkpoints import load_array_pickle, load_state_file
+    """CLOOB from a released Haiku pickle (.pkl), a safetensors file, or a torch state dict.
+
+    A pickle is converted once into the converted-weights cache and memory-mapped from there
+    afterwards; a safetensors file is memory-mapped as it is.
+    """
+    from ..checkpoints import SAFETENSORS_SUFFIXES, load_state_file, map_safetensors_file
+    from ..weights_cache import load_converted
 
     config = resolve_cloob_config(config, path)
-    if str(path).endswith(".pkl"):
-        obj = load_array_pickle(path)
-        params = obj.get("params")
-        if not (isinstance(params, (tuple, list)) and len(params) == 2
-                and all(isinstance(p, dict) for p in params)):
-            raise CCLDError(f"{path}: a pickle, but not a CLOOB checkpoint (no 'params' pair of "
-                            "image and text parameters)")
-        state_dict = convert_haiku_params(*params, source=str(path))
+    source = str(path)
+    if source.endswith(".pkl"):
+        def convert():
+            state_dict = haiku_pickle_state_dict(path)
+            cloob_from_state_dict(config, state_dict, source)  # cheap: a misfit is never stored
+            return state_dict, {}
+
+        # Keyed by the config too: an entry holds weights checked against exactly this config.
+        state_dict, _ = load_converted("cloob", [Path(path)], [json.dumps(config, sort_keys=True)],
+                                       convert)
+    elif source.endswith(SAFETENSORS_SUFFIXES):
+        state_dict = map_safetensors_file(path, "CLOOB checkpoint")
     else:
         state_dict = load_state_file(path, "CLOOB checkpoint")
-    return cloob_from_state_dict(config, state_dict, str(path))
+    return cloob_from_state_dict(config, state_dict, source)

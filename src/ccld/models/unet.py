@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CCLDError
+from . import meta_aware_randn
 
 MAPPING_WIDTH = 1024
 MAPPING_FOURIER = 128
@@ -33,7 +35,8 @@ class FourierFeatures(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, std: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn([out_features // 2, in_features]) * std,
+        # in place: out-of-place arithmetic on the meta device is slow (see meta_aware_randn)
+        self.weight = nn.Parameter(meta_aware_randn(out_features // 2, in_features).mul_(std),
                                    requires_grad=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -291,8 +294,27 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
     return unet.eval().requires_grad_(False)
 
 
+def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint") -> tuple[dict, dict]:
+    """(state dict, architecture) of any U-Net file. A `.ckpt`/`.pt` is converted once into the
+    converted-weights cache and memory-mapped from there; a `.safetensors` is mapped as it is."""
+    from ..checkpoints import SAFETENSORS_SUFFIXES, load_torch_file, map_safetensors_file
+    from ..weights_cache import load_converted
+
+    if str(path).endswith(SAFETENSORS_SUFFIXES):  # already a fast format: mapped as it is
+        sd = map_safetensors_file(path, what)
+        return sd, infer_unet_config(sd, path)
+
+    def convert():
+        sd = unet_state_dict(load_torch_file(path, what))
+        config = infer_unet_config(sd, path)
+        unet_from_state_dict(sd, path, config)  # cheap (no copies); a misfit is never stored
+        return sd, {"config": config}
+
+    sd, metadata = load_converted("unet", [Path(path)], [], convert)
+    return sd, metadata["config"]
+
+
 def load_unet(path: str | os.PathLike, what: str = "U-Net checkpoint") -> CCLDUNet:
     """A CCLD U-Net from a bare state dict, a Lightning checkpoint or a safetensors file."""
-    from ..checkpoints import load_state_file
-
-    return unet_from_state_dict(unet_state_dict(load_state_file(path, what)), path)
+    sd, config = unet_weights(path, what)
+    return unet_from_state_dict(sd, path, config)

@@ -1,0 +1,432 @@
+"""The converted-weights cache: release files converted once, memory-mapped afterwards.
+
+The released checkpoints are slow to read (the CLOOB Haiku pickle, torch `.ckpt` files, a
+Lightning checkpoint's optimizer state) and need converting on every load. `load_converted` does
+that once per file and keeps the converted state dict as a safetensors file under
+`converted_dir()`; later loads memory-map it, so its pages come from the page cache on demand and
+never occupy anonymous memory (nor are they read at all for parts of a model that go unused).
+
+An entry is a folder `converted/<kind>-<key>/` holding `weights.safetensors` and `entry.json`. The
+key is a hash of the kind, `CONVERTER_VERSION`, each source file's size, mtime and a hash of its
+first and last MiB, and the given config texts, so a changed file or config never meets a stale
+entry. The JSON records the weights file's size and a hash of its head and tail; an entry that
+does not match (a half-written, truncated or overwritten one) is thrown away and rebuilt, never
+trusted. Writers build an entry under a unique temporary name and publish it with one rename, so
+concurrent processes never see a partial one.
+
+Where: `CCLD_CACHE_DIR`, by default a `ccld` folder beside the Hugging Face hub cache (where the
+CLOOB pickle is downloaded too). `CCLD_CACHE_DIR=off` turns the converted cache off (downloads
+still go to the default folder). A cache folder that cannot be written costs speed, never a load:
+the converted weights are then used from memory, with one warning line on stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import torch
+
+from ._version import __version__
+from .files import TEMP_SUFFIX, fsync_folder, temporary_name
+
+CONVERTER_VERSION = 1  # bump when any converter's output changes: every entry is then rebuilt
+
+ENV_VAR = "CCLD_CACHE_DIR"
+OFF = "off"
+WEIGHTS_FILE = "weights.safetensors"
+ENTRY_FILE = "entry.json"
+ENTRY_FORMAT = 1  # the layout of entry.json
+HEAD_TAIL_BYTES = 1 << 20  # how much of each end of a file its fingerprint hashes
+ABANDONED_AFTER_S = 6 * 3600  # a temporary this old belongs to a killed process
+
+# safetensors dtype names; the float8 types exist only in newer torch builds
+SAFETENSORS_DTYPES = {
+    name: dtype for name, dtype in {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+        "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None),
+        "U64": getattr(torch, "uint64", None),
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }.items() if dtype is not None
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 << 20  # the limit the safetensors library itself sets
+
+StateDict = dict[str, torch.Tensor]
+
+
+# Where
+
+
+def cache_root() -> Path:
+    """`CCLD_CACHE_DIR`, or the `ccld` folder beside the Hugging Face hub cache (also where
+    `CCLD_CACHE_DIR=off` leaves downloads)."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value and value.lower() != OFF:
+        return Path(value).expanduser()
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE).parent / "ccld"
+
+
+def converted_dir() -> Path | None:
+    """The folder of converted copies, or None when `CCLD_CACHE_DIR=off`."""
+    if os.environ.get(ENV_VAR, "").strip().lower() == OFF:
+        return None
+    return cache_root() / "converted"
+
+
+# Safetensors files, written and memory-mapped without a copy in memory
+
+
+def write_safetensors(f: BinaryIO, tensors: StateDict) -> None:
+    """Writes `tensors` in the safetensors format, straight from their memory.
+
+    The safetensors library would first turn every tensor into a bytes object (a second copy of
+    the whole model). Larger elements come first, so every tensor starts at a multiple of its
+    element size: `map_safetensors` can then view each in place.
+    """
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = {}, 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"{name}: safetensors has no {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format recommends
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for name in names:
+        t = tensors[name].detach().cpu().contiguous()
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, where the data starts) of a safetensors
+    file, checked against the file's size; ValueError saying what is wrong otherwise."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(f"header length {header_len} runs past the end of the file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{name}: unreadable header entry") from None
+        if min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{name}: its offsets do not fit its shape and dtype")
+        spans.append((begin, end))
+    data_start = 8 + header_len
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise ValueError("the tensors do not tile the data (overlap or gap)")
+        covered = end
+    if data_start + covered != size:
+        raise ValueError(f"the file has {size} bytes, its header describes {data_start + covered}")
+    return header, data_start
+
+
+def map_safetensors(path: str | os.PathLike) -> StateDict:
+    """The tensors of a safetensors file, memory-mapped copy-on-write: nothing is read until
+    used, and writing to a tensor never changes the file. ValueError for a malformed file."""
+    path = Path(path)
+    header, data_start = read_safetensors_header(path)
+    size = path.stat().st_size
+    try:
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    except RuntimeError:  # a file system that cannot map files: read it instead
+        storage = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).untyped_storage()
+    data = torch.empty(0, dtype=torch.uint8).set_(storage)
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        raw = data[data_start + begin:data_start + end]
+        if (data_start + begin) % dtype.itemsize:  # only files written by other tools
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors
+
+
+# Entries
+
+
+def _head_tail_sha256(path: Path, size: int) -> str:
+    """A hash of a file's size and first and last MiB: cheap, and changed by any truncation,
+    append or rewrite of the ends (the size and mtime catch the rest)."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(HEAD_TAIL_BYTES))
+        if size > HEAD_TAIL_BYTES:
+            f.seek(max(HEAD_TAIL_BYTES, size - HEAD_TAIL_BYTES))
+            h.update(f.read(HEAD_TAIL_BYTES))
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "head_tail_sha256": _head_tail_sha256(path, st.st_size)}
+
+
+def _key(kind: str, fingerprints: list[dict], configs: Sequence[str | bytes]) -> str:
+    # the path is left out: a file that moves (same size, mtime and bytes) keeps its entry
+    described = {
+        "kind": kind, "converter_version": CONVERTER_VERSION,
+        "sources": [{k: v for k, v in fp.items() if k != "path"} for fp in fingerprints],
+        "configs": [hashlib.sha256(c.encode() if isinstance(c, str) else bytes(c)).hexdigest()
+                    for c in configs],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_entry_json(folder: Path) -> dict | None:
+    try:
+        entry = json.loads((folder / ENTRY_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _open_entry(folder: Path, key: str) -> tuple[StateDict, dict] | None:
+    """The entry's (memory-mapped state dict, metadata), or None if it is missing or does not
+    check out (then it must be rebuilt)."""
+    entry = _read_entry_json(folder)
+    weights = folder / WEIGHTS_FILE
+    try:
+        if (entry is None or entry.get("format") != ENTRY_FORMAT or entry.get("key") != key
+                or not isinstance(entry.get("weights"), dict)):
+            return None
+        size = weights.stat().st_size
+        if (size != entry["weights"].get("size")
+                or _head_tail_sha256(weights, size) != entry["weights"].get("head_tail_sha256")):
+            return None
+        return map_safetensors(weights), entry.get("metadata", {})
+    except (OSError, ValueError):
+        return None
+
+
+def _discard(folder: Path) -> None:
+    """Removes an entry (or a temporary) so that no reader can open it half-deleted: it is
+    renamed away first. Failures are left for the next writer or `ccld cache clear`."""
+    doomed = temporary_name(folder)
+    try:
+        os.rename(folder, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _write_entry(folder: Path, state: StateDict, entry: dict) -> None:
+    """Writes the entry into `folder`, a new private temporary folder: renaming that folder is
+    what publishes the entry (atomic_write's per-file renames would add nothing)."""
+    folder.mkdir()
+    weights = folder / WEIGHTS_FILE
+    with open(weights, "wb") as f:
+        write_safetensors(f, state)
+        f.flush()
+        os.fsync(f.fileno())
+    size = weights.stat().st_size
+    entry = {**entry, "weights": {"file": WEIGHTS_FILE, "size": size,
+                                  "head_tail_sha256": _head_tail_sha256(weights, size)}}
+    with open(folder / ENTRY_FILE, "w") as f:
+        json.dump(entry, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _store(converted: Path, name: str, state: StateDict, entry: dict) -> None:
+    """Publishes an entry as converted/name in one rename; OSError if the folder is unwritable."""
+    converted.mkdir(parents=True, exist_ok=True)
+    _remove_outdated(converted, entry)
+    tmp = temporary_name(converted / name)
+    try:
+        _write_entry(tmp, state, entry)
+        os.rename(tmp, converted / name)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _read_entry_json(converted / name) is None:
+            raise
+        # else another process published the same entry first: theirs serves as well
+    fsync_folder(converted)
+
+
+def _remove_outdated(converted: Path, new: dict) -> None:
+    """Deletes entries that can never be used again: those of the same kind made from the same
+    source paths when the files there were different (since changed), and temporaries that
+    killed processes left long ago."""
+    now = time.time()
+    paths = [s["path"] for s in new["sources"]]
+    for folder in converted.iterdir():
+        if folder.name.endswith(TEMP_SUFFIX):
+            try:
+                if now - folder.stat().st_mtime > ABANDONED_AFTER_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                pass
+            continue
+        old = _read_entry_json(folder)
+        if (old and old.get("kind") == new["kind"] and isinstance(old.get("sources"), list)
+                and [s.get("path") for s in old["sources"] if isinstance(s, dict)] == paths
+                and old["sources"] != new["sources"]):
+            _discard(folder)
+
+
+_warned_unwritable = False
+
+
+def _warn_unwritable(converted: Path, error: OSError) -> None:
+    global _warned_unwritable
+    if not _warned_unwritable:
+        _warned_unwritable = True
+        print(f"ccld: warning: cannot write the converted-weights cache in {converted} "
+              f"({error.strerror or error}); converting on every load instead (set {ENV_VAR} to "
+              f"a writable folder, or to {OFF})", file=sys.stderr)
+
+
+def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | bytes],
+                   convert: Callable[[], tuple[StateDict, dict]]) -> tuple[StateDict, dict]:
+    """(state dict, JSON-able metadata): from the cache (memory-mapped) when an entry for exactly
+    these sources and configs exists, else convert() and store the result.
+
+    `kind` names the converter ("unet", "cloob", ...); `configs` are the texts of every config
+    the conversion depends on. Errors from `convert` (the user's CCLDErrors) pass through, and
+    nothing is stored for them. The converted tensors are dropped once stored: what comes back
+    is the stored copy, memory-mapped, identical to what a later load returns.
+    """
+    if not kind.isidentifier() or not kind.islower():
+        raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
+    converted = converted_dir()
+    try:
+        fingerprints = [_fingerprint(Path(p).expanduser()) for p in sources]
+    except OSError:  # a missing or unreadable source: convert() says so in the user's terms
+        converted = None
+    if converted is None:
+        state, metadata = convert()
+        return state, json.loads(json.dumps(metadata))
+    key = _key(kind, fingerprints, configs)
+    name = f"{kind}-{key}"
+    found = _open_entry(converted / name, key)
+    if found is not None:
+        return found
+    if (converted / name).exists():
+        _discard(converted / name)  # damaged: rebuilt below
+    state, metadata = convert()
+    metadata = json.loads(json.dumps(metadata))  # what a cached load returns, tuples as lists
+    entry = {"format": ENTRY_FORMAT, "kind": kind, "key": key,
+             "converter_version": CONVERTER_VERSION, "ccld_version": __version__,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": fingerprints,
+             "metadata": metadata}
+    try:
+        _store(converted, name, state, entry)
+    except OSError as e:
+        _warn_unwritable(converted, e)
+        return state, metadata
+    stored = _open_entry(converted / name, key)
+    if stored is None:  # (only if the entry was damaged the moment it was written)
+        return state, metadata
+    del state  # the stored copy replaces the converted tensors
+    _return_freed_memory()
+    return stored
+
+
+def _return_freed_memory() -> None:
+    """Hands freed heap memory back to the system. glibc keeps what a conversion freed (hundreds
+    of MB of arrays) for reuse, so the process would go on holding it beside the weights it
+    maps, which is what a peak is made of."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
+
+
+# Inspecting and clearing (`ccld cache info`, `ccld cache clear`)
+
+
+@dataclass
+class CacheEntry:
+    folder: Path
+    kind: str  # "unet", "cloob", ...; "unfinished" for a temporary, "damaged" without entry.json
+    sources: list[str]
+    size: int  # bytes on disk
+    created: str
+
+
+def _folder_size(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def cache_entries() -> list[CacheEntry]:
+    """Every entry (and leftover temporary) in the converted folder, oldest first."""
+    converted = converted_dir()
+    if converted is None or not converted.is_dir():
+        return []
+    entries = []
+    for folder in sorted(converted.iterdir()):
+        if not folder.is_dir():
+            continue
+        entry = _read_entry_json(folder) or {}
+        kind = ("unfinished" if folder.name.endswith(TEMP_SUFFIX)
+                else entry.get("kind", "damaged"))
+        sources = [str(s.get("path")) for s in entry.get("sources", []) if isinstance(s, dict)]
+        entries.append(CacheEntry(folder, str(kind), sources, _folder_size(folder),
+                                  str(entry.get("created", ""))))
+    return sorted(entries, key=lambda e: e.created)
+
+
+def clear_converted() -> tuple[int, int]:
+    """Empties the converted folder (never the downloads beside it): (entries removed, bytes)."""
+    converted = converted_dir()
+    if converted is None or not converted.is_dir():
+        return 0, 0
+    removed = freed = 0
+    for path in list(converted.iterdir()):
+        size = _folder_size(path) if path.is_dir() else path.stat().st_size
+        if path.is_dir():
+            _discard(path)
+        else:
+            path.unlink(missing_ok=True)
+        if not path.exists():
+            removed += 1
+            freed += size
+    return removed, freed

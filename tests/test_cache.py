@@ -1,0 +1,424 @@
+"""The converted-weights cache: release files converted once, memory-mapped afterwards; and the
+CLOOB towers, each read only when used."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants as hf_constants
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ccld import hub, weights_cache
+from ccld.cli import main
+from ccld.errors import CCLDError
+from ccld.models.cloob import haiku_pickle_state_dict, load_cloob
+from ccld.models.unet import load_unet
+from ccld.weights_cache import converted_dir, load_converted, map_safetensors, read_safetensors_header
+from conftest import max_rel_err
+
+on_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A cache folder of this test's own."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("CCLD_CACHE_DIR", str(root))
+    return root
+
+
+def entries(cache: Path) -> list[Path]:
+    folder = cache / "converted"
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def temporaries(cache: Path) -> list[Path]:
+    return sorted((cache / "converted").glob(".*"))
+
+
+def equal_state_dicts(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds the tensor's memory, if any."""
+    address = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+def anonymous_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+class CountingConvert:
+    """A stand-in converter with a few dtypes and shapes, counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return {"w": torch.arange(6.0).reshape(2, 3), "half": torch.ones(3, dtype=torch.bfloat16),
+                "mask": torch.tensor([True, False]), "step": torch.tensor(7),
+                "empty": torch.zeros(0, 4)}, {"config": (1, 2), "name": "x"}
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    path = tmp_path / "release.ckpt"
+    path.write_bytes(bytes(range(256)) * 12289)  # 3 MiB and a bit: head and tail apart
+    return path
+
+
+# Hits, misses and keys
+
+
+@on_linux
+def test_second_unet_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache, monkeypatch):
+    monkeypatch.setenv("CCLD_CACHE_DIR", "off")
+    reference = load_unet(fixtures / "unet.ckpt").state_dict()
+    monkeypatch.setenv("CCLD_CACHE_DIR", str(cache))
+    first = load_unet(fixtures / "unet.ckpt")
+    (entry,) = entries(cache)
+    import ccld.checkpoints
+    reads = []
+    monkeypatch.setattr(ccld.checkpoints, "load_torch_file", lambda *a: reads.append(a))
+    second = load_unet(fixtures / "unet.ckpt")
+    assert reads == []  # the release file is not read again
+    assert second.config == first.config and float(second.autoencoder_scale) == 3.25
+    assert equal_state_dicts(second.state_dict(), reference)
+    assert equal_state_dicts(first.state_dict(), reference)
+    weights = str(entry / "weights.safetensors")
+    assert all(mapped_file(t) == weights for t in second.state_dict().values())
+
+
+@on_linux
+def test_second_cloob_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache, monkeypatch):
+    reference = haiku_pickle_state_dict(fixtures / "cloob.pkl")
+    first = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    import ccld.checkpoints
+    reads = []
+    monkeypatch.setattr(ccld.checkpoints, "load_array_pickle", lambda *a: reads.append(a))
+    second = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    assert reads == []
+    assert equal_state_dicts(second.state_dict(), reference)
+    assert equal_state_dicts(first.state_dict(), reference)
+    (entry,) = entries(cache)
+    assert all(mapped_file(t) == str(entry / "weights.safetensors")
+               for t in second.state_dict().values())
+
+
+@on_linux
+def test_cached_weights_stay_out_of_anonymous_memory(fixtures, cache):
+    load_unet(fixtures / "unet.ckpt")  # converts and stores (96 MB of weights)
+    before = anonymous_mb()
+    unet = load_unet(fixtures / "unet.ckpt")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.sum()  # every page read
+    assert anonymous_mb() - before < 30
+
+
+def test_same_result_from_converter_and_cache(source, cache):
+    convert = CountingConvert()
+    first = load_converted("thing", [source], ["config: 1"], convert)
+    second = load_converted("thing", [source], ["config: 1"], convert)
+    assert convert.calls == 1
+    assert equal_state_dicts(first[0], second[0]) and equal_state_dicts(first[0], convert()[0])
+    assert first[1] == second[1] == {"config": [1, 2], "name": "x"}  # JSON's view, both times
+
+
+def test_a_changed_source_or_config_gets_a_new_entry(source, cache):
+    convert = CountingConvert()
+    load_converted("thing", [source], ["a: 1"], convert)
+    load_converted("thing", [source], [b"a: 2"], convert)  # another config: an entry of its own
+    load_converted("thing", [source], ["a: 1"], convert)
+    assert convert.calls == 2 and len(entries(cache)) == 2
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    load_converted("thing", [source], ["a: 1"], convert)
+    assert convert.calls == 3
+    data = bytearray(source.read_bytes())
+    data[-1] ^= 1  # the last byte changed, size and mtime kept
+    source.write_bytes(bytes(data))
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_converted("thing", [source], ["a: 1"], convert)
+    assert convert.calls == 4
+    # entries of the file's earlier versions (with either config) can never match again
+    assert len(entries(cache)) == 1
+
+
+def test_a_changed_release_file_or_cloob_config_gets_a_new_entry(fixtures, tmp_path, cache):
+    pickle_path = tmp_path / "cloob.pkl"
+    shutil.copy(fixtures / "cloob.pkl", pickle_path)
+    load_cloob(pickle_path, fixtures / "cloob.json")
+    (old,) = entries(cache)
+    os.utime(pickle_path, ns=(0, pickle_path.stat().st_mtime_ns + 10**9))
+    load_cloob(pickle_path, fixtures / "cloob.json")
+    (new,) = entries(cache)
+    assert new != old
+    config = json.loads((fixtures / "cloob.json").read_text())
+    config["comment"] = "edited"
+    (tmp_path / "edited.json").write_text(json.dumps(config))
+    load_cloob(pickle_path, tmp_path / "edited.json")
+    assert len(entries(cache)) == 2
+
+
+def test_what_does_not_load_is_not_stored(fixtures, cache):
+    with pytest.raises(CCLDError, match="not a CCLD U-Net checkpoint"):
+        load_unet(fixtures / "autoencoder.ckpt")
+    config = json.loads((fixtures / "cloob.json").read_text())
+    config["text_encoder"]["n_layers"] = 1
+    with pytest.raises(CCLDError, match="does not match the CLOOB config"):
+        load_cloob(fixtures / "cloob.pkl", config)
+    assert entries(cache) == [] and temporaries(cache) == []
+
+
+# Damage, concurrency, unwritable folders, off
+
+
+def _truncate(entry):
+    weights = entry / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+def _garbage_header(entry):
+    with open(entry / "weights.safetensors", "r+b") as f:
+        f.write(b"\xff" * 16)
+
+
+def _garbage_tail(entry):
+    with open(entry / "weights.safetensors", "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x01" * 8)
+
+
+@pytest.mark.parametrize("damage", [
+    _truncate, _garbage_header, _garbage_tail,
+    lambda entry: (entry / "entry.json").unlink(),
+    lambda entry: (entry / "entry.json").write_text("{"),
+    lambda entry: (entry / "weights.safetensors").unlink(),
+], ids=["truncated", "garbage-header", "garbage-tail", "no-json", "bad-json", "no-weights"])
+def test_a_damaged_entry_is_rebuilt_never_trusted(source, cache, damage):
+    convert = CountingConvert()
+    load_converted("thing", [source], [], convert)
+    (entry,) = entries(cache)
+    damage(entry)
+    again, _ = load_converted("thing", [source], [], convert)
+    assert convert.calls == 2 and equal_state_dicts(again, CountingConvert()()[0])
+    assert entries(cache) == [entry] and temporaries(cache) == []
+    load_converted("thing", [source], [], convert)
+    assert convert.calls == 2  # the rebuilt entry serves
+
+
+def test_a_truncated_cloob_entry_is_rebuilt(fixtures, cache):
+    load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    (entry,) = entries(cache)
+    _truncate(entry)
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    assert equal_state_dicts(cloob.state_dict(), haiku_pickle_state_dict(fixtures / "cloob.pkl"))
+
+
+def test_a_writer_that_loses_the_race_uses_the_winners_entry(source, cache):
+    convert = CountingConvert()
+
+    def convert_while_another_process_stores():
+        load_converted("thing", [source], [], convert)  # the other process, finishing first
+        return convert()
+
+    state, _ = load_converted("thing", [source], [], convert_while_another_process_stores)
+    assert convert.calls == 2 and equal_state_dicts(state, convert()[0])
+    assert len(entries(cache)) == 1 and temporaries(cache) == []
+
+
+def test_an_unwritable_cache_costs_one_warning_line_not_the_load(fixtures, tmp_path, monkeypatch,
+                                                                 capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a folder cannot be made inside a file, even by root
+    monkeypatch.setenv("CCLD_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(weights_cache, "_warned_unwritable", False)
+    unet = load_unet(fixtures / "unet.ckpt")
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ccld: warning: cannot write the converted-weights "
+                                               f"cache in {blocker / 'cache' / 'converted'}")
+    io = load_file(fixtures / "unet_io.safetensors")
+    with torch.no_grad():
+        assert max_rel_err(unet(io["x"], io["t"], io["embed"]), io["v"]) < 1e-4
+    assert equal_state_dicts(cloob.state_dict(), haiku_pickle_state_dict(fixtures / "cloob.pkl"))
+
+
+def test_off_writes_nothing_and_downloads_keep_their_place(fixtures, tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("CCLD_CACHE_DIR", "off")
+    assert converted_dir() is None and hub.cache_dir() == tmp_path / "hf" / "ccld"
+    load_unet(fixtures / "unet_lightning.ckpt")
+    load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_folder_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.delenv("CCLD_CACHE_DIR", raising=False)
+    assert hub.cache_dir() == tmp_path / "hf" / "ccld"
+    assert converted_dir() == tmp_path / "hf" / "ccld" / "converted"
+    monkeypatch.setenv("CCLD_CACHE_DIR", str(tmp_path / "mine"))
+    assert hub.cache_dir() == tmp_path / "mine"
+    assert converted_dir() == tmp_path / "mine" / "converted"
+
+
+# ccld cache info / clear
+
+
+def test_cache_info_and_clear_keep_downloads(fixtures, cache, capsys):
+    load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    download = cache / "cloob_laion_400m_vit_b_16_16_epochs-0123.pkl"
+    download.write_bytes(b"a download")
+    leftover = cache / "converted" / ".cloob-0123.999.abcdef01.tmp"  # a killed writer's
+    leftover.mkdir()
+    (leftover / "weights.safetensors").write_bytes(b"half")
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    (entry,) = entries(cache)
+    assert str(cache) in out and entry.name in out and str(fixtures / "cloob.pkl") in out
+    assert "unfinished" in out and "2 entries, 13.9 MB" in out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 entries (13.9 MB)" in capsys.readouterr().out
+    assert list((cache / "converted").iterdir()) == [] and download.read_bytes() == b"a download"
+    assert main(["cache", "info"]) == 0
+    assert "0 entries, 0.0 MB" in capsys.readouterr().out
+
+
+def test_cache_commands_when_off(monkeypatch, capsys):
+    monkeypatch.setenv("CCLD_CACHE_DIR", "off")
+    assert main(["cache", "info"]) == 0 and "off" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0 and "nothing to clear" in capsys.readouterr().out
+
+
+# The safetensors files
+
+
+def test_entries_are_standard_safetensors(source, cache):
+    state, _ = load_converted("thing", [source], [], CountingConvert())
+    (entry,) = entries(cache)
+    assert equal_state_dicts(load_file(entry / "weights.safetensors"), state)
+
+
+def test_mapping_reads_files_of_the_safetensors_library(tmp_path):
+    tensors = {"f64": torch.randn(3, dtype=torch.float64), "bf16": torch.randn(2, 5).bfloat16(),
+               "i8": torch.arange(5, dtype=torch.int8), "flag": torch.tensor(True),
+               "none": torch.zeros(0), "f32": torch.randn(4, 4)}
+    save_file(tensors, tmp_path / "lib.safetensors")
+    assert equal_state_dicts(map_safetensors(tmp_path / "lib.safetensors"), tensors)
+
+
+def test_malformed_safetensors_are_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(2)}, path)
+    data = path.read_bytes()
+    assert b"[16,24]" in data  # b's offsets
+    for broken, why in [(data[:-4], "header describes"), (data[:6], "shorter"),
+                        (b"\xff" * 8 + data[8:], "runs past"),
+                        (data.replace(b"[16,24]", b"[16,28]"), "do not fit")]:
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match=why):
+            read_safetensors_header(path)
+
+
+# CLOOB: a tower is read when it is used
+
+
+@pytest.fixture
+def cloob_io(fixtures):
+    return load_file(fixtures / "cloob_io.safetensors")
+
+
+def test_text_prompts_never_read_the_image_tower(fixtures, cache, cloob_io):
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json").to("cpu")
+    with torch.inference_mode():  # as the pipeline runs it
+        cloob.encode_text(["a castle"])
+        text_embeds = cloob.text_encoder(cloob_io["tokens"])
+    assert max_rel_err(text_embeds, cloob_io["text_embeds"]) < 1e-4
+    assert all(p.is_meta for p in cloob.image_encoder.parameters())
+    assert not any(p.is_meta or p.is_inference() for p in cloob.text_encoder.parameters())
+    with torch.inference_mode():
+        image_embeds = cloob.encode_image(cloob_io["images"])
+    assert max_rel_err(image_embeds, cloob_io["image_embeds"]) < 1e-4
+    assert not any(p.is_meta for p in cloob.parameters())
+
+
+def test_image_prompts_never_read_the_text_tower(fixtures, cache, cloob_io):
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    with torch.no_grad():
+        assert max_rel_err(cloob.encode_image(cloob_io["images"]), cloob_io["image_embeds"]) < 1e-4
+    assert all(p.is_meta for p in cloob.text_encoder.parameters())
+
+
+def test_moves_wait_for_a_towers_weights(fixtures, cache, cloob_io):
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json").to(torch.float64)
+    assert cloob.device == torch.device("cpu")
+    with torch.no_grad():
+        embeds = cloob.text_encoder(cloob_io["tokens"].to(cloob.device))
+    assert embeds.dtype == torch.float64 and max_rel_err(embeds, cloob_io["text_embeds"]) < 1e-4
+    assert all(p.is_meta for p in cloob.image_encoder.parameters())
+    assert cloob.image_encoder.load_weights().embed.weight.dtype == torch.float64
+
+
+def test_state_dict_holds_both_towers_used_or_not(fixtures, cache):
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    cloob.encode_text(["a castle"])
+    assert equal_state_dicts(cloob.state_dict(), haiku_pickle_state_dict(fixtures / "cloob.pkl"))
+
+
+def test_loading_a_state_dict_into_an_unused_tower_is_not_overwritten_later(fixtures, cache,
+                                                                            cloob_io):
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    zeros = {k: torch.zeros_like(v) for k, v in haiku_pickle_state_dict(fixtures / "cloob.pkl").items()}
+    cloob.load_state_dict(zeros)
+    assert all(float(p.abs().sum()) == 0 for p in cloob.parameters())
+
+
+def test_loading_draws_no_random_numbers(fixtures, cache, monkeypatch):
+    drawn = []
+
+    def counting_method(name, draw):
+        def wrapper(tensor, *args, **kwargs):
+            if not tensor.is_meta:
+                drawn.append(name)
+            return draw(tensor, *args, **kwargs)
+        return wrapper
+
+    def counting_factory(name, factory):
+        def wrapper(*args, **kwargs):
+            tensor = factory(*args, **kwargs)
+            if not tensor.is_meta:
+                drawn.append(name)
+            return tensor
+        return wrapper
+
+    for name in ("uniform_", "normal_", "random_", "bernoulli_", "exponential_"):
+        monkeypatch.setattr(torch.Tensor, name, counting_method(name, getattr(torch.Tensor, name)))
+    for name in ("randn", "rand", "randint", "randperm"):
+        monkeypatch.setattr(torch, name, counting_factory(name, getattr(torch, name)))
+    torch.nn.Linear(2, 2)
+    torch.randn(2)
+    assert drawn == ["uniform_", "uniform_", "randn"]  # the counting works
+    drawn.clear()
+    for _ in ("converting", "cached"):
+        load_unet(fixtures / "unet.ckpt")
+        cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+        cloob.state_dict()  # both towers take up their weights
+    assert drawn == []
