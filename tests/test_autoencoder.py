@@ -124,3 +124,33 @@ def test_torch_module_computes_what_diffusers_computes(ae, io):
         assert torch.equal(ae.decode(z), reference.decode(z).sample)
         h = reference.quant_conv(reference.encoder(io["image"]))
         assert torch.equal(torch.cat(ae.encode_moments(io["image"]), dim=1), h)
+
+
+NO_DIFFUSERS_CHILD = """
+import sys
+from ccld.models.autoencoder import load_autoencoder
+ae = load_autoencoder(sys.argv[1])
+print("diffusers" in sys.modules, sum(p.numel() for p in ae.parameters()))
+"""
+
+
+def test_a_converted_autoencoder_loads_without_importing_diffusers(fixtures, io, tmp_path,
+                                                                   monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CCLD_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copy(fixtures / "autoencoder.ckpt", tmp_path / "ae.ckpt")
+    shutil.copy(fixtures / "autoencoder.yaml", tmp_path / "ae.yaml")
+    runs = [subprocess.run([sys.executable, "-c", NO_DIFFUSERS_CHILD, str(tmp_path / "ae.ckpt")],
+                           check=True, capture_output=True, text=True).stdout.split()
+            for _ in range(2)]
+    assert runs[0][0] == "True" and runs[1][0] == "False"  # converted once, by diffusers
+    assert runs[0][1] == runs[1][1]
+    cached = load_autoencoder(tmp_path / "ae.ckpt")
+    _check(cached, io)
+    # a changed yaml is a new entry: the cached copy is never used for another config
+    (tmp_path / "ae.yaml").write_text((fixtures / "autoencoder.yaml").read_text() + "\n# edited\n")
+    assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
+    _check(load_autoencoder(tmp_path / "ae.ckpt"), io)
+    assert len(list((tmp_path / "cache" / "converted").iterdir())) == 2

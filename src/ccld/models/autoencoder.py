@@ -393,21 +393,35 @@ def load_autoencoder(path: str | os.PathLike,
     `path`: an LDM `.ckpt` (or `.safetensors`) with its yaml beside it (`model.ckpt` ->
     `model.yaml`) unless `config_path` is given; or a folder written by `save_pretrained` or
     diffusers' `AutoencoderKL.save_pretrained` (or a pipeline folder with a `vae/` subfolder).
+    An LDM file is converted (by diffusers) once; later loads memory-map the converted copy
+    (`ccld.weights_cache`) and need no diffusers import.
     """
+    from ..weights_cache import load_converted
+
     path = Path(path).expanduser()
     if path.is_dir():
         return _load_folder(path)
     if not path.is_file():
         raise CCLDError(f"{path}: no such autoencoder checkpoint file; check the path, or run "
                         "`ccld download` to fetch the published models")
-    # the weights first: a file of the wrong kind is the more useful thing to hear about
-    state_dict = _ldm_state_dict(load_state_file(path, "autoencoder checkpoint"), path)
-    if config_path is None:
-        config_path = _default_config_path(path)
-        if not config_path.is_file():
-            raise CCLDError(f"{path}: no autoencoder config {config_path.name} beside it; pass the "
-                            "LDM yaml (e.g. ae_model.yaml) with --autoencoder-config")
-    return autoencoder_from_ldm(state_dict, read_autoencoder_config(config_path), path)
+    given = config_path is not None
+    config_path = Path(config_path).expanduser() if given else _default_config_path(path)
+    if not config_path.is_file():
+        # the weights first: a file of the wrong kind is the more useful thing to hear about
+        _ldm_state_dict(load_state_file(path, "autoencoder checkpoint"), path)
+        if not given:
+            raise CCLDError(f"{path}: no autoencoder config {config_path.name} beside it; pass "
+                            "the LDM yaml (e.g. ae_model.yaml) with --autoencoder-config")
+        read_autoencoder_config(config_path)  # says the given config is missing, in one line
+
+    def convert() -> tuple[dict, dict]:
+        state_dict = _ldm_state_dict(load_state_file(path, "autoencoder checkpoint"), path)
+        weights, config = convert_ldm(state_dict, read_autoencoder_config(config_path), path)
+        return weights, {"config": asdict(config)}
+
+    weights, metadata = load_converted("autoencoder", [path], [config_path.read_bytes()], convert)
+    return autoencoder_from_state_dict(AutoencoderConfig.from_dict(metadata["config"]), weights,
+                                       path)
 
 
 def _load_folder(folder: Path) -> KLAutoencoder:
