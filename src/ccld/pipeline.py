@@ -277,7 +277,9 @@ class CCLDPipeline:
             self.channels_last = precision != "fp32"
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
             self.unet.to(memory_format=memory_format)
-            self.autoencoder.to(memory_format=memory_format)
+            # the decoder paints every picture; the encoder (init images only) is left as it is
+            # loaded, so its memory-mapped weights are not even read for a plain painting
+            self.autoencoder.decoder.to(memory_format=memory_format)
         return self
 
     def compile(self, **options) -> CCLDPipeline:
