@@ -232,6 +232,20 @@ def test_commands_print_info_on_stdout_and_warnings_on_stderr_once(fixtures, ima
                             and "corrupt.png" in w for w in warnings), err
 
 
+def test_autoencoder_scale_of_images_never_fetches_cloob(fixtures, image_sources, monkeypatch,
+                                                        capsys):
+    from ccld import hub
+
+    def offline(*args, **kwargs):
+        raise CCLDError("could not download CLOOB: the network is unreachable")
+
+    monkeypatch.setattr(hub, "download_cloob", offline)  # it measures the autoencoder alone
+    assert main(["autoencoder-scale", "--data", str(image_sources["list"]), "--image-size", "64",
+                 "--batches", "1", "--batch-size", "4", "--num-workers", "0",
+                 "--autoencoder", str(fixtures / "autoencoder.ckpt")]) == 0
+    float(capsys.readouterr().out)
+
+
 def test_only_the_main_process_speaks(capsys):
     import logging
 

@@ -302,7 +302,7 @@ def cmd_autoencoder_scale(args) -> int:
     data = open_data(args)
     autoencoder = None
     if not data.cached:
-        files = resolve_encoder_files(encoder_files(args), accelerator)
+        files = resolve_encoder_files(encoder_files(args), accelerator, need_cloob=False)
         autoencoder, _ = load_encoders(files, need_cloob=False)
     value = estimate_autoencoder_scale(data, accelerator, autoencoder, args.batches,
                                        args.batch_size, args.seed, args.num_workers)
