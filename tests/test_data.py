@@ -101,6 +101,19 @@ def test_bad_sources_are_one_line_errors(tmp_path, image_sources):
         assert "\n" not in str(e.value)
 
 
+def test_training_images_drop_alpha_as_the_reference_does(tmp_path):
+    from PIL import Image
+
+    from ccld.training.data import decode_image_bytes
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGBA", (8, 8), (200, 30, 0, 0)).save(tmp_path / "images" / "clear.png")
+    from_folder = open_image_source(tmp_path / "images").read(0)
+    from_bytes = decode_image_bytes((tmp_path / "images" / "clear.png").read_bytes(), "clear")
+    for image in (from_folder, from_bytes):  # colour kept, not composited on white
+        assert image.mode == "RGB" and image.getpixel((3, 3)) == (200, 30, 0)
+
+
 def test_reference_preprocessing_and_skipping(image_sources):
     image = open_image_source(image_sources["list"]).read(1)  # 80x64
     pixels = prepare_pixels(image, 64)
