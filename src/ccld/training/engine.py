@@ -287,7 +287,7 @@ class Trainer:
 
     def _loader(self, start: int) -> DataLoader:
         sampler = ShardedStream(self.data.num_items, self.acc.process_index,
-                                self.acc.num_processes, self.s.seed, start)
+                                self.acc.num_processes, self.s.seed, start, self.data.read_blocks)
         return DataLoader(self.data.dataset, self.s.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.s.num_workers, pin_memory=self.acc.device.type == "cuda")
 
