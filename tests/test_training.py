@@ -197,6 +197,38 @@ def test_resume_equals_an_uninterrupted_run_and_ema_follows_the_schedule(world, 
         [0.99, 0.99, 0.999, 0.999, 0.9999, 0.9999]
 
 
+def test_resume_maps_the_checkpoint_and_only_the_main_process_reads_the_ema(world, tmp_path,
+                                                                           monkeypatch):
+    from accelerate import Accelerator
+
+    from ccld.training import checkpointing
+
+    out = tmp_path / "run"
+    options = ["--batch-size", "4", "--autoencoder-scale", "0.35", "--checkpoint-every", "0"]
+    assert train(world, out, *options, "--max-steps", "1") == 0
+    mapped, load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        mapped.append(kwargs.get("mmap", False))
+        return load(*args, **kwargs)
+
+    read = checkpointing.load_training_checkpoint
+
+    def ema_unreadable(path, kind):  # EMA weights that fail wherever they are used
+        ckpt = read(path, kind)
+        ckpt["state_dict"] = {k: v.to("meta") if k.startswith("model_ema.") else v
+                              for k, v in ckpt["state_dict"].items()}
+        return ckpt
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(checkpointing, "load_training_checkpoint", ema_unreadable)
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
+    assert train(world, out, *options, "--max-steps", "2", "--resume") == 0  # another process
+    assert mapped == [True]  # the checkpoint was mapped, not read into memory
+    monkeypatch.undo()
+    assert state(out / "checkpoints" / "last.ckpt")["global_step"] == 1  # it wrote nothing
+
+
 def test_ctrl_c_saves_the_finished_step(world, tmp_path, monkeypatch):
     from ccld.training.train import VelocityObjective
 

@@ -146,12 +146,16 @@ def find_resume(args, kind: str):
     return load_training_checkpoint(path, kind), path
 
 
-def unets_from_resume(resume: dict, path: str):
+def unets_from_resume(resume: dict, path: str, with_ema: bool = True):
+    """(raw U-Net, EMA U-Net) of a training checkpoint; the EMA is None unless `with_ema`: only
+    the main process keeps one (it alone saves and demos it), so the others never read it."""
     from ..models.unet import unet_from_state_dict
-    from .checkpointing import split_state_dict
+    from .checkpointing import weights_with_prefix
 
-    raw, ema = split_state_dict(resume["state_dict"])
-    return unet_from_state_dict(raw, path), unet_from_state_dict(ema, path)
+    state = resume["state_dict"]
+    raw = unet_from_state_dict(weights_with_prefix(state, "model."), path)
+    return raw, (unet_from_state_dict(weights_with_prefix(state, "model_ema."), path)
+                 if with_ema else None)
 
 
 def settle_autoencoder_scale(model, args, stored: bool, data, accelerator, autoencoder) -> None:
@@ -196,7 +200,7 @@ def run_training(args, kind: str, build):
                         f"takes {model.embed_dim}; use the CLOOB the model was trained with")
     if resume is None:
         settle_autoencoder_scale(model, args, stored_scale, data, accelerator, autoencoder)
-        ema = copy_for_ema(model)
+        ema = copy_for_ema(model) if accelerator.is_main_process else None
     teacher = getattr(objective, "teacher", None)
     if teacher is not None:  # one latent space: the student's scale is the teacher's
         teacher.autoencoder_scale.copy_(model.autoencoder_scale)
@@ -204,6 +208,7 @@ def run_training(args, kind: str, build):
     config.update({"unet": model.config, "kind": kind, "encoders": files})
     trainer = Trainer(settings, objective, model, ema, data, accelerator, autoencoder, cloob,
                       config, resume)
+    del resume  # the trainer lets go of the checkpoint once set up, and with it its file mapping
     return trainer.fit()
 
 
@@ -218,7 +223,7 @@ def cmd_train(args) -> int:
     def build(args, accelerator, resume, resume_path, embed_dim):
         objective = VelocityObjective(args.cond_drop)
         if resume is not None:
-            model, ema = unets_from_resume(resume, resume_path)
+            model, ema = unets_from_resume(resume, resume_path, accelerator.is_main_process)
             return model, ema, objective, True
         if args.init:
             model, stored = load_unet_weights(args.init, "checkpoint to fine-tune")
@@ -251,7 +256,7 @@ def cmd_distill(args) -> int:
         objective = DistillationObjective(teacher, args.true_v_weight, args.distill_guidance,
                                           args.cond_drop, accelerator.autocast)
         if resume is not None:
-            model, ema = unets_from_resume(resume, resume_path)
+            model, ema = unets_from_resume(resume, resume_path, accelerator.is_main_process)
             return model, ema, objective, True
         if args.student_init:
             model, _ = load_unet_weights(args.student_init, "student checkpoint")

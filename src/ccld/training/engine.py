@@ -177,8 +177,9 @@ class IntervalMeter:
 class Trainer:
     """Minimises an objective (`train.VelocityObjective`, `distill.DistillationObjective`).
 
-    `model` and `ema` are CPU or device U-Nets (raw and averaged weights); `resume` is a
-    training checkpoint to continue from (its weights already in `model` and `ema`).
+    `model` and `ema` are CPU or device U-Nets (raw and averaged weights; `ema` may be None on
+    processes other than the main one, which alone saves and demos it); `resume` is a training
+    checkpoint to continue from (its weights already in `model` and `ema`).
     """
 
     def __init__(self, settings: Settings, objective: Objective, model, ema, data: TrainingData,
@@ -236,6 +237,7 @@ class Trainer:
         self.meter = IntervalMeter(acc.device)
         self.losses, self.step_times = [], []
         self.last_saved = self.step if self.resume is not None else None
+        self.resume = None  # all taken: let the checkpoint (a mapping of its file) go
         self.interrupted = False
         logger.info(f"ccld: {self.objective.kind} on {self.data.description} "
                     f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
@@ -265,7 +267,8 @@ class Trainer:
         model as Accelerate wraps it (`self.model`) beside the bare one (`self.raw_model`)."""
         s, acc = self.s, self.acc
         model = make_trainable(self.model).to(acc.device)
-        self.ema = self.ema.to(acc.device).eval().requires_grad_(False)
+        if self.ema is not None:
+            self.ema = self.ema.to(acc.device).eval().requires_grad_(False)
         for part in (self.autoencoder, self.cloob):
             if part is not None:
                 part.to(acc.device)
@@ -309,8 +312,9 @@ class Trainer:
         self.samples += s.batch_size * s.grad_accum
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update(self.raw_model, self.ema,
-                   ema_decay(self.step, s.ema_decay_at, s.ema_warmup_steps))
+        if self.ema is not None:
+            ema_update(self.raw_model, self.ema,
+                       ema_decay(self.step, s.ema_decay_at, s.ema_warmup_steps))
         self.step += 1
         if acc.device.type == "cuda":
             torch.cuda.synchronize(acc.device)
