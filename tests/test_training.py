@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,47 @@ def test_user_errors_are_one_line_and_lose_nothing(world, tmp_path, capsys):
                  str(out / "model_ema.ckpt"), *QUIET, "--resume"]) == 2
     assert "written by `ccld train`" in capsys.readouterr().err
     assert state(out / "checkpoints" / "last.ckpt")["global_step"] == 1
+
+
+def test_without_wandb_the_run_fails_before_its_folder_exists(world, tmp_path, monkeypatch,
+                                                              capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    out = tmp_path / "run"
+    assert train(world, out, "--batch-size", "4", "--max-steps", "1",
+                 "--wandb-project", "art") == 2
+    err = capsys.readouterr().err
+    assert "needs the wandb package" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+class StandInWandb(types.ModuleType):
+    """`wandb` as training uses it: `init` starts a run (a new id unless given one to resume),
+    whose `log` calls are recorded as (run id, step)."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged = [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        run = types.SimpleNamespace(id=kwargs.get("id") or f"run-{len(self.inits)}",
+                                    finish=lambda: None)
+        run.log = lambda values, step: self.logged.append((run.id, step))
+        return run
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(world, tmp_path, monkeypatch):
+    wandb = StandInWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "run"
+    options = ["--batch-size", "4", "--autoencoder-scale", "0.35", "--log-every", "1",
+               "--wandb-project", "art"]
+    assert train(world, out, *options, "--max-steps", "1") == 0
+    assert train(world, out, *options, "--max-steps", "2", "--resume") == 0
+    first, resumed = wandb.inits
+    assert first["id"] is None and resumed["id"] == "run-1" and resumed["resume"] == "allow"
+    assert wandb.logged == [("run-1", 1), ("run-1", 2)]
+    assert state(out / "checkpoints" / "last.ckpt")["wandb_run_id"] == "run-1"
 
 
 def free_port() -> int:

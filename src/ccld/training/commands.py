@@ -104,6 +104,10 @@ def check_settings(args) -> None:
         raise CCLDError(f"--lr must be positive (got {args.lr})")
     if args.autoencoder_scale is not None and not args.autoencoder_scale > 0:
         raise CCLDError(f"--autoencoder-scale must be positive (got {args.autoencoder_scale})")
+    if args.wandb_project:
+        from .logs import import_wandb
+
+        import_wandb()  # before any work: a missing package should not cost a measured scale
 
 
 def run_config(args) -> dict:

@@ -38,7 +38,7 @@ from .checkpointing import CheckpointFolder, cpu_state, export_weights
 from .data import ShardedStream, TrainingData, encode_pixels
 from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
 from .ema import WARMUP_STEPS, ema_decay, ema_update
-from .logs import RunLog
+from .logs import RunLog, import_wandb
 from .objective import LatentBatch, Objective, SobolTimesteps
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ class Trainer:
         s, acc = self.s, self.acc
         if s.batch_size < 1 or s.grad_accum < 1:
             raise CCLDError("--batch-size and --grad-accum must be at least 1")
+        if s.wandb_project:
+            import_wandb()  # missing, it fails the run before the run folder is made
         if s.batch_size > self.data.num_items // acc.num_processes:
             raise CCLDError(f"--batch-size {s.batch_size} is more than the {self.data.num_items} "
                             f"items give each of {acc.num_processes} processes; use a smaller "
@@ -230,7 +232,7 @@ class Trainer:
             remove_stale_temporaries(s.out / "checkpoints")
             remove_stale_temporaries(s.out)
         self.log = RunLog(s.out / "logs", acc.is_main_process, s.tensorboard, s.wandb_project,
-                          self.config)
+                          self.config, (self.resume or {}).get("wandb_run_id"))
         self.step, self.samples = self._start_position()
         self._prepare_models()
         self.timesteps = SobolTimesteps(derive_seed(s.seed, acc.process_index, 1), self.samples)
@@ -444,6 +446,8 @@ class Trainer:
         }
         if acc.scaler is not None:
             checkpoint["grad_scaler"] = acc.scaler.state_dict()
+        if self.log.wandb_run_id is not None:  # --resume continues this W&B run
+            checkpoint["wandb_run_id"] = self.log.wandb_run_id
         return checkpoint
 
 
