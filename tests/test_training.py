@@ -368,24 +368,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_keep_identical_weights_and_write_once(world, tmp_path):
+def accelerate_launch(*options: str) -> list[str]:
+    """The start of an `accelerate launch` command line, with everything it would ask about."""
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.is_file():
         pytest.skip("the accelerate launcher is not installed beside this Python")
+    return [str(accelerate), "launch", *options, "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_a_cpu_launch_that_would_start_one_process_is_refused(world):
+    # Accelerate's --cpu launcher starts one Python where two were asked for (MPI would start
+    # the other): the command says so and how to start two, rather than train alone
+    command = [*accelerate_launch("--cpu", "--num_processes", "2"), "-m", "ccld",
+               "autoencoder-scale", "--data", str(world["cache"]), "--num-workers", "0"]
+    run = subprocess.run(command, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0 and run.stdout == "", run.stdout
+    assert "ccld: error: accelerate launch started 1 process where several" in run.stderr
+    assert "accelerate launch --multi_gpu --num_processes N" in run.stderr
+
+
+def test_two_processes_keep_identical_weights_and_write_once(world, tmp_path):
     out = tmp_path / "ddp"
     (tmp_path / "p.txt").write_text("a painting\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # `--multi_gpu` selects Accelerate's torchrun launcher, which starts the processes; with no
     # GPU (and --cpu) they talk through gloo. (`--cpu --num_processes 2` would need MPI.)
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "ccld", "train", "--cpu",
-               "--data", str(world["cache"]), "--out", str(out), *TINY, "--batch-size", "2",
+    command = [*accelerate_launch("--multi_gpu", "--num_processes", "2"), "-m", "ccld", "train",
+               "--cpu", "--data", str(world["cache"]), "--out", str(out), *TINY, "--batch-size", "2",
                "--lr", "1e-3", "--max-steps", "4", "--log-every", "1", "--checkpoint-every", "0",
                "--demo-every", "3", "--demo-steps", "1", "--demo-prompts", str(tmp_path / "p.txt"),
                "--num-workers", "0", "--no-tensorboard", "--autoencoder-scale", "0.35"]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "2 process(es)" in run.stdout
     records = metrics(out)

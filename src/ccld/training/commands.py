@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from ..errors import CCLDError
@@ -59,12 +60,24 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
+def check_all_processes_started(num_processes: int, environ=os.environ) -> None:
+    """Refuses a run that `accelerate launch` started with one process where several were asked
+    for: its plain launcher (used with --cpu, or where there are no GPUs) starts a single Python
+    and leaves the others to MPI (--mpirun_hostfile). That launcher alone sets ACCELERATE_USE_CPU,
+    and sets MASTER_PORT only when more than one process was asked for."""
+    if num_processes == 1 and "ACCELERATE_USE_CPU" in environ and "MASTER_PORT" in environ:
+        raise CCLDError("accelerate launch started 1 process where several were asked for (its "
+                        "--cpu launcher needs MPI for more); start them with `accelerate launch "
+                        "--multi_gpu --num_processes N -m ccld COMMAND --cpu ...`")
+
+
 def start_command(mixed_precision: str = "no", cpu: bool = False):
     """What every training command starts with: its accelerator, and the console messages of
     its main process."""
     from .logs import setup_logging
 
     accelerator = make_accelerator(mixed_precision, cpu)
+    check_all_processes_started(accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
     return accelerator
 
