@@ -221,7 +221,7 @@ class Trainer:
         if s.batch_size < 1 or s.grad_accum < 1:
             raise CCLDError("--batch-size and --grad-accum must be at least 1")
         if s.wandb_project:
-            import_wandb()  # missing, it fails the run before the run folder is made
+            import_wandb()  # a missing wandb fails the run here, before its folder is made
         if s.batch_size > self.data.num_items // acc.num_processes:
             raise CCLDError(f"--batch-size {s.batch_size} is more than the {self.data.num_items} "
                             f"items give each of {acc.num_processes} processes; use a smaller "
