@@ -101,6 +101,19 @@ def test_bad_sources_are_one_line_errors(tmp_path, image_sources):
         assert "\n" not in str(e.value)
 
 
+def test_training_images_drop_alpha_as_the_reference_does(tmp_path):
+    from PIL import Image
+
+    from ccld.training.data import decode_image_bytes
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGBA", (8, 8), (200, 30, 0, 0)).save(tmp_path / "images" / "clear.png")
+    from_folder = open_image_source(tmp_path / "images").read(0)
+    from_bytes = decode_image_bytes((tmp_path / "images" / "clear.png").read_bytes(), "clear")
+    for image in (from_folder, from_bytes):  # colour kept, not composited on white
+        assert image.mode == "RGB" and image.getpixel((3, 3)) == (200, 30, 0)
+
+
 def test_reference_preprocessing_and_skipping(image_sources):
     image = open_image_source(image_sources["list"]).read(1)  # 80x64
     pixels = prepare_pixels(image, 64)
@@ -125,6 +138,48 @@ def test_sharded_stream_splits_epochs_without_overlap_and_resumes():
     assert [next(it) for _ in range(3)] == whole[5:]
     with pytest.raises(CCLDError):
         ShardedStream(2, 0, 3)
+
+
+def test_sharded_stream_keeps_read_blocks_together_and_resumes():
+    blocks = np.repeat(np.arange(6), [5, 3, 4, 4, 2, 6])  # 24 items in 6 parquet row groups
+    streams = [ShardedStream(24, rank, 2, seed=1, blocks=blocks) for rank in range(2)]
+    orders = []
+    for epoch in range(3):
+        parts = [s.epoch_indices(epoch).tolist() for s in streams]
+        assert sorted(sum(parts, [])) == list(range(24))  # every item once, shared out
+        for part in parts:  # each row group in one run: read once by each process
+            runs = 1 + int(np.count_nonzero(np.diff(blocks[part])))
+            assert runs == len(set(blocks[part].tolist())), blocks[part]
+        orders.append(parts[0])
+    assert orders[0] != orders[1] != orders[2]  # reshuffled every epoch, blocks and items
+    it = iter(streams[1])
+    whole = [next(it) for _ in range(30)]
+    it = iter(ShardedStream(24, 1, 2, seed=1, start=17, blocks=blocks))
+    assert [next(it) for _ in range(13)] == whole[17:]
+
+
+def test_parquet_row_groups_are_decoded_once_per_epoch(fixtures, image_sources, tmp_path,
+                                                       monkeypatch, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    images = sorted(Path(image_sources["folder"]).rglob("painting*.png")) * 2
+    table = pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in images]})
+    pq.write_table(table, tmp_path / "art.parquet", row_group_size=4)  # 16 rows, 4 row groups
+    reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *args, **kwargs):
+        reads.append(i)
+        return read_row_group(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    # 4 batches of 4: one shuffled epoch of the 16 rows
+    assert main(["autoencoder-scale", "--data", str(tmp_path / "art.parquet"), "--image-size",
+                 "64", "--batches", "4", "--batch-size", "4", "--num-workers", "0",
+                 *encoder_args(fixtures)]) == 0
+    float(capsys.readouterr().out)
+    assert sorted(reads) == [0, 1, 2, 3], reads
 
 
 def test_posterior_sample_clamps_logvar_like_ldm():
@@ -230,6 +285,20 @@ def test_commands_print_info_on_stdout_and_warnings_on_stderr_once(fixtures, ima
     warnings = err.splitlines()
     assert warnings and all(w.startswith("ccld: warning: skipping an unreadable image: ")
                             and "corrupt.png" in w for w in warnings), err
+
+
+def test_autoencoder_scale_of_images_never_fetches_cloob(fixtures, image_sources, monkeypatch,
+                                                        capsys):
+    from ccld import hub
+
+    def offline(*args, **kwargs):
+        raise CCLDError("could not download CLOOB: the network is unreachable")
+
+    monkeypatch.setattr(hub, "download_cloob", offline)  # it measures the autoencoder alone
+    assert main(["autoencoder-scale", "--data", str(image_sources["list"]), "--image-size", "64",
+                 "--batches", "1", "--batch-size", "4", "--num-workers", "0",
+                 "--autoencoder", str(fixtures / "autoencoder.ckpt")]) == 0
+    float(capsys.readouterr().out)
 
 
 def test_only_the_main_process_speaks(capsys):

@@ -1,5 +1,6 @@
 import json
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -42,22 +43,32 @@ def test_grayscale_8_and_16_bit(tmp_path):
     assert abs(int(_loaded(tmp_path / "f.tiff", (12, 7))[3, 3, 0]) - 128) <= 1
 
 
-def test_transparency_composites_onto_white(tmp_path):
+def test_transparency_is_dropped_as_the_reference_drops_it(tmp_path):
+    # the reference reads images with convert('RGB'): a transparent pixel keeps its own colour
     rgba = Image.new("RGBA", (10, 6), (255, 0, 0, 0))
-    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 255, 0, 255))
     rgba.save(tmp_path / "rgba.png")
     a = _loaded(tmp_path / "rgba.png", (10, 6))
-    assert tuple(a[0, 0]) == (255, 0, 0) and tuple(a[5, 9]) == (255, 255, 255)
+    assert tuple(a[0, 0]) == (0, 255, 0) and tuple(a[5, 9]) == (255, 0, 0)
 
-    Image.new("LA", (10, 6), (0, 0)).save(tmp_path / "la.png")
-    assert (_loaded(tmp_path / "la.png", (10, 6)) == 255).all()
+    Image.new("LA", (10, 6), (40, 0)).save(tmp_path / "la.png")
+    assert (_loaded(tmp_path / "la.png", (10, 6)) == 40).all()
 
     p = Image.new("P", (10, 6), 1)
-    p.putpalette([0, 0, 255, 0, 0, 0] + [0] * 762)
+    p.putpalette([0, 0, 255, 200, 0, 0] + [0] * 762)
     p.putpixel((0, 0), 0)
     p.save(tmp_path / "p.png", transparency=1)
     a = _loaded(tmp_path / "p.png", (10, 6))
-    assert tuple(a[0, 0]) == (0, 0, 255) and tuple(a[5, 9]) == (255, 255, 255)
+    assert tuple(a[0, 0]) == (0, 0, 255) and tuple(a[5, 9]) == (200, 0, 0)
+    p.save(tmp_path / "p_alphas.png", transparency=bytes([128, 0]))  # a palette of alphas
+
+    for name in ("rgba.png", "la.png", "p.png", "p_alphas.png"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to tell the user: dropping alpha is meant
+            loaded = load_image(tmp_path / name)
+        with Image.open(tmp_path / name) as im, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert np.array_equal(np.asarray(loaded), np.asarray(im.convert("RGB"))), name
 
 
 def test_cmyk_jpeg(tmp_path):

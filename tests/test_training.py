@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,38 @@ def test_resume_equals_an_uninterrupted_run_and_ema_follows_the_schedule(world, 
         [0.99, 0.99, 0.999, 0.999, 0.9999, 0.9999]
 
 
+def test_resume_maps_the_checkpoint_and_only_the_main_process_reads_the_ema(world, tmp_path,
+                                                                           monkeypatch):
+    from accelerate import Accelerator
+
+    from ccld.training import checkpointing
+
+    out = tmp_path / "run"
+    options = ["--batch-size", "4", "--autoencoder-scale", "0.35", "--checkpoint-every", "0"]
+    assert train(world, out, *options, "--max-steps", "1") == 0
+    mapped, load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        mapped.append(kwargs.get("mmap", False))
+        return load(*args, **kwargs)
+
+    read = checkpointing.load_training_checkpoint
+
+    def ema_unreadable(path, kind):  # EMA weights that fail wherever they are used
+        ckpt = read(path, kind)
+        ckpt["state_dict"] = {k: v.to("meta") if k.startswith("model_ema.") else v
+                              for k, v in ckpt["state_dict"].items()}
+        return ckpt
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(checkpointing, "load_training_checkpoint", ema_unreadable)
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
+    assert train(world, out, *options, "--max-steps", "2", "--resume") == 0  # another process
+    assert mapped == [True]  # the checkpoint was mapped, not read into memory
+    monkeypatch.undo()
+    assert state(out / "checkpoints" / "last.ckpt")["global_step"] == 1  # it wrote nothing
+
+
 def test_ctrl_c_saves_the_finished_step(world, tmp_path, monkeypatch):
     from ccld.training.train import VelocityObjective
 
@@ -288,30 +321,90 @@ def test_user_errors_are_one_line_and_lose_nothing(world, tmp_path, capsys):
     assert state(out / "checkpoints" / "last.ckpt")["global_step"] == 1
 
 
+def test_without_wandb_the_run_fails_before_its_folder_exists(world, tmp_path, monkeypatch,
+                                                              capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    out = tmp_path / "run"
+    assert train(world, out, "--batch-size", "4", "--max-steps", "1",
+                 "--wandb-project", "art") == 2
+    err = capsys.readouterr().err
+    assert "needs the wandb package" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+class StandInWandb(types.ModuleType):
+    """`wandb` as training uses it: `init` starts a run (a new id unless given one to resume),
+    whose `log` calls are recorded as (run id, step)."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged = [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        run = types.SimpleNamespace(id=kwargs.get("id") or f"run-{len(self.inits)}",
+                                    finish=lambda: None)
+        run.log = lambda values, step: self.logged.append((run.id, step))
+        return run
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(world, tmp_path, monkeypatch):
+    wandb = StandInWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "run"
+    options = ["--batch-size", "4", "--autoencoder-scale", "0.35", "--log-every", "1",
+               "--wandb-project", "art"]
+    assert train(world, out, *options, "--max-steps", "1") == 0
+    assert train(world, out, *options, "--max-steps", "2", "--resume") == 0
+    first, resumed = wandb.inits
+    assert first["id"] is None and resumed["id"] == "run-1" and resumed["resume"] == "allow"
+    assert wandb.logged == [("run-1", 1), ("run-1", 2)]
+    assert state(out / "checkpoints" / "last.ckpt")["wandb_run_id"] == "run-1"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_keep_identical_weights_and_write_once(world, tmp_path):
+def accelerate_launch(*options: str) -> list[str]:
+    """The start of an `accelerate launch` command line, with everything it would ask about."""
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.is_file():
         pytest.skip("the accelerate launcher is not installed beside this Python")
+    return [str(accelerate), "launch", *options, "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_a_cpu_launch_that_would_start_one_process_is_refused(world):
+    # Accelerate's --cpu launcher starts one Python where two were asked for (MPI would start
+    # the other): the command says so and how to start two, rather than train alone
+    command = [*accelerate_launch("--cpu", "--num_processes", "2"), "-m", "ccld",
+               "autoencoder-scale", "--data", str(world["cache"]), "--num-workers", "0"]
+    run = subprocess.run(command, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0 and run.stdout == "", run.stdout
+    assert "ccld: error: accelerate launch started 1 process where several" in run.stderr
+    assert "accelerate launch --multi_gpu --num_processes N" in run.stderr
+
+
+def test_two_processes_keep_identical_weights_and_write_once(world, tmp_path):
     out = tmp_path / "ddp"
     (tmp_path / "p.txt").write_text("a painting\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # `--multi_gpu` selects Accelerate's torchrun launcher, which starts the processes; with no
     # GPU (and --cpu) they talk through gloo. (`--cpu --num_processes 2` would need MPI.)
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "ccld", "train", "--cpu",
-               "--data", str(world["cache"]), "--out", str(out), *TINY, "--batch-size", "2",
+    command = [*accelerate_launch("--multi_gpu", "--num_processes", "2"), "-m", "ccld", "train",
+               "--cpu", "--data", str(world["cache"]), "--out", str(out), *TINY, "--batch-size", "2",
                "--lr", "1e-3", "--max-steps", "4", "--log-every", "1", "--checkpoint-every", "0",
                "--demo-every", "3", "--demo-steps", "1", "--demo-prompts", str(tmp_path / "p.txt"),
                "--num-workers", "0", "--no-tensorboard", "--autoencoder-scale", "0.35"]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "2 process(es)" in run.stdout
     records = metrics(out)

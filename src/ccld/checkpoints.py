@@ -34,11 +34,15 @@ def _require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
-    """Loads a `torch.save` file with `weights_only=True`: tensors and containers, never code."""
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> dict:
+    """Loads a `torch.save` file with `weights_only=True`: tensors and containers, never code.
+
+    `mmap` maps a zip-format file (every `torch.save` since PyTorch 1.6) instead of reading it:
+    a tensor's bytes are read only when used, and processes share the pages they read."""
     path = _require_file(path, what)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True,
+                         mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and plain containers, which is exactly a
         # file that would run code (or a format that is not a checkpoint at all).

@@ -1,7 +1,8 @@
 """Reading image prompts, preparing them for the encoders, and writing results.
 
 `load_image` turns whatever a user points at (grayscale, 16-bit, transparent, CMYK, rotated by
-EXIF) into an RGB image, or raises a one-line `CCLDError` naming the file and the fix.
+EXIF) into an RGB image, or raises a one-line `CCLDError` naming the file and the fix. Alpha is
+dropped, as the reference's `convert('RGB')` drops it.
 `resize_and_center_crop`, `pil_to_tensor` and `tensor_to_pil` reproduce the reference demo's
 torchvision-based transforms bit for bit without importing torchvision. `save_png` writes results
 atomically with their generation parameters in a PNG text chunk.
@@ -38,7 +39,8 @@ def _too_big(path, width: int, height: int) -> CCLDError:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image from any common file; transparency composited onto white, EXIF applied."""
+    """An RGB image from any common file, EXIF applied; transparency is dropped (each pixel keeps
+    its stored colour), as the reference's `Image.open(path).convert('RGB')` does."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise CCLDError(f"{path}: is a folder, not an image file; give the path of an image")
@@ -69,17 +71,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
+    """`im.convert('RGB')`, the reference's conversion (alpha dropped, not composited: the models
+    were trained on images read that way), except that high bit depths are scaled, not clipped."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_high_depth_to_8bit(im), "L").convert("RGB")
-    if mode == "CMYK" or mode not in ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa"):
-        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV: no alpha to keep
-        return im
-    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info:
-        rgba = im.convert("RGBA")  # also turns palette/colour-key transparency into alpha
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+    if mode == "La":
+        im = im.convert("LA")  # Pillow converts premultiplied grey to RGB only by way of LA
+    with warnings.catch_warnings():
+        # Pillow suggests RGBA for palettes with several transparent entries; dropping is meant
+        warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
+        return im.convert("RGB")
 
 
 def _high_depth_to_8bit(im: Image.Image) -> np.ndarray:

@@ -78,9 +78,9 @@ def encoder_files(args, recorded: dict | None = None) -> dict:
     return {k: getattr(args, k) or recorded.get(k) for k in keys}
 
 
-def resolve_encoder_files(files: dict, accelerator) -> dict:
+def resolve_encoder_files(files: dict, accelerator, need_cloob: bool = True) -> dict:
     """Absolute paths, downloading the released models for parts not given (main process first,
-    so that processes never write the same download at once)."""
+    so that processes never write the same download at once); CLOOB only if `need_cloob`."""
     from . import hub
 
     files = dict(files)
@@ -89,7 +89,7 @@ def resolve_encoder_files(files: dict, accelerator) -> dict:
             ckpt, yaml = hub.default_autoencoder()
             files["autoencoder"] = str(ckpt)
             files["autoencoder_config"] = files["autoencoder_config"] or str(yaml)
-        if files["cloob"] is None:
+        if files["cloob"] is None and need_cloob:
             files["cloob"] = str(hub.download_cloob(hub.builtin_cloob_name(files["cloob_config"])))
     for key in ("autoencoder", "autoencoder_config", "cloob"):
         if files[key] is not None:

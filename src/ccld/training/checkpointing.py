@@ -85,10 +85,12 @@ class CheckpointFolder:
 
 
 def load_training_checkpoint(path: Path, kind: str) -> dict:
-    """A checkpoint written by `ccld train`/`ccld distill` (`kind`), checked for what resuming needs."""
+    """A checkpoint written by `ccld train`/`ccld distill` (`kind`), checked for what resuming
+    needs. Its file is mapped, not read: each process reads only the tensors it uses (a
+    teacher's checkpoint is many GB, and every process of a run resumes from it)."""
     from ..checkpoints import load_torch_file
 
-    ckpt = load_torch_file(path, "training checkpoint")
+    ckpt = load_torch_file(path, "training checkpoint", mmap=True)
     missing = [k for k in ("state_dict", "optimizer", "global_step", "data_position", "ccld")
                if k not in ckpt]
     if missing:
@@ -102,9 +104,12 @@ def load_training_checkpoint(path: Path, kind: str) -> dict:
 
 def split_state_dict(state_dict: dict) -> tuple[dict, dict]:
     """The raw (`model.*`) and averaged (`model_ema.*`) weights of a training checkpoint."""
-    raw = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-    ema = {k[len("model_ema."):]: v for k, v in state_dict.items() if k.startswith("model_ema.")}
-    return raw, ema
+    return weights_with_prefix(state_dict, "model."), weights_with_prefix(state_dict, "model_ema.")
+
+
+def weights_with_prefix(state_dict: dict, prefix: str) -> dict:
+    """The entries of `state_dict` under `prefix`, without it."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def export_weights(unet: torch.nn.Module, folder: Path, stem: str) -> list[Path]:

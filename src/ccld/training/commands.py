@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from ..errors import CCLDError
@@ -59,12 +60,24 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
+def check_all_processes_started(num_processes: int, environ=os.environ) -> None:
+    """Refuses a run that `accelerate launch` started with one process where several were asked
+    for: its plain launcher (used with --cpu, or where there are no GPUs) starts a single Python
+    and leaves the others to MPI (--mpirun_hostfile). That launcher alone sets ACCELERATE_USE_CPU,
+    and sets MASTER_PORT only when more than one process was asked for."""
+    if num_processes == 1 and "ACCELERATE_USE_CPU" in environ and "MASTER_PORT" in environ:
+        raise CCLDError("accelerate launch started 1 process where several were asked for (its "
+                        "--cpu launcher needs MPI for more); start them with `accelerate launch "
+                        "--multi_gpu --num_processes N -m ccld COMMAND --cpu ...`")
+
+
 def start_command(mixed_precision: str = "no", cpu: bool = False):
     """What every training command starts with: its accelerator, and the console messages of
     its main process."""
     from .logs import setup_logging
 
     accelerator = make_accelerator(mixed_precision, cpu)
+    check_all_processes_started(accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
     return accelerator
 
@@ -104,6 +117,10 @@ def check_settings(args) -> None:
         raise CCLDError(f"--lr must be positive (got {args.lr})")
     if args.autoencoder_scale is not None and not args.autoencoder_scale > 0:
         raise CCLDError(f"--autoencoder-scale must be positive (got {args.autoencoder_scale})")
+    if args.wandb_project:
+        from .logs import import_wandb
+
+        import_wandb()  # before any work: a missing package should not cost a measured scale
 
 
 def run_config(args) -> dict:
@@ -146,12 +163,16 @@ def find_resume(args, kind: str):
     return load_training_checkpoint(path, kind), path
 
 
-def unets_from_resume(resume: dict, path: str):
+def unets_from_resume(resume: dict, path: str, with_ema: bool = True):
+    """(raw U-Net, EMA U-Net) of a training checkpoint; the EMA is None unless `with_ema`: only
+    the main process keeps one (it alone saves and demos it), so the others never read it."""
     from ..models.unet import unet_from_state_dict
-    from .checkpointing import split_state_dict
+    from .checkpointing import weights_with_prefix
 
-    raw, ema = split_state_dict(resume["state_dict"])
-    return unet_from_state_dict(raw, path), unet_from_state_dict(ema, path)
+    state = resume["state_dict"]
+    raw = unet_from_state_dict(weights_with_prefix(state, "model."), path)
+    return raw, (unet_from_state_dict(weights_with_prefix(state, "model_ema."), path)
+                 if with_ema else None)
 
 
 def settle_autoencoder_scale(model, args, stored: bool, data, accelerator, autoencoder) -> None:
@@ -196,7 +217,7 @@ def run_training(args, kind: str, build):
                         f"takes {model.embed_dim}; use the CLOOB the model was trained with")
     if resume is None:
         settle_autoencoder_scale(model, args, stored_scale, data, accelerator, autoencoder)
-        ema = copy_for_ema(model)
+        ema = copy_for_ema(model) if accelerator.is_main_process else None
     teacher = getattr(objective, "teacher", None)
     if teacher is not None:  # one latent space: the student's scale is the teacher's
         teacher.autoencoder_scale.copy_(model.autoencoder_scale)
@@ -204,6 +225,7 @@ def run_training(args, kind: str, build):
     config.update({"unet": model.config, "kind": kind, "encoders": files})
     trainer = Trainer(settings, objective, model, ema, data, accelerator, autoencoder, cloob,
                       config, resume)
+    del resume  # the trainer lets go of the checkpoint once set up, and with it its file mapping
     return trainer.fit()
 
 
@@ -218,7 +240,7 @@ def cmd_train(args) -> int:
     def build(args, accelerator, resume, resume_path, embed_dim):
         objective = VelocityObjective(args.cond_drop)
         if resume is not None:
-            model, ema = unets_from_resume(resume, resume_path)
+            model, ema = unets_from_resume(resume, resume_path, accelerator.is_main_process)
             return model, ema, objective, True
         if args.init:
             model, stored = load_unet_weights(args.init, "checkpoint to fine-tune")
@@ -251,7 +273,7 @@ def cmd_distill(args) -> int:
         objective = DistillationObjective(teacher, args.true_v_weight, args.distill_guidance,
                                           args.cond_drop, accelerator.autocast)
         if resume is not None:
-            model, ema = unets_from_resume(resume, resume_path)
+            model, ema = unets_from_resume(resume, resume_path, accelerator.is_main_process)
             return model, ema, objective, True
         if args.student_init:
             model, _ = load_unet_weights(args.student_init, "student checkpoint")
@@ -302,7 +324,7 @@ def cmd_autoencoder_scale(args) -> int:
     data = open_data(args)
     autoencoder = None
     if not data.cached:
-        files = resolve_encoder_files(encoder_files(args), accelerator)
+        files = resolve_encoder_files(encoder_files(args), accelerator, need_cloob=False)
         autoencoder, _ = load_encoders(files, need_cloob=False)
     value = estimate_autoencoder_scale(data, accelerator, autoencoder, args.batches,
                                        args.batch_size, args.seed, args.num_workers)

@@ -73,6 +73,14 @@ class ImageSource:
         f, g, r = (int(v) for v in self.parquet_rows[i])
         return f"{self.parquet_files[f]} (row group {g}, row {r})"
 
+    def read_blocks(self) -> np.ndarray | None:
+        """Per item, the number of the block it is read with: its parquet row group, which is
+        decoded whole for any one of its rows. None where items are read one by one (files)."""
+        if self.parquet_rows is None:
+            return None
+        _, blocks = np.unique(self.parquet_rows[:, :2], axis=0, return_inverse=True)
+        return blocks.reshape(-1)
+
     def read(self, i: int):
         from ..images import load_image
 
@@ -367,25 +375,36 @@ class LatentDataset(Dataset):
 class ShardedStream(Sampler):
     """An endless, reproducible stream of item indices for one process of `world` processes.
 
-    Epoch e is a permutation seeded by (seed, e), cut to a multiple of `world` and dealt out
-    rank by rank, so processes never see the same item within an epoch. `start` skips the first
-    `start` indices of this process's stream: how a resumed run continues where it stopped.
+    Epoch e is a permutation seeded by (seed, e), cut into `world` consecutive parts of equal
+    length, one per process, so processes never see the same item within an epoch. `start` skips
+    the first `start` indices of this process's stream: how a resumed run continues where it
+    stopped.
+
+    `blocks` (per item, the number of the block it is read with; see `ImageSource.read_blocks`)
+    keeps each block together: the blocks come in a random order, each one's items shuffled
+    within it, so a process decodes every parquet row group it reads once per epoch instead of
+    once per item (each loader worker that gets some of its items decodes it once).
     """
 
     def __init__(self, num_items: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 start: int = 0):
+                 start: int = 0, blocks: np.ndarray | None = None):
         if num_items < world:
             raise CCLDError(f"{num_items} training items cannot be shared by {world} processes; "
                             "use more data or fewer processes")
         self.num_items, self.rank, self.world = num_items, rank, world
         self.seed, self.start = seed, start
         self.per_rank = num_items // world
+        self.blocks = None if blocks is None else torch.as_tensor(blocks, dtype=torch.long)
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence(
             [self.seed, epoch]).generate_state(1)[0]))
         order = torch.randperm(self.num_items, generator=g)
-        return order[:self.per_rank * self.world][self.rank::self.world]
+        if self.blocks is not None:
+            # sorted by (the block's place, a random rank within it): whole blocks, shuffled
+            place = torch.randperm(int(self.blocks.max()) + 1, generator=g)
+            order = torch.argsort(place[self.blocks] * self.num_items + order)
+        return order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
 
     def __iter__(self):
         epoch, offset = divmod(self.start, self.per_rank)
@@ -401,6 +420,7 @@ class TrainingData:
     latent_shape: tuple
     description: str
     cached: bool
+    read_blocks: np.ndarray | None = None  # items read together (see ShardedStream)
 
     @property
     def num_items(self) -> int:
@@ -419,7 +439,7 @@ def open_training_data(spec: str | os.PathLike, image_size: int = 256,
     check_image_size(image_size)
     source = open_image_source(spec, image_column)
     return TrainingData(ImageDataset(source, image_size), (4, image_size // 8, image_size // 8),
-                        source.description, False)
+                        source.description, False, source.read_blocks())
 
 
 def check_image_size(size: int) -> None:

@@ -165,7 +165,7 @@ def estimate_autoencoder_scale(data: TrainingData, accelerator, autoencoder=None
         raise CCLDError(f"{data.num_items} items cannot be shared by {acc.num_processes} processes")
     n = min(batch_size, per_rank)
     sampler = ShardedStream(data.num_items, acc.process_index, acc.num_processes,
-                            derive_seed(seed, 2))
+                            derive_seed(seed, 2), blocks=data.read_blocks)
     loader = DataLoader(data.dataset, n, sampler=sampler, drop_last=True, num_workers=num_workers)
     generator = torch.Generator().manual_seed(derive_seed(seed, acc.process_index, 3))
     if autoencoder is not None:

@@ -38,7 +38,7 @@ from .checkpointing import CheckpointFolder, cpu_state, export_weights
 from .data import ShardedStream, TrainingData, encode_pixels
 from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
 from .ema import WARMUP_STEPS, ema_decay, ema_update
-from .logs import RunLog
+from .logs import RunLog, import_wandb
 from .objective import LatentBatch, Objective, SobolTimesteps
 
 logger = logging.getLogger(__name__)
@@ -177,8 +177,9 @@ class IntervalMeter:
 class Trainer:
     """Minimises an objective (`train.VelocityObjective`, `distill.DistillationObjective`).
 
-    `model` and `ema` are CPU or device U-Nets (raw and averaged weights); `resume` is a
-    training checkpoint to continue from (its weights already in `model` and `ema`).
+    `model` and `ema` are CPU or device U-Nets (raw and averaged weights; `ema` may be None on
+    processes other than the main one, which alone saves and demos it); `resume` is a training
+    checkpoint to continue from (its weights already in `model` and `ema`).
     """
 
     def __init__(self, settings: Settings, objective: Objective, model, ema, data: TrainingData,
@@ -219,6 +220,8 @@ class Trainer:
         s, acc = self.s, self.acc
         if s.batch_size < 1 or s.grad_accum < 1:
             raise CCLDError("--batch-size and --grad-accum must be at least 1")
+        if s.wandb_project:
+            import_wandb()  # a missing wandb fails the run here, before its folder is made
         if s.batch_size > self.data.num_items // acc.num_processes:
             raise CCLDError(f"--batch-size {s.batch_size} is more than the {self.data.num_items} "
                             f"items give each of {acc.num_processes} processes; use a smaller "
@@ -229,13 +232,14 @@ class Trainer:
             remove_stale_temporaries(s.out / "checkpoints")
             remove_stale_temporaries(s.out)
         self.log = RunLog(s.out / "logs", acc.is_main_process, s.tensorboard, s.wandb_project,
-                          self.config)
+                          self.config, (self.resume or {}).get("wandb_run_id"))
         self.step, self.samples = self._start_position()
         self._prepare_models()
         self.timesteps = SobolTimesteps(derive_seed(s.seed, acc.process_index, 1), self.samples)
         self.meter = IntervalMeter(acc.device)
         self.losses, self.step_times = [], []
         self.last_saved = self.step if self.resume is not None else None
+        self.resume = None  # all taken: let the checkpoint (a mapping of its file) go
         self.interrupted = False
         logger.info(f"ccld: {self.objective.kind} on {self.data.description} "
                     f"({self.data.num_items} items, {acc.num_processes} process(es), batch "
@@ -265,7 +269,8 @@ class Trainer:
         model as Accelerate wraps it (`self.model`) beside the bare one (`self.raw_model`)."""
         s, acc = self.s, self.acc
         model = make_trainable(self.model).to(acc.device)
-        self.ema = self.ema.to(acc.device).eval().requires_grad_(False)
+        if self.ema is not None:
+            self.ema = self.ema.to(acc.device).eval().requires_grad_(False)
         for part in (self.autoencoder, self.cloob):
             if part is not None:
                 part.to(acc.device)
@@ -287,7 +292,7 @@ class Trainer:
 
     def _loader(self, start: int) -> DataLoader:
         sampler = ShardedStream(self.data.num_items, self.acc.process_index,
-                                self.acc.num_processes, self.s.seed, start)
+                                self.acc.num_processes, self.s.seed, start, self.data.read_blocks)
         return DataLoader(self.data.dataset, self.s.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.s.num_workers, pin_memory=self.acc.device.type == "cuda")
 
@@ -309,8 +314,9 @@ class Trainer:
         self.samples += s.batch_size * s.grad_accum
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update(self.raw_model, self.ema,
-                   ema_decay(self.step, s.ema_decay_at, s.ema_warmup_steps))
+        if self.ema is not None:
+            ema_update(self.raw_model, self.ema,
+                       ema_decay(self.step, s.ema_decay_at, s.ema_warmup_steps))
         self.step += 1
         if acc.device.type == "cuda":
             torch.cuda.synchronize(acc.device)
@@ -440,6 +446,8 @@ class Trainer:
         }
         if acc.scaler is not None:
             checkpoint["grad_scaler"] = acc.scaler.state_dict()
+        if self.log.wandb_run_id is not None:  # --resume continues this W&B run
+            checkpoint["wandb_run_id"] = self.log.wandb_run_id
         return checkpoint
 
 

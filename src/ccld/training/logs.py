@@ -66,9 +66,22 @@ def setup_logging(main_process: bool = True) -> None:
 
 # Run logs
 
+def import_wandb():
+    """The wandb module, or the one-line error that says how to get it."""
+    try:
+        import wandb
+    except ImportError:
+        raise CCLDError("--wandb-project needs the wandb package; pip install wandb, or "
+                        "leave the option out to log to TensorBoard") from None
+    return wandb
+
+
 class RunLog:
+    """`wandb_run_id`: the W&B run to continue (a resumed training run logs to its own)."""
+
     def __init__(self, folder: Path, enabled: bool, tensorboard: bool = True,
-                 wandb_project: str | None = None, config: dict | None = None):
+                 wandb_project: str | None = None, config: dict | None = None,
+                 wandb_run_id: str | None = None):
         self.enabled = enabled
         self.tensorboard = self.wandb = None
         self.file = None
@@ -85,13 +98,12 @@ class RunLog:
             else:
                 self.tensorboard = SummaryWriter(str(folder))
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise CCLDError("--wandb-project needs the wandb package; pip install wandb, or "
-                                "leave the option out to log to TensorBoard") from None
-            self.wandb = wandb.init(project=wandb_project, config=config or {},
-                                    dir=str(folder), resume="allow")
+            self.wandb = import_wandb().init(project=wandb_project, config=config or {},
+                                             dir=str(folder), id=wandb_run_id, resume="allow")
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
