@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -34,26 +35,60 @@ def _require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+# What a file is by its first bytes, for saying so when it is not what a flag wants
+_MAGIC = [(b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"RIFF", "a RIFF (WebP/WAV) file"), (b"%PDF", "a PDF document"),
+          (b"PK\x03\x04", "a zip archive"), (b"\x80", "a Python pickle"),
+          (b"{", "JSON text"), (b"[", "JSON text")]
+
+
+def sniff_file(path: Path) -> str | None:
+    """'a PNG image', 'a Python pickle', 'JSON text', ... from a file's first bytes, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8).lstrip()
+    except OSError:
+        return None
+    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+
+
+def require_tensors(state_dict: dict, source, what: str) -> None:
+    """One line naming the first entry of a state dict that is not a tensor."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CCLDError(f"{source}: its entry {key!r} is a {type(value).__name__}, not a "
+                            f"tensor; this is not a {what} ccld can use")
+
+
 def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> dict:
     """Loads a `torch.save` file with `weights_only=True`: tensors and containers, never code.
 
     `mmap` maps a zip-format file (every `torch.save` since PyTorch 1.6) instead of reading it:
     a tensor's bytes are read only when used, and processes share the pages they read."""
     path = _require_file(path, what)
+    kind = sniff_file(path)
+    if kind not in (None, "a zip archive", "a Python pickle"):
+        raise CCLDError(f"{path}: {kind}, not a PyTorch {what}; check which file you passed")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True,
-                         mmap=mmap and zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch's own advice is never ours (see below)
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and plain containers, which is exactly a
-        # file that would run code (or a format that is not a checkpoint at all).
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # file that would run code (or a format that is not a checkpoint at all). torch's
+        # message suggests weights_only=False, which ccld never does: it is not repeated.
         refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused and refused.group(1).startswith("numpy"):
+            raise CCLDError(f"{path}: a pickle of numpy arrays (like the CLOOB release), not a "
+                            f"PyTorch {what}; if it is CLOOB, pass it with --cloob") from None
         if refused:
             raise CCLDError(f"{path}: refused to load: the file asks for {refused.group(1)}, "
                             "which could run code; a checkpoint holds only tensors, so use a "
                             "trusted release file or a safetensors conversion") from None
-        raise CCLDError(f"{path}: not a readable {what} (corrupt or truncated: {first}); "
-                        "download it again") from None
+        described = "a plain Python pickle" if kind == "a Python pickle" else "damaged or truncated"
+        raise CCLDError(f"{path}: not a PyTorch {what} ({described}); pass the checkpoint file "
+                        "itself, or download it again") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CCLDError(f"{path}: not a readable {what} (corrupt or truncated: {detail[:120]}); "
@@ -131,6 +166,17 @@ class _PayloadFreeMemo(dict):
 _DROPPED = object()
 
 
+def _numeric_dtype(*args, **kwargs):
+    """numpy.dtype for numbers and booleans only: an object array is built from pointers in the
+    file (reading an element can crash the process), and weights are never strings or records."""
+    import numpy
+
+    dtype = numpy.dtype(*args, **kwargs)
+    if dtype.kind not in "biufc":
+        raise pickle.UnpicklingError(f"forbidden array type {dtype.str!r}")
+    return dtype
+
+
 class _ArraysOnlyUnpickler(pickle._Unpickler):
     """Admits numpy arrays, dtypes, scalars and plain containers; refuses every other global.
 
@@ -158,6 +204,8 @@ class _ArraysOnlyUnpickler(pickle._Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        if (module, name) == ("numpy", "dtype"):
+            return _numeric_dtype
         if module.startswith("numpy.core") or module.startswith("numpy._core"):
             import numpy
             # numpy 2 renamed numpy.core to numpy._core; numpy 1 has only the old name.
@@ -177,10 +225,17 @@ def load_array_pickle(path: str | os.PathLike, what: str = "CLOOB checkpoint") -
     data in transit.
     """
     path = _require_file(path, what)
+    kind = sniff_file(path)
+    if kind not in (None, "a Python pickle"):
+        raise CCLDError(f"{path}: {kind}, not a pickle; give the {what} (.pkl release file)")
     try:
         with open(path, "rb") as f:
             obj = _ArraysOnlyUnpickler(f).load()
     except pickle.UnpicklingError as e:
+        if "forbidden array type" in str(e):
+            raise CCLDError(f"{path}: refused to load: the pickle holds an array of type "
+                            f"{str(e)[21:]}, not numbers (such arrays can crash the reader or run "
+                            f"code); a {what} holds only numeric arrays") from None
         if "forbidden global" in str(e):
             raise CCLDError(f"{path}: refused to load: the pickle asks for {str(e)[17:]}, which "
                             f"could run code; a {what} holds only numpy arrays") from None
@@ -199,9 +254,14 @@ def load_array_pickle(path: str | os.PathLike, what: str = "CLOOB checkpoint") -
 
 
 def describe_foreign_state_dict(sd: dict) -> str:
+    """What a state dict that is not the expected kind looks like, naming the flag it wants."""
     keys = list(sd)
+    if isinstance(sd.get("state_dict"), dict):  # a Lightning checkpoint: look inside
+        keys = [k.partition(".")[2] for k in sd["state_dict"]]
+    if any(k.startswith("net.0.main.0.") for k in keys):
+        return "it looks like a CCLD U-Net: pass it with --unet"
     if any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        return "it looks like an autoencoder"
-    if "params" in sd:
-        return "it looks like a CLOOB checkpoint"
+        return "it looks like an autoencoder: pass it with --autoencoder"
+    if "params" in sd or any(k.startswith(("image_encoder.", "text_encoder.")) for k in keys):
+        return "it looks like a CLOOB checkpoint: pass it with --cloob"
     return f"{len(keys)} entries, first {keys[0]!r}" if keys else "it is empty"

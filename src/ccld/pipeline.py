@@ -125,6 +125,25 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def folder_unet_architecture(folder: Path, config: dict) -> dict:
+    """The U-Net architecture a pipeline folder's unet/config.json records, checked."""
+    def positive(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    wanted = {"base_channels": (positive, "a positive integer"),
+              "embed_dim": (positive, "a positive integer"),
+              "channel_multipliers": (lambda v: isinstance(v, list) and len(v) == 4
+                                      and all(map(positive, v)), "a list of four positive integers")}
+    architecture = {}
+    for key, (fits, kind) in wanted.items():
+        value = config.get(key) if isinstance(config, dict) else None
+        if not fits(value):
+            raise CCLDError(f"{folder}/unet/config.json: {key} is {value!r}, not {kind}; convert "
+                            "the model again")
+        architecture[key] = value
+    return architecture
+
+
 class CCLDPipeline:
     """Text and image prompts to paintings: CLOOB embeds the prompts, the U-Net samples latents
     under classifier-free guidance, the KL autoencoder decodes them.
@@ -225,8 +244,7 @@ class CCLDPipeline:
         except (OSError, json.JSONDecodeError) as e:
             raise CCLDError(f"{folder}: unreadable pipeline config ({e}); convert again") from None
         unet_sd = checkpoints.load_safetensors_file(folder / "unet" / UNET_WEIGHTS, "U-Net weights")
-        architecture = {k: unet_config[k] for k in ("base_channels", "channel_multipliers",
-                                                    "embed_dim")}
+        architecture = folder_unet_architecture(folder, unet_config)
         unet = unet_from_state_dict(unet_sd, folder / "unet", architecture)
         cloob_sd = checkpoints.load_safetensors_file(folder / "cloob" / CLOOB_WEIGHTS, "CLOOB weights")
         return cls(unet, load_autoencoder(folder / "vae"), cloob_from_state_dict(cloob_config, cloob_sd),

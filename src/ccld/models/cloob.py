@@ -17,6 +17,7 @@ import re
 import threading
 from pathlib import Path
 
+import numpy
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -281,6 +282,24 @@ def validate_cloob_config(config: dict, source: str = "CLOOB config") -> dict:
                             ("text_encoder.tokenizer", ct["tokenizer"], "clip")]:
         if got != want:
             raise CCLDError(f"{source}: {what} is {got!r}, but ccld supports only {want!r}")
+    sizes = [("d_embed", config), *((f"{section}.{key}", config[section]) for section, keys in
+             [("image_encoder", ("image_size", "input_channels", "patch_size", "n_layers",
+                                 "d_model", "n_heads")),
+              ("text_encoder", ("text_size", "vocab_size", "n_layers", "d_model", "n_heads"))]
+             for key in keys)]
+    for name, part in sizes:
+        value = part[name.rpartition(".")[2]]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CCLDError(f"{source}: {name} is {value!r}; it must be a whole number of at "
+                            f"least 1; {fix}")
+    for section in (ci, ct):
+        if section["d_model"] % section["n_heads"]:
+            name = "image_encoder" if section is ci else "text_encoder"
+            raise CCLDError(f"{source}: {name}.d_model {section['d_model']} is not divisible by "
+                            f"its n_heads {section['n_heads']}; {fix}")
+    if ci["image_size"] % ci["patch_size"]:
+        raise CCLDError(f"{source}: image_encoder.image_size {ci['image_size']} is not a multiple "
+                        f"of its patch_size {ci['patch_size']}; {fix}")
     norm = ci["normalize"]
     if not (isinstance(norm, dict) and len(norm.get("mean", ())) == ci["input_channels"]
             and len(norm.get("std", ())) == ci["input_channels"]):
@@ -381,6 +400,10 @@ def convert_haiku_params(image_params: dict, text_params: dict,
                     raise CCLDError(f"{source}: unexpected Haiku parameter {module_path}/{name}; "
                                     "this is not a CLOOB checkpoint ccld knows")
                 key, relayout = names[name]
+                if not (isinstance(array, numpy.ndarray) and array.dtype.kind in "biuf"):
+                    raise CCLDError(f"{source}: {module_path}/{name} is a {type(array).__name__}, "
+                                    "not an array of numbers; this is not a CLOOB checkpoint "
+                                    "ccld knows")
                 t = torch.tensor(array, dtype=torch.float32)
                 state[f"{prefix}.{key}"] = (relayout(t) if relayout else t).contiguous()
     return state
@@ -389,6 +412,12 @@ def convert_haiku_params(image_params: dict, text_params: dict,
 def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB checkpoint") -> CLOOB:
     """A frozen CLOOB in eval mode holding `state_dict`, each tower taking up its weights on first
     use; CCLDError if the weights do not fit the config."""
+    from ..checkpoints import describe_foreign_state_dict, require_tensors
+
+    if not any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):
+        raise CCLDError(f"{source}: not a CLOOB checkpoint ({describe_foreign_state_dict(state_dict)}); "
+                        "pass the CLOOB release (.pkl) or its conversion with --cloob")
+    require_tensors(state_dict, source, "CLOOB checkpoint")
     with torch.device("meta"):  # no wasted random init: the weights come from the file
         model = CLOOB(config)
     expected = model.state_dict()

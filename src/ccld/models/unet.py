@@ -280,6 +280,9 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
                          config: dict | None = None) -> CCLDUNet:
     """A frozen U-Net holding `sd`, of the architecture `config` or, by default, the one the
     tensor shapes say."""
+    from ..checkpoints import require_tensors
+
+    require_tensors(sd, source, "U-Net checkpoint")
     config = infer_unet_config(sd, source) if config is None else config
     with torch.device("meta"):  # no wasted random init: every weight comes from the file
         unet = CCLDUNet(**config)
