@@ -91,7 +91,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(files, tmp_path, capsys, m
 
 @pytest.mark.parametrize("spec,fragment", [("a castle:3x", "'3x' is not a number"),
                                            ("a castle:", "is not a number"),
-                                           ("a castle:inf", "finite")])
+                                           ("a castle:inf", "from -100 to 100 (got inf)")])
 def test_bad_prompt_weight(files, tmp_path, capsys, spec, fragment):
     assert main(["generate", spec, "--out", str(tmp_path), "-q",
                  *[str(x) for kv in files.items() for x in kv]]) == 2

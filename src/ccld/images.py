@@ -21,9 +21,10 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import CCLDError
 from .files import atomic_write
+from .limits import IMAGE_ASPECT, IMAGE_PIXELS
 
-MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before their pixels are decoded
-MAX_ASPECT = 4.0  # longer strips are cut to this ratio (their middle) before resizing
+MAX_PIXELS = IMAGE_PIXELS.high  # larger images are refused before their pixels are decoded
+MAX_ASPECT = IMAGE_ASPECT.high  # longer strips are cut to this ratio (their middle) before resizing
 PARAMETERS_KEY = "parameters"
 
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
