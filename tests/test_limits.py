@@ -2,6 +2,7 @@
 checked for finiteness and range with one line naming the input, the range and a fix."""
 
 import pytest
+from PIL import Image
 
 from ccld import CCLDError, limits
 from ccld.limits import SEED, STEPS, WEIGHT
@@ -36,3 +37,23 @@ def test_web_checks_against_the_same_table():
         with pytest.raises(gr.Error) as e:
             web.check_request(**{**form, **change})
         assert fragment in e.value.message
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"num_images": 0}, "num_images must be a whole number from 1 to 32 (got 0)"),
+    ({"num_images": 33}, "iter_images"),  # the fix names the way to paint more
+    ({"guidance": float("nan")}, "guidance must be a number from -100 to 100 (got nan)"),
+    ({"eta": 100.0}, "eta must be a number from 0 to 1"),
+    ({"latent_scale": float("nan")}, "latent_scale must be a number above 0"),
+    ({"seed": 2 ** 64}, "seed must be a whole number from 0 to"),
+    ({"steps": 0}, "steps must be a whole number from 1 to 1000"),
+    ({"size": 100}, "size must be a multiple of 64 from 64 to 1024 (got 100)"),
+    ({"prompts": ("x", 1e30)}, "the weight of prompt 'x' must be a number from -100 to 100"),
+    ({"prompts": "x:1e30"}, "the weight in prompt 'x:1e30'"),
+    ({"init_image": Image.new("RGB", (64, 64)), "strength": 0.0}, "strength must be a number above 0"),
+])
+def test_python_api_refuses_bad_numbers(fixture_pipeline, kwargs, fragment):
+    kwargs = {"prompts": "a castle", "steps": 1, "progress": False, **kwargs}
+    with pytest.raises(CCLDError) as e:
+        fixture_pipeline(**kwargs)
+    assert fragment in str(e.value) and "\n" not in str(e.value)

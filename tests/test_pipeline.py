@@ -195,3 +195,29 @@ def test_published_models_decode_at_the_demos_latent_scale(fixture_pipeline, fil
     assert again.default_latent_scale == 2.55 and float(again.unet.autoencoder_scale) == 3.25
     assert torch.equal(again.decode(latents, latent_scale=4.0),
                        fixture_pipeline.decode(latents, latent_scale=4.0))
+
+
+# Many images: painted a batch at a time, written as they are done, never overwriting
+
+def test_noise_drawn_in_batches_is_the_one_batch_noise():
+    from ccld.pipeline import next_noise
+
+    torch.manual_seed(77)
+    expected = torch.randn([7, 4, 32, 32])
+    generator = torch.Generator().manual_seed(77)
+    batches = [next_noise(generator, count) for count in (3, 3, 1)]
+    assert torch.equal(torch.cat(batches), expected)
+
+
+def test_batches_paint_the_pictures_of_one_batch(pipe):
+    kw = dict(num_images=3, steps=2, seed=9, progress=False)
+    whole = pipe(PROMPT, **kw)
+    batched = list(pipe.iter_images(PROMPT, batch_size=2, **kw))
+    for a, b in zip(whole, batched, strict=True):  # the same noise; only float rounding,
+        # which differs between the kernels of different batch sizes, may move a level
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+    assert [json.loads(b.info["parameters"])["index"] for b in batched] == [0, 1, 2]
+    # a stochastic sampler's pictures depend on the batch size, which its PNGs then record
+    ddpm = next(pipe.iter_images(PROMPT, num_images=3, batch_size=2, steps=1, method="ddpm",
+                                 progress=False))
+    assert json.loads(ddpm.info["parameters"])["batch_size"] == 2
