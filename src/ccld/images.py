@@ -163,15 +163,18 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict,
+             exclusive: bool = False) -> Path:
     """Writes a PNG holding `json.dumps(parameters)` in its `parameters` text chunk, atomically.
 
     A crash never leaves a half-written PNG under the final name (see `ccld.files`).
+    `exclusive`: FileExistsError rather than replacing a file at `path`.
     """
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(parameters))
     info.add_text("Software", "ccld")
-    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), "image")
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), "image",
+                        exclusive=exclusive)
 
 
 def read_png_parameters(path: str | os.PathLike) -> dict:

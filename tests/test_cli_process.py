@@ -1,0 +1,53 @@
+"""`ccld generate` as a process, where the process itself is what is tested: its peak memory
+over many images, and Ctrl-C while it starts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# Runs `ccld` in this process's Python and prints, after it, the process's peak resident memory.
+MEASURED = ("import resource, sys\nfrom ccld.cli import main\ncode = main(sys.argv[1:])\n"
+            "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
+
+
+def environment(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ru_maxrss is POSIX")
+def test_many_images_paint_in_bounded_memory(model_flags, tmp_path):
+    """Peak memory for 16 images is that for 2, give or take: a batch at a time, each written
+    when done (one batch of 16 would need about 700 MB more with the fixture models)."""
+    runs = {}
+    for n in (2, 16):
+        argv = ["generate", "a castle", "-n", str(n), "--batch-size", "2", "--steps", "1",
+                "--method", "ddim", "-q", "--out", str(tmp_path / str(n)), *model_flags]
+        runs[n] = subprocess.Popen([sys.executable, "-c", MEASURED, *argv], env=environment(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = {}
+    for n, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert len(list((tmp_path / str(n)).glob("0*.png"))) == n
+        peaks[n] = int(out.split("peak_kb")[-1]) / 1024
+    assert peaks[16] - peaks[2] < 150, peaks  # MB
+
+
+def test_ctrl_c_during_start_up_is_one_line(model_flags, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ccld", "generate", "a castle", "-q",
+                             "--out", str(tmp_path / "out"), *model_flags], env=environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # well inside the start-up: importing torch alone takes longer
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err.strip()) == (130, "ccld: interrupted")
+    assert not (tmp_path / "out").exists()
