@@ -148,6 +148,30 @@ def test_convert_to_a_file_or_an_unwritable_place(files, tmp_path, capsys):
         one_line_error(capsys, "/proc/ccld-test/model")
 
 
+def test_python_api_mistakes_are_ccld_errors(model_files):
+    from ccld import CCLDError, CCLDPipeline
+
+    with pytest.raises(CCLDError, match=r"^unet=123: not a file path but int; pass"):
+        CCLDPipeline.from_files(unet=123)
+    with pytest.raises(CCLDError, match=r"^cloob_config=\[1\]: not a file path but list"):
+        CCLDPipeline.from_files(cloob_config=[1])
+
+
+def test_cloob_config_is_named_as_the_caller_names_it(model_files, files, tmp_path, capsys):
+    """The README's from_files example on a CLOOB file whose config is not built in: the Python
+    call hears of cloob_config=, the command of --cloob-config."""
+    from ccld import CCLDError, CCLDPipeline
+
+    python_call = {k: v for k, v in model_files.items() if k != "cloob_config"}
+    with pytest.raises(CCLDError) as e:
+        CCLDPipeline.from_files(**python_call)
+    assert "pass cloob_config= (one of" in str(e.value) and "--" not in str(e.value)
+    flags = [x for kv in files.items() if kv[0] != "--cloob-config" for x in kv]
+    assert main(["generate", "a castle", "--out", str(tmp_path), *flags]) == 2
+    message = one_line_error(capsys, "pass --cloob-config (one of")
+    assert "cloob_config=" not in message
+
+
 def test_no_prompt_asks_for_one_and_downloads_nothing(tmp_path, capsys, monkeypatch):
     def download(*args, **kwargs):
         raise AssertionError("a download started")

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from ._version import __version__
-from .errors import CCLDError
+from .errors import CCLDError, command_line
 from .limits import (
     ETA,
     GRID_IMAGES,
@@ -317,7 +317,8 @@ def main(argv=None) -> int:
         from huggingface_hub.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line errors
-        return args.func(args)
+        with command_line():
+            return args.func(args)
     except CCLDError as e:
         print(f"ccld: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 
 from . import checkpoints, hub, sampling
 from ._version import __version__
-from .errors import CCLDError
+from .errors import CCLDError, in_python_terms
 from .limits import (
     ETA,
     IMAGES_PER_CALL,
@@ -102,6 +103,27 @@ def as_prompts(items: PromptsLike, default_weight: float, what: str) -> list[Pro
         else:  # a PIL image or a tensor, at the default weight
             out.append(Prompt(item, float(default_weight), what))
     return out
+
+
+FILE_ARGUMENTS = ("unet", "autoencoder", "autoencoder_config", "cloob", "cloob_config")
+
+
+def _file_arguments_checked(method):
+    """Decorates `from_files`: each file argument is a path or None (a CLOOB config may also be a
+    dict); anything else is a CCLDError naming the argument, not a TypeError deep in a loader."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            is_path = value is None or isinstance(value, (str, os.PathLike))
+            if name in FILE_ARGUMENTS and not is_path and not (
+                    name == "cloob_config" and isinstance(value, dict)):
+                raise CCLDError(f"{name}={value!r:.60}: not a file path but "
+                                f"{type(value).__name__}; pass the path as a str or pathlib.Path")
+        return method(*args, **kwargs)
+
+    return wrapper
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -199,6 +221,8 @@ class CCLDPipeline:
     # Loading and saving
 
     @classmethod
+    @in_python_terms
+    @_file_arguments_checked
     def from_files(cls, unet: PathLike | None = None, autoencoder: PathLike | None = None,
                    autoencoder_config: PathLike | None = None, cloob: PathLike | None = None,
                    cloob_config: PathLike | dict | None = None) -> CCLDPipeline:
