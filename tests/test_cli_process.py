@@ -1,8 +1,9 @@
 """`ccld generate` as a process, where the process itself is what is tested: its peak memory
-over many images, and Ctrl-C while it starts."""
+over many images, Ctrl-C while it starts, and how fast and how plainly it says it is offline."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,12 @@ def environment(**extra) -> dict:
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1", **extra)
     return env
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="ru_maxrss is POSIX")
@@ -51,3 +58,32 @@ def test_ctrl_c_during_start_up_is_one_line(model_flags, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert (proc.returncode, err.strip()) == (130, "ccld: interrupted")
     assert not (tmp_path / "out").exists()
+
+
+def test_offline_is_said_at_once_in_one_line(tmp_path):
+    """The hub at a closed loopback port and an empty cache: one complete line in seconds (not
+    a minute of retries), and no output folder."""
+    port = closed_port()
+    timed = ("import sys, time\nimport ccld.pipeline\nfrom ccld.cli import main\n"
+             "started = time.perf_counter()\ncode = main(sys.argv[1:])\n"
+             "print('seconds', time.perf_counter() - started)\nsys.exit(code)")
+    env = environment(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-c", timed, "generate", "a castle", "-q",
+                           "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0] == (f"ccld: error: could not get model_student.ckpt from the hub repo "
+                        f"huggan/distill-ccld-wa: cannot reach 127.0.0.1:{port} (Connection "
+                        "refused); check the network, or run `ccld download` once while online, "
+                        "or pass local model files")
+    assert float(proc.stdout.split("seconds")[-1]) < 10  # the hub's own retries take 24 s
+    assert not (tmp_path / "out").exists()
+    # offline mode says so, as fast
+    proc = subprocess.run([sys.executable, "-m", "ccld", "generate", "a castle", "-q",
+                           "--out", str(tmp_path / "out")], env={**env, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
