@@ -2,6 +2,7 @@
 checked for finiteness and range with one line naming the input, the range and a fix."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,12 @@ from PIL import Image
 from ccld import CCLDError, CCLDPipeline, limits
 from ccld.cli import build_parser, check_generate_args, main
 from ccld.limits import IMAGES_PER_CALL, SEED, STEPS, WEIGHT
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_shows_the_table():
+    assert limits.markdown_table() in README.read_text()
 
 
 def test_check_reads_numbers_and_refuses_the_rest():
