@@ -195,3 +195,91 @@ def test_published_models_decode_at_the_demos_latent_scale(fixture_pipeline, fil
     assert again.default_latent_scale == 2.55 and float(again.unet.autoencoder_scale) == 3.25
     assert torch.equal(again.decode(latents, latent_scale=4.0),
                        fixture_pipeline.decode(latents, latent_scale=4.0))
+
+
+# Many images: painted a batch at a time, written as they are done, never overwriting
+
+def test_noise_drawn_in_batches_is_the_one_batch_noise():
+    from ccld.pipeline import next_noise
+
+    torch.manual_seed(77)
+    expected = torch.randn([7, 4, 32, 32])
+    generator = torch.Generator().manual_seed(77)
+    batches = [next_noise(generator, count) for count in (3, 3, 1)]
+    assert torch.equal(torch.cat(batches), expected)
+
+
+def test_batches_paint_the_pictures_of_one_batch(pipe):
+    kw = dict(num_images=3, steps=2, seed=9, progress=False)
+    whole = pipe(PROMPT, **kw)
+    batched = list(pipe.iter_images(PROMPT, batch_size=2, **kw))
+    for a, b in zip(whole, batched, strict=True):  # the same noise; only float rounding,
+        # which differs between the kernels of different batch sizes, may move a level
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+    assert [json.loads(b.info["parameters"])["index"] for b in batched] == [0, 1, 2]
+    # a stochastic sampler's pictures depend on the batch size, which its PNGs then record
+    ddpm = next(pipe.iter_images(PROMPT, num_images=3, batch_size=2, steps=1, method="ddpm",
+                                 progress=False))
+    assert json.loads(ddpm.info["parameters"])["batch_size"] == 2
+
+
+def numbered_images(count, size=8):
+    """Small images carrying parameters, as `iter_images` yields them."""
+    for i in range(count):
+        image = Image.new("RGB", (size, size), (i, 0, 0))
+        image.info["parameters"] = json.dumps({"num_images": count, "index": i})
+        yield image
+
+
+def test_output_names_are_claimed_atomically(tmp_path):
+    """Two runs writing into one folder at once, each numbering from what it saw at its start,
+    never overwrite each other: every name is claimed by the first writer."""
+    import threading
+
+    from ccld.cli import next_index, save_numbered
+
+    out = tmp_path / "out"
+    out.mkdir()
+    written = []
+
+    def run(shade):
+        number = next_index(out) - 1
+        for image in numbered_images(20):
+            image.putpixel((0, 0), (shade, shade, shade))
+            path, number = save_numbered(image, out, number + 1)
+            written.append((path, shade, image.getpixel((1, 0))))
+
+    runs = [threading.Thread(target=run, args=(shade,)) for shade in (100, 200)]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join()
+    assert len({path for path, _, _ in written}) == 40 == len(list(out.glob("*.png")))
+    for path, shade, pixel in written:  # each file still holds what its writer wrote
+        with Image.open(path) as image:
+            assert image.getpixel((0, 0)) == (shade,) * 3 and image.getpixel((1, 0)) == pixel
+
+
+def test_the_grid_is_capped(tmp_path, capsys):
+    from ccld.cli import write_numbered
+    from ccld.limits import GRID_IMAGES
+
+    write_numbered(numbered_images(GRID_IMAGES.high + 6), tmp_path, grid=True)
+    assert len(list(tmp_path.glob("0*.png"))) == GRID_IMAGES.high + 6
+    with Image.open(tmp_path / "grid-00000.png") as grid:
+        assert grid.size == (8 * 8, 8 * 8)  # 64 of the 70, eight by eight
+    assert f"the grid shows the first 64 of the {GRID_IMAGES.high + 6} pictures" in \
+        capsys.readouterr().err
+
+
+def test_a_folder_made_for_a_picture_that_cannot_be_written_is_removed(tmp_path, monkeypatch):
+    from ccld import CCLDError
+    from ccld.cli import write_numbered
+
+    def disk_full(image, path, parameters, exclusive=False):
+        raise CCLDError(f"{path}: could not write the image (No space left on device)")
+
+    monkeypatch.setattr("ccld.images.save_png", disk_full)
+    with pytest.raises(CCLDError, match="No space left"):
+        write_numbered(numbered_images(2), tmp_path / "new" / "out", grid=False)
+    assert list(tmp_path.iterdir()) == []

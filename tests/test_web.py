@@ -20,6 +20,7 @@ gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install
 from ccld import sampling, web  # noqa: E402
 from ccld.cli import build_parser, main  # noqa: E402
 from ccld.images import read_png_parameters  # noqa: E402
+from ccld.limits import WEB_SEED  # noqa: E402
 from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, CCLDPipeline  # noqa: E402
 from conftest import FakePipe, api_client, free_port  # noqa: E402
 
@@ -78,7 +79,7 @@ def error_of(store, **kwargs) -> str:
     ({"prompts": ""}, "type a prompt"),
     ({"prompts": "  \n \n"}, "type a prompt"),
     ({"prompts": "a cat:3x"}, "bad prompt weight in 'a cat:3x'"),
-    ({"prompts": "a cat:1e9"}, "keep weights within"),
+    ({"prompts": "a cat:1e9"}, "the weight in prompt 'a cat:1e9' must be a number from -100"),
     ({"prompts": "x" * 2000}, "keep each under 1000"),
     ({"prompts": "\n".join(["cat"] * 17)}, "17 prompts is too many"),
 ])
@@ -96,7 +97,7 @@ def test_blank_values_take_their_defaults(png):
     assert [(p.label, p.weight) for p in request.image_prompts] == [
         ("picture.png", DEFAULT_GUIDANCE)]
     assert request.strength == DEFAULT_STRENGTH and request.init_image is None
-    assert 0 <= request.seed <= web.MAX_SEED
+    assert 0 <= request.seed <= WEB_SEED.high
     assert (request.method, request.steps, request.num_images) == ("ddim", 3, 2)
     # the image prompt weight follows the guidance when blank
     request = web.check_request(prompts="", image_prompts=png, image_weight=None, init_image=png,
@@ -133,7 +134,8 @@ def test_upload_size_limit(store, png):
 def test_upload_limits_and_forms(store, png, tmp_path):
     assert "too many" in error_of(store, image_prompts=[png] * 9)
     assert "the upload is gone" in error_of(store, image_prompts=[str(tmp_path / "gone.png")])
-    assert "strength must be a number above 0 to 1" in error_of(store, init_image=png, strength=0)
+    assert "strength must be a number above 0 and at most 1" in error_of(store, init_image=png,
+                                                                        strength=0)
     # Gradio hands uploads over as paths, or as dicts through some clients
     gallery, params = web.generate(FakePipe(), "", image_prompts={"path": png}, store=store,
                                    steps=1, seed=3, size=64)
@@ -144,7 +146,7 @@ def test_blank_seed_is_random_and_recorded(store):
     seeds = set()
     for _ in range(3):
         gallery, params = web.generate(FakePipe(), "a cat", seed=None, steps=1, store=store, size=64)
-        assert 0 <= params["seed"] <= web.MAX_SEED
+        assert 0 <= params["seed"] <= WEB_SEED.high
         seeds.add(params["seed"])
         assert read_png_parameters(gallery[0][0])["seed"] == params["seed"]
     assert len(seeds) > 1
@@ -273,8 +275,8 @@ def test_serve_command_options():
 @pytest.mark.parametrize("argv, message", [
     (["--port", "70000"], "--port must be from 0 to 65535"),
     (["--queue-size", "0"], "--queue-size must be at least 1"),
-    (["--size", "100"], "--size must be a positive multiple of 64"),
-    (["--max-upload-mb", "0"], "--max-upload-mb must be a positive number"),
+    (["--size", "100"], "--size must be a multiple of 64 from 64 to 1024 (got 100)"),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be a number above 0"),
 ])
 def test_serve_rejects_bad_options_before_loading(capsys, argv, message):
     assert main(["serve", *argv, "--unet", "/nonexistent/unet.ckpt"]) == 2

@@ -1,29 +1,34 @@
 """The `ccld` command: generate, download, convert, info, cache.
 
 Problems the user can fix arrive as `CCLDError` and are printed as one line with exit status 2.
+This module imports only the standard library and ccld's light modules: torch and the models
+load inside `main`, so that Ctrl-C during start-up is "ccld: interrupted", not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from . import sampling
 from ._version import __version__
-from .errors import CCLDError
-from .loading import add_model_options, describe_checkpoint, download_defaults, load_pipeline
-from .pipeline import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_METHOD,
-    DEFAULT_STEPS,
-    DEFAULT_STRENGTH,
-    REFERENCE_METHOD,
-    REFERENCE_PRECISION,
-    REFERENCE_STEPS,
+from .errors import CCLDError, command_line
+from .limits import (
+    ETA,
+    GRID_IMAGES,
+    IMAGES_PER_CALL,
+    IMAGES_PER_RUN,
+    LATENT_SCALE,
+    SEED,
+    STEPS,
+    STRENGTH,
+    WEIGHT,
 )
+from .prompts import how_read, parse_weighted
 
 
 def next_index(out: Path) -> int:
@@ -32,10 +37,36 @@ def next_index(out: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Fails now, before any slow work, when `folder` could not be created or written into;
+    creates nothing, so a run that fails later leaves no empty folder behind."""
+    existing = folder
+    try:
+        while not existing.exists():  # the nearest part of the path that exists
+            existing = existing.parent
+    except OSError as e:
+        raise CCLDError(f"{option} {folder}: cannot look there ({e.strerror}); pass another "
+                        "folder") from None
+    if not existing.is_dir():
+        where = "" if existing == folder else f" {existing} is"
+        raise CCLDError(f"{option} {folder}:{where} a file, not a folder; pass a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CCLDError(f"{option} {folder}: no permission to write in {existing}; pass a "
+                        "folder you can write to")
+
+
 def apply_recipe(args) -> None:
     """Fills the sampling options left out: the reference demo's recipe with --reference (plms,
     15 steps, contiguous fp32; the latent scale is the model's own reference one either way),
     else the fast defaults. Options given explicitly always win."""
+    from .pipeline import (
+        DEFAULT_METHOD,
+        DEFAULT_STEPS,
+        REFERENCE_METHOD,
+        REFERENCE_PRECISION,
+        REFERENCE_STEPS,
+    )
+
     reference = getattr(args, "reference", False)
     if getattr(args, "method", "") is None:
         args.method = REFERENCE_METHOD if reference else DEFAULT_METHOD
@@ -45,69 +76,147 @@ def apply_recipe(args) -> None:
         args.precision = REFERENCE_PRECISION if reference else "auto"
 
 
-def cmd_generate(args) -> int:
-    from .images import make_grid, save_png
+def check_generate_args(args) -> None:
+    """Every number against ccld.limits, the image prompts' weights, and that there is
+    something to paint from, before anything slow (a download, loading the models)."""
+    IMAGES_PER_RUN.check("-n", args.n)
+    if args.batch_size is not None:
+        IMAGES_PER_CALL.check("--batch-size", args.batch_size)
+    STEPS.check("--steps", args.steps)
+    SEED.check("--seed", args.seed)
+    WEIGHT.check("--guidance", args.guidance)
+    ETA.check("--eta", args.eta)
+    if args.latent_scale is not None:
+        LATENT_SCALE.check("--latent-scale", args.latent_scale)
+    if args.strength is not None:
+        if args.init_image is None:
+            raise CCLDError("--strength needs --init-image PATH")
+        STRENGTH.check("--strength", args.strength)
+    if not (args.prompts or args.image_prompt or args.init_image):
+        raise CCLDError('nothing to paint from; give a prompt, e.g. ccld generate "a snowy '
+                        'landscape, oil on canvas", or --image-prompt PATH or --init-image PATH')
+    for spec in args.image_prompt:
+        parse_weighted(spec, args.guidance, "image prompt", is_path=True)
 
+
+def cmd_generate(args) -> int:
     apply_recipe(args)
-    if args.n < 1:
-        raise CCLDError(f"-n must be at least 1 (got {args.n})")
-    if args.steps < 1:
-        raise CCLDError(f"--steps must be at least 1 (got {args.steps})")
-    if args.init_image is None and args.strength is not None:
-        raise CCLDError("--strength needs --init-image PATH")
+    check_generate_args(args)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CCLDError(f"{out}: cannot create the output folder ({e.strerror}); "
-                        "pass another --out") from None
+    check_writable_folder(out, "--out")
+    for spec in args.prompts:  # also refuses a bad weight before the models load
+        note = how_read(spec, args.guidance)
+        if note:
+            print(f"ccld: note: {note}", file=sys.stderr)
+    from .loading import load_pipeline
+    from .pipeline import DEFAULT_STRENGTH
+
     pipe = load_pipeline(args)
+    batch_size = args.batch_size or pipe.default_batch_size
     if args.compile:
-        compile_unet(pipe, args)
-    images = pipe(args.prompts, image_prompts=args.image_prompt, num_images=args.n,
-                  steps=args.steps, method=args.method, guidance=args.guidance, seed=args.seed,
-                  eta=args.eta, init_image=args.init_image,
-                  strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-                  latent_scale=args.latent_scale, progress=not args.quiet)
-    start = next_index(out)
-    for i, image in enumerate(images):
-        path = out / f"{start + i:05}.png"
-        save_png(image, path, json.loads(image.info["parameters"]))
-        print(path)
-    if args.grid:  # numbered like the images, so a later run never overwrites it
-        path = out / f"grid-{start:05}.png"
-        save_png(make_grid(images), path, {**json.loads(images[0].info["parameters"]), "grid": True})
-        print(path)
+        compile_unet(pipe, args, min(batch_size, args.n))
+    images = pipe.iter_images(args.prompts, image_prompts=args.image_prompt, num_images=args.n,
+                              batch_size=batch_size, steps=args.steps, method=args.method,
+                              guidance=args.guidance, seed=args.seed, eta=args.eta,
+                              init_image=args.init_image,
+                              strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+                              latent_scale=args.latent_scale, progress=not args.quiet)
+    write_numbered(images, out, grid=args.grid)
     return 0
 
 
-def compile_unet(pipe, args) -> None:
-    """torch.compile the U-Net and warm it up on this run's shapes, saying what it cost."""
+def save_numbered(image, out: Path, number: int, prefix: str = "") -> tuple[Path, int]:
+    """Writes `image` as out/PREFIX{number:05}.png, or under the next free number; (its path,
+    the number). Each name is claimed atomically, so that two runs writing into one folder at
+    once never overwrite each other's pictures."""
+    from .images import save_png
+
+    parameters = json.loads(image.info["parameters"])
+    while True:
+        try:
+            return save_png(image, out / f"{prefix}{number:05}.png", parameters, exclusive=True), number
+        except FileExistsError:
+            number += 1
+
+
+def write_numbered(images, out: Path, grid: bool) -> None:
+    """Writes each image as soon as it is painted, numbered on from the pictures already in
+    `out`, and prints its path; then the grid of the first GRID_IMAGES, numbered like the first
+    image. `out` is created for the first picture, and removed again if that cannot be written."""
+    from .images import make_grid
+
+    first = number = None
+    in_grid = []
+    for image in images:
+        if first is None:
+            created = [folder for folder in [out, *out.parents] if not folder.exists()]
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                path, first = save_numbered(image, out, next_index(out))
+            except BaseException as e:
+                for folder in created:  # deepest first; each is empty unless another run wrote
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                if isinstance(e, OSError):
+                    raise CCLDError(f"--out {out}: cannot create the folder ({e.strerror}); "
+                                    "pass another folder") from None
+                raise
+            number = first
+        else:
+            path, number = save_numbered(image, out, number + 1)
+        print(path)
+        if grid and len(in_grid) < GRID_IMAGES.high:
+            in_grid.append(image)
+    if in_grid:
+        painted = json.loads(in_grid[0].info["parameters"])["num_images"]
+        if painted > len(in_grid):
+            print(f"ccld: the grid shows the first {len(in_grid)} of the {painted} pictures",
+                  file=sys.stderr)
+        picture = make_grid(in_grid)
+        picture.info["parameters"] = json.dumps({**json.loads(in_grid[0].info["parameters"]),
+                                                 "grid": True})
+        print(save_numbered(picture, out, first, prefix="grid-")[0])
+
+
+def compile_unet(pipe, args, batch_size: int) -> None:
+    """torch.compile the U-Net and warm it up on this run's batch shape, saying what it cost."""
     import time
 
     started = time.perf_counter()
     pipe.compile()
-    pipe.generate_latents(args.prompts, args.image_prompt, num_images=args.n, steps=1,
+    pipe.generate_latents(args.prompts, args.image_prompt, num_images=batch_size, steps=1,
                           method=args.method, guidance=args.guidance, seed=args.seed,
                           init_image=args.init_image)
     print(f"ccld: torch.compile warm-up took {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
 def cmd_download(args) -> int:
+    from .loading import download_defaults
+
     for p in download_defaults(args.cloob):
         print(p)
     return 0
 
 
 def cmd_convert(args) -> int:
+    from .loading import load_pipeline
+
+    output = Path(args.output)
+    check_writable_folder(output, "the output folder")
     pipe = load_pipeline(args)
-    folder = pipe.save_pretrained(args.output)
+    try:
+        folder = pipe.save_pretrained(output)
+    except OSError as e:
+        raise CCLDError(f"{output}: could not write the pipeline folder ({e.strerror or e}); "
+                        "pass a folder you can write to, with room for the weights") from None
     print(f"wrote {folder}; use it with `ccld generate --model {folder}` or "
           f"CCLDPipeline.from_pretrained({str(folder)!r})")
     return 0
 
 
 def cmd_info(args) -> int:
+    from .loading import describe_checkpoint
+
     info = describe_checkpoint(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -150,6 +259,18 @@ def cmd_cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import sampling
+    from .loading import add_model_options
+    from .pipeline import (
+        DEFAULT_GUIDANCE,
+        DEFAULT_METHOD,
+        DEFAULT_STEPS,
+        DEFAULT_STRENGTH,
+        REFERENCE_METHOD,
+        REFERENCE_PRECISION,
+        REFERENCE_STEPS,
+    )
+
     p = argparse.ArgumentParser(prog="ccld", description="CLOOB-conditioned latent diffusion: "
                                 "paint from text and image prompts.")
     p.add_argument("--version", action="version", version=f"ccld {__version__}")
@@ -165,8 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", metavar="PATH", help="start from this image (image to image)")
     g.add_argument("--strength", type=float, default=None,
                    help=f"how far to noise the init image, 0..1 (default {DEFAULT_STRENGTH})")
-    g.add_argument("-n", type=int, default=1, help="number of images (default 1)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("-n", type=int, default=1,
+                   help=f"number of images (default 1, at most {IMAGES_PER_RUN.high}); any "
+                        "number paints in the memory of one batch")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images sampled at once (default 16 on a GPU, else 4; at most "
+                        f"{IMAGES_PER_CALL.high}); each is written as soon as its batch is done")
+    g.add_argument("--seed", type=int, default=0,
+                   help=f"random seed, 0 to {SEED.high} (default 0)")
     g.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (default {DEFAULT_STEPS}; {REFERENCE_STEPS} with --reference)")
     g.add_argument("--method", default=None, choices=list(sampling.SAMPLERS),
@@ -187,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "many images)")
     g.add_argument("--out", default="out", help="output folder (default out)")
     g.add_argument("--grid", action="store_true",
-                   help="also write grid-NNNNN.png (numbered by the run's first image)")
+                   help=f"also write grid-NNNNN.png (numbered by the run's first image) of the "
+                        f"first {GRID_IMAGES.high} images")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_options(g)
     g.set_defaults(func=cmd_generate)
@@ -223,13 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.simplefilter("default")
-    from huggingface_hub.utils import logging as hf_logging
+    try:  # everything, imports included: Ctrl-C while torch loads is an interruption too
+        args = build_parser().parse_args(argv)
+        warnings.simplefilter("default")
+        from huggingface_hub.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line errors
-    try:
-        return args.func(args)
+        hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line errors
+        with command_line():
+            return args.func(args)
     except CCLDError as e:
         print(f"ccld: error: {e}", file=sys.stderr)
         return 2

@@ -38,11 +38,13 @@ def fsync_folder(folder: Path) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object],
                  what: str = "file",
-                 fix: str = "check that the folder exists and is writable") -> Path:
+                 fix: str = "check that the folder exists and is writable",
+                 exclusive: bool = False) -> Path:
     """Calls `write(file)` on a temporary file beside `path`, then moves it into place.
 
     A failure to write is a one-line CCLDError "`path`: could not write the `what` (reason);
-    `fix`"; whatever was at `path` before stays as it was.
+    `fix`"; whatever was at `path` before stays as it was. `exclusive`: never replace a file
+    already at `path` (FileExistsError instead), even one another process has just written.
     """
     path = Path(path).expanduser()
     tmp = temporary_name(path)
@@ -53,15 +55,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object],
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _publish_exclusively(tmp, path)
+        else:
+            os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        if exclusive and isinstance(e, FileExistsError):
+            raise  # the name is taken: the caller picks another
         raise CCLDError(f"{path}: could not write the {what} ({e.strerror or e}); {fix}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
     return path
+
+
+def _publish_exclusively(tmp: Path, path: Path) -> None:
+    """Gives the complete file `tmp` the name `path` unless that name is taken (FileExistsError).
+
+    A hard link claims the name and shows the whole file in one step. Where the file system has
+    no hard links (FAT, some network shares), an empty file claims the name first and the rename
+    then fills it, so a crash in between can leave that empty file.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def remove_stale_temporaries(folder: Path) -> None:

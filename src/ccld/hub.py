@@ -2,7 +2,10 @@
 
 The U-Net and the autoencoder come from Hugging Face hub repos through `huggingface_hub` (its
 cache, its offline mode); the CLOOB pickle from its release URL, kept only once its sha256 checks
-out. Every failure is a one-line `CCLDError` saying what to do.
+out. Every failure is a one-line `CCLDError` saying what to do. A file in the cache is used
+without asking the network; one that is not is fetched only after the server has answered a
+connection within CONNECT_TIMEOUT seconds, so no network is said at once, not after a minute of
+retries.
 """
 
 from __future__ import annotations
@@ -20,27 +23,69 @@ TEACHER_REPO = "huggan/ccld_wa"  # the 1.2B WikiArt teacher, beside the autoenco
 # The latent scale the published WikiArt models' demos (the student's notebook, JD-P's
 # cfg_sample.py for the teacher) decode with, whatever the checkpoint's buffer says.
 PUBLISHED_LATENT_SCALE = 2.55
+CONNECT_TIMEOUT = 5.0  # seconds a server has to accept a connection before we call it offline
+OFFLINE_FIX = "run `ccld download` once while online, or pass local model files"
 
 
-def _reason(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+def _reason(e: Exception, limit: int = 160) -> str:
+    """The first sentence of an exception's message, shortened at a word, never mid-word."""
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    sentence = text.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def check_reachable(url: str, what: str) -> None:
+    """Returns when `url`'s server (or the proxy that reaches it) accepts a connection within
+    CONNECT_TIMEOUT seconds; else a CCLDError "`what`: cannot reach ..." at once."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        reason = (f"no answer in {CONNECT_TIMEOUT:g} s" if isinstance(e, TimeoutError)
+                  else e.strerror or _reason(e))
+        raise CCLDError(f"{what}: cannot reach {host}:{port} ({reason}); check the network, "
+                        f"or {OFFLINE_FIX}") from None
 
 
 def hub_download(repo_id: str, filename: str) -> Path:
-    """A file of a Hugging Face hub repo, from the local cache or downloaded into it."""
-    from huggingface_hub import hf_hub_download
+    """A file of a Hugging Face hub repo: from the local cache if it is there, without asking
+    the network; else downloaded into it, once the hub answers (see `check_reachable`)."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass  # not in the cache
+    what = f"could not get {filename} from the hub repo {repo_id}"
+    if constants.HF_HUB_OFFLINE:
+        raise CCLDError(f"{what}: it is not in the cache and HF_HUB_OFFLINE is set; unset it, or "
+                        f"{OFFLINE_FIX}")
+    check_reachable(constants.ENDPOINT, what)
+    try:
         return Path(hf_hub_download(repo_id, filename))
-    except Exception as e:  # offline, no such repo/file, HTTP errors: all the user's to fix
-        raise CCLDError(f"could not get {filename} from the hub repo {repo_id} ({_reason(e)}); "
-                        "check the network (or HF_HUB_OFFLINE), run `ccld download` while online, "
-                        "or pass local files") from None
+    except Exception as e:  # no such repo/file, HTTP errors: all the user's to fix
+        raise CCLDError(f"{what} ({_reason(e)}); check the network, or {OFFLINE_FIX}") from None
 
 
 def hub_list_files(repo_id: str) -> list[str]:
-    from huggingface_hub import list_repo_files
+    from huggingface_hub import constants, list_repo_files
 
+    what = f"could not list the hub repo {repo_id}"
+    if constants.HF_HUB_OFFLINE:
+        raise CCLDError(f"{what}: HF_HUB_OFFLINE is set; unset it, or pass local model files")
+    check_reachable(constants.ENDPOINT, what)
     try:
         return list_repo_files(repo_id)
     except Exception as e:
@@ -74,6 +119,7 @@ def download_verified(url: str, dest: Path, sha256: str, progress: bool = True) 
     dest = Path(dest)
     if dest.is_file() and sha256_of(dest) == sha256:
         return dest
+    check_reachable(url, f"could not download {url}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     try:

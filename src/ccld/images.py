@@ -22,9 +22,10 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import CCLDError
 from .files import atomic_write
+from .limits import IMAGE_ASPECT, IMAGE_PIXELS
 
-MAX_PIXELS = 64 * 1024 * 1024  # larger images are refused before their pixels are decoded
-MAX_ASPECT = 4.0  # longer strips are cut to this ratio (their middle) before resizing
+MAX_PIXELS = IMAGE_PIXELS.high  # larger images are refused before their pixels are decoded
+MAX_ASPECT = IMAGE_ASPECT.high  # longer strips are cut to this ratio (their middle) before resizing
 PARAMETERS_KEY = "parameters"
 
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
@@ -164,15 +165,18 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict,
+             exclusive: bool = False) -> Path:
     """Writes a PNG holding `json.dumps(parameters)` in its `parameters` text chunk, atomically.
 
     A crash never leaves a half-written PNG under the final name (see `ccld.files`).
+    `exclusive`: FileExistsError rather than replacing a file at `path`.
     """
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(parameters))
     info.add_text("Software", "ccld")
-    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), "image")
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), "image",
+                        exclusive=exclusive)
 
 
 def read_png_parameters(path: str | os.PathLike) -> dict:

@@ -13,18 +13,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 import torch
 from torch.nn import functional as F
 
 from . import checkpoints, hub, sampling
 from ._version import __version__
-from .errors import CCLDError
+from .errors import CCLDError, in_python_terms
+from .limits import (
+    ETA,
+    IMAGES_PER_CALL,
+    IMAGES_PER_RUN,
+    LATENT_SCALE,
+    SEED,
+    SIZE,
+    STEPS,
+    STRENGTH,
+    WEIGHT,
+)
 from .prompts import parse_weighted
 
 if TYPE_CHECKING:
@@ -75,11 +87,13 @@ def as_prompts(items: PromptsLike, default_weight: float, what: str) -> list[Pro
     out = []
     for item in items:
         if isinstance(item, Prompt):
+            WEIGHT.check(f"the weight of {what} {item.label!r}", item.weight)
             out.append(item)
         elif isinstance(item, tuple):
             value, weight = item
             label = str(value) if isinstance(value, (str, os.PathLike)) else what
-            out.append(Prompt(value, float(weight), label))
+            out.append(Prompt(value, float(WEIGHT.check(f"the weight of {what} {label!r}", weight)),
+                              label))
         elif isinstance(item, (str, os.PathLike)) and what == "image prompt":
             path, weight = parse_weighted(str(item), default_weight, what, is_path=True)
             out.append(Prompt(path, weight, path))
@@ -89,6 +103,27 @@ def as_prompts(items: PromptsLike, default_weight: float, what: str) -> list[Pro
         else:  # a PIL image or a tensor, at the default weight
             out.append(Prompt(item, float(default_weight), what))
     return out
+
+
+FILE_ARGUMENTS = ("unet", "autoencoder", "autoencoder_config", "cloob", "cloob_config")
+
+
+def _file_arguments_checked(method):
+    """Decorates `from_files`: each file argument is a path or None (a CLOOB config may also be a
+    dict); anything else is a CCLDError naming the argument, not a TypeError deep in a loader."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            is_path = value is None or isinstance(value, (str, os.PathLike))
+            if name in FILE_ARGUMENTS and not is_path and not (
+                    name == "cloob_config" and isinstance(value, dict)):
+                raise CCLDError(f"{name}={value!r:.60}: not a file path but "
+                                f"{type(value).__name__}; pass the path as a str or pathlib.Path")
+        return method(*args, **kwargs)
+
+    return wrapper
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -144,6 +179,35 @@ def folder_unet_architecture(folder: Path, config: dict) -> dict:
     return architecture
 
 
+def next_noise(generator: torch.Generator, count: int, size: int = DEFAULT_SIZE) -> torch.Tensor:
+    """The starting noise of the next `count` images from `generator` (on the CPU). Drawn batch
+    after batch, it is exactly the noise one draw for all the images gives: torch fills a
+    tensor from the generator's stream in order, and one image is a whole number of draws."""
+    side = size // DOWNSCALE
+    return torch.randn([count, LATENT_CHANNELS, side, side], generator=generator)
+
+
+def require_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """`tensor`, unless a value is NaN or infinite: then a CCLDError, instead of a black PNG."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise CCLDError(f"{what} went non-finite (NaN or infinity); lower the guidance or the "
+                        "prompt weights, or use fp32 precision")
+    return tensor
+
+
+@dataclass(frozen=True)
+class _SamplingPlan:
+    """What every batch of one request shares: checked settings and the work done once."""
+    sampler: sampling.Sampler
+    embeds: torch.Tensor  # [zero, prompts..., image prompts...]
+    weights: torch.Tensor  # their guidance weights
+    timesteps: torch.Tensor
+    init_latent: torch.Tensor | None
+    eta: float
+    seed: int
+    size: int
+
+
 class CCLDPipeline:
     """Text and image prompts to paintings: CLOOB embeds the prompts, the U-Net samples latents
     under classifier-free guidance, the KL autoencoder decodes them.
@@ -176,6 +240,8 @@ class CCLDPipeline:
     # Loading and saving
 
     @classmethod
+    @in_python_terms
+    @_file_arguments_checked
     def from_files(cls, unet: PathLike | None = None, autoencoder: PathLike | None = None,
                    autoencoder_config: PathLike | None = None, cloob: PathLike | None = None,
                    cloob_config: PathLike | dict | None = None) -> CCLDPipeline:
@@ -364,8 +430,52 @@ class CCLDPipeline:
                       ) -> tuple[torch.Tensor, torch.Generator]:
         """The reference demo's starting noise for a seed, drawn on the CPU on every device."""
         generator = torch.Generator().manual_seed(int(seed))
-        shape = [num_images, LATENT_CHANNELS, size // DOWNSCALE, size // DOWNSCALE]
-        return torch.randn(shape, generator=generator), generator
+        return next_noise(generator, num_images, size), generator
+
+    @property
+    def default_batch_size(self) -> int:
+        """How many images `iter_images` (and `ccld generate`) sample at once unless told: 16 on
+        a GPU; 4 elsewhere, where larger batches are no faster and only cost memory."""
+        return 16 if self.device.type == "cuda" else 4
+
+    @_in_autocast
+    def _plan(self, prompts: list[Prompt], image_prompts: list[Prompt], *, steps: int,
+              method: str, guidance: float, seed: int, eta: float, init_image: ImageLike | None,
+              strength: float, size: int) -> _SamplingPlan:
+        """Checks the settings (cheapest first, all before any model work), then does the work
+        every batch of one request shares: the prompts' embeddings, the timesteps and the init
+        image's latent."""
+        sampler = sampling.get_sampler(method)
+        steps = STEPS.check("steps", steps)
+        WEIGHT.check("guidance", guidance)
+        seed = SEED.check("seed", seed)
+        eta = ETA.check("eta", eta)
+        size = SIZE.check("size", size)
+        start = 1.0 if init_image is None else float(STRENGTH.check("strength", strength))
+        embeds, weights = self.conditions(prompts, image_prompts, guidance)
+        init_latent = None if init_image is None else self.encode_init_image(init_image, size)
+        return _SamplingPlan(sampler, embeds, weights, sampler.timesteps(steps, start, device=self.device),
+                             init_latent, eta, seed, size)
+
+    @_in_autocast
+    def _sample(self, plan: _SamplingPlan, noise: torch.Tensor, generator: torch.Generator,
+                callback: sampling.Callback = None) -> torch.Tensor:
+        """Latents sampled from `noise` (one batch); stops at the first step that is not finite."""
+        x = noise.to(self.device)
+        if plan.init_latent is not None:
+            alpha, sigma = sampling.t_to_alpha_sigma(plan.timesteps[0])
+            x = plan.init_latent.expand_as(x) * alpha + x * sigma
+        steps = len(plan.timesteps)
+
+        def check_step(info: dict) -> None:
+            require_finite(info["pred"], f"sampling step {info['i'] + 1} of {steps}")
+            if callback is not None:
+                callback(info)
+
+        model = sampling.guided_model(self.unet, plan.embeds, plan.weights)
+        latents = plan.sampler(model, x, plan.timesteps, eta=plan.eta, generator=generator,
+                               callback=check_step)
+        return require_finite(latents, "the sampled latents")
 
     @_in_autocast
     def generate_latents(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
@@ -375,25 +485,13 @@ class CCLDPipeline:
                          strength: float = DEFAULT_STRENGTH, size: int = DEFAULT_SIZE,
                          callback: sampling.Callback = None) -> torch.Tensor:
         """Samples latents (in the U-Net's scaled space); see `__call__` for the arguments."""
-        sampler = sampling.get_sampler(method)  # an unknown method fails before any model work
-        if steps < 1:
-            raise CCLDError(f"steps must be at least 1 (got {steps})")
-        if size % 64:
-            raise CCLDError(f"size must be a multiple of 64 pixels (got {size})")
-        embeds, weights = self.conditions(prompts, image_prompts, guidance)
-        noise, generator = self.initial_noise(num_images, seed, size)
-        x = noise.to(self.device)
-        start = 1.0
-        if init_image is not None:
-            if not 0 < strength <= 1:
-                raise CCLDError(f"strength must be in (0, 1] (got {strength}); 1 ignores the init image")
-            start = float(strength)
-        timesteps = sampler.timesteps(steps, start, device=self.device)
-        if init_image is not None:
-            alpha, sigma = sampling.t_to_alpha_sigma(timesteps[0])
-            x = self.encode_init_image(init_image, size).expand_as(x) * alpha + x * sigma
-        model = sampling.guided_model(self.unet, embeds, weights)
-        return sampler(model, x, timesteps, eta=eta, generator=generator, callback=callback)
+        num_images = IMAGES_PER_CALL.check("num_images", num_images)
+        plan = self._plan(as_prompts(prompts, guidance, "prompt"),
+                          as_prompts(image_prompts, guidance, "image prompt"), steps=steps,
+                          method=method, guidance=guidance, seed=seed, eta=eta,
+                          init_image=init_image, strength=strength, size=size)
+        noise, generator = self.initial_noise(num_images, plan.seed, plan.size)
+        return self._sample(plan, noise, generator, callback)
 
     @_in_autocast
     def encode_init_image(self, image: ImageLike, size: int = DEFAULT_SIZE) -> torch.Tensor:
@@ -421,31 +519,73 @@ class CCLDPipeline:
                  init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
                  latent_scale: float | None = None, size: int = DEFAULT_SIZE,
                  progress: bool = True) -> list[Image.Image]:
-        """Paints `num_images` PIL images.
+        """Paints `num_images` PIL images (at most IMAGES_PER_CALL; `iter_images` paints any
+        number, a batch at a time).
 
         prompts / image_prompts: a string (`"text:weight"`, `"path:weight"`), a (value, weight)
         tuple, or a list of them; a weight left out is `guidance` (the demo's 3). Negative
         weights steer away. Each image carries its generation parameters in `image.info`.
+        Every number is checked against `ccld.limits`.
         """
+        num_images = IMAGES_PER_CALL.check("num_images", num_images)
+        return list(self.iter_images(
+            prompts, image_prompts, num_images=num_images, batch_size=num_images, steps=steps,
+            method=method, guidance=guidance, seed=seed, eta=eta, init_image=init_image,
+            strength=strength, latent_scale=latent_scale, size=size, progress=progress))
+
+    def iter_images(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
+                    num_images: int = 1, batch_size: int | None = None,
+                    steps: int = DEFAULT_STEPS, method: str = DEFAULT_METHOD,
+                    guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
+                    init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
+                    latent_scale: float | None = None, size: int = DEFAULT_SIZE,
+                    progress: bool = True) -> Iterator[Image.Image]:
+        """Paints `num_images` PIL images `batch_size` at a time (default `default_batch_size`),
+        yielding each batch's as soon as it is decoded: memory stays that of one batch however
+        many images there are. The arguments are checked now, the painting happens as the
+        images are taken.
+
+        With a deterministic sampler the pictures are those of one batch of `num_images` (the
+        seed's noise is drawn batch after batch, in order). The stochastic ones (ddpm, ddim
+        with eta) draw their step noise per batch, so theirs depend on the batch size too,
+        which their PNGs then record.
+        """
+        num_images = IMAGES_PER_RUN.check("num_images", num_images)
+        batch_size = IMAGES_PER_CALL.check(
+            "batch_size", self.default_batch_size if batch_size is None else batch_size)
+        if latent_scale is not None:
+            latent_scale = LATENT_SCALE.check("latent_scale", latent_scale)
+        texts = as_prompts(prompts, guidance, "prompt")
+        images = as_prompts(image_prompts, guidance, "image prompt")
+        settings = dict(steps=steps, method=method, guidance=guidance, seed=seed, eta=eta,
+                        init_image=init_image, strength=strength, size=size)
+        plan = self._plan(texts, images, **settings)
+        params = self.describe(texts, images, num_images=num_images, **settings,
+                               latent_scale=latent_scale)
+        if plan.sampler.eta(plan.eta) and batch_size < num_images:
+            params["batch_size"] = batch_size
+        return self._paint_batches(plan, params, num_images, batch_size, latent_scale, progress)
+
+    def _paint_batches(self, plan: _SamplingPlan, params: dict, num_images: int, batch_size: int,
+                       latent_scale: float | None, progress: bool) -> Iterator[Image.Image]:
         from tqdm.auto import tqdm
 
         from .images import tensor_to_pil
 
-        texts = as_prompts(prompts, guidance, "prompt")
-        images = as_prompts(image_prompts, guidance, "image prompt")
-        settings = dict(num_images=num_images, steps=steps, method=method, guidance=guidance,
-                        seed=seed, eta=eta, init_image=init_image, strength=strength, size=size)
-        with tqdm(total=steps, desc=f"{method} sampling", disable=not progress, leave=False) as bar:
-            latents = self.generate_latents(texts, images, **settings,
-                                            callback=lambda info: bar.update(1))
-        pixels = self.decode(latents, latent_scale).float().cpu()
-        params = self.describe(texts, images, **settings, latent_scale=latent_scale)
-        results = []
-        for i, p in enumerate(pixels):
-            image = tensor_to_pil(p)
-            image.info["parameters"] = json.dumps({**params, "index": i})
-            results.append(image)
-        return results
+        generator = torch.Generator().manual_seed(plan.seed)  # one stream for the whole run
+        firsts = range(0, num_images, batch_size)
+        with tqdm(total=len(plan.timesteps) * len(firsts), desc=f"{params['method']} sampling",
+                  disable=not progress, leave=False) as bar:
+            for first in firsts:
+                noise = next_noise(generator, min(batch_size, num_images - first), plan.size)
+                latents = self._sample(plan, noise, generator, lambda info: bar.update(1))
+                pixels = require_finite(self.decode(latents, latent_scale).float().cpu(),
+                                        "decoding")
+                del latents  # not held while the caller writes the images
+                for i, p in enumerate(pixels):
+                    image = tensor_to_pil(p)
+                    image.info["parameters"] = json.dumps({**params, "index": first + i})
+                    yield image
 
     def describe(self, prompts: PromptsLike, image_prompts: PromptsLike, *, num_images: int,
                  steps: int, method: str, guidance: float, seed: int, eta: float,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 from .errors import CCLDError
+from .limits import WEIGHT
 
 _NUMBERISH = re.compile(r"^[+\-.\d]")
 
@@ -35,8 +35,18 @@ def parse_weighted(spec: str, default_weight: float, what: str = "prompt",
             raise CCLDError(f"bad {what} weight in {spec!r}: {suffix!r} is not a number; "
                             f"write TEXT:WEIGHT, e.g. '{text.strip() or 'a castle'}:2.5'") from None
         return spec, float(default_weight)
-    if not math.isfinite(weight):
-        raise CCLDError(f"bad {what} weight in {spec!r}: it must be a finite number, e.g. 3")
     if not text:
         raise CCLDError(f"bad {what} {spec!r}: nothing before the weight; write TEXT:WEIGHT")
-    return text, weight
+    return text, float(WEIGHT.check(f"the weight in {what} {spec!r}", weight))
+
+
+def how_read(spec: str, default_weight: float) -> str | None:
+    """Says how a prompt with a colon was read when what follows the colon is not a weight
+    ("a tree:abc" is all prompt text), so that a mistyped weight is never taken silently; None
+    for every other prompt."""
+    text, weight = parse_weighted(spec, default_weight)
+    if ":" not in spec or text != spec:
+        return None
+    before, _, after = spec.rpartition(":")
+    return (f"{spec!r} is all prompt text, at weight {weight:g} ({after.strip()!r} is not a "
+            f"weight); to weight it, write TEXT:WEIGHT, e.g. '{before.strip() or spec}:{weight:g}'")

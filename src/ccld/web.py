@@ -47,18 +47,24 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import CCLDError
+from .limits import (
+    SIZE,
+    STRENGTH,
+    UPLOAD_MB,
+    WEB_IMAGE_PROMPTS,
+    WEB_IMAGES,
+    WEB_PROMPT_CHARS,
+    WEB_PROMPTS,
+    WEB_SEED,
+    WEB_STEPS,
+    WEIGHT,
+)
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 log = logging.getLogger("ccld.web")
 
-MAX_STEPS = 250
-MAX_IMAGES = 16
-MAX_PROMPTS = 16
-MAX_PROMPT_CHARS = 1000
-MAX_IMAGE_PROMPTS = 8
-MAX_SEED = 2 ** 32 - 1
-MAX_ABS_WEIGHT = 1000.0
-DEFAULT_MAX_UPLOAD_MB = 10.0
+# A request's limits are the WEB_* rows of ccld.limits.
+DEFAULT_MAX_UPLOAD_MB = UPLOAD_MB.default
 DEFAULT_QUEUE_SIZE = 32
 DEFAULT_NUM_IMAGES = 4
 DEFAULT_SIZE = 256
@@ -162,30 +168,6 @@ def _page_errors():
         raise _error(str(e)) from None
 
 
-def _int_in(name: str, value, lo: int, hi: int) -> int:
-    if value is None or isinstance(value, bool) or value == "":
-        raise _error(f"{name} is missing; give a whole number from {lo} to {hi}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _error(f"{name} must be a whole number from {lo} to {hi} (got {value!r})") from None
-    if not math.isfinite(number) or number != int(number) or not lo <= number <= hi:
-        shown = int(number) if math.isfinite(number) and number == int(number) else value
-        raise _error(f"{name} must be a whole number from {lo} to {hi} (got {shown})")
-    return int(number)
-
-
-def _float_in(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _error(f"{name} must be a number (got {value!r})") from None
-    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
-        low = f"above {lo:g}" if lo_open else f"from {lo:g}"
-        raise _error(f"{name} must be a number {low} to {hi:g} (got {value!r})")
-    return number
-
-
 def _upload_path(item) -> str | None:
     """The local path of an upload as Gradio passes it (a str, a dict or a FileData-like)."""
     if item is None or item == "":
@@ -228,8 +210,8 @@ def _load_image_prompts(items, weight: float, max_bytes: int) -> list:
         items = []
     elif not isinstance(items, (list, tuple)):
         items = [items]  # a single upload, as some clients send one
-    if len(items) > MAX_IMAGE_PROMPTS:
-        raise _error(f"{len(items)} image prompts is too many; give at most {MAX_IMAGE_PROMPTS}")
+    if len(items) > WEB_IMAGE_PROMPTS.high:
+        raise _error(f"{len(items)} image prompts is too many; give at most {WEB_IMAGE_PROMPTS.high}")
     prompts = []
     for item in items:
         image, name = _load_upload(item, "image prompt", max_bytes)
@@ -247,19 +229,15 @@ def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
     if not isinstance(text, str):
         raise _error(f"prompts must be text, one prompt a line (got {type(text).__name__})")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > MAX_PROMPTS:
-        raise _error(f"{len(lines)} prompts is too many; give at most {MAX_PROMPTS}, one a line")
+    if len(lines) > WEB_PROMPTS.high:
+        raise _error(f"{len(lines)} prompts is too many; give at most {WEB_PROMPTS.high}, one a line")
     out = []
     for line in lines:
-        if len(line) > MAX_PROMPT_CHARS:
+        if len(line) > WEB_PROMPT_CHARS.high:
             raise _error(f"a prompt is {len(line)} characters long; keep each under "
-                         f"{MAX_PROMPT_CHARS} (the text encoder reads only the first 77 tokens)")
-        with _page_errors():
-            prompt, weight = parse_weighted(line, guidance)
-        if abs(weight) > MAX_ABS_WEIGHT:
-            raise _error(f"the weight of {prompt!r} is {weight:g}; keep weights within "
-                         f"±{MAX_ABS_WEIGHT:g} (about 1 to 10 is typical)")
-        out.append((prompt, weight))
+                         f"{WEB_PROMPT_CHARS.high} (the text encoder reads only the first 77 tokens)")
+        with _page_errors():  # weights are checked against WEIGHT there
+            out.append(parse_weighted(line, guidance))
     return out
 
 
@@ -294,25 +272,24 @@ def check_request(*, prompts, image_prompts, image_weight, init_image, strength,
     random one."""
     from . import sampling
 
-    steps = _int_in("steps", steps, 1, MAX_STEPS)
-    num_images = _int_in("number of images", num_images, 1, MAX_IMAGES)
     with _page_errors():
+        steps = WEB_STEPS.check("steps", steps)
+        num_images = WEB_IMAGES.check("number of images", num_images)
         sampling.get_sampler(method)
-    guidance = _float_in("guidance", DEFAULT_GUIDANCE if guidance in (None, "") else guidance,
-                         -MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)
-    image_weight = _float_in("image prompt weight",
-                             guidance if image_weight in (None, "") else image_weight,
-                             -MAX_ABS_WEIGHT, MAX_ABS_WEIGHT)
-    if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed == -1):
-        seed = secrets.randbelow(MAX_SEED + 1)
-    seed = _int_in("seed", seed, 0, MAX_SEED)
+        guidance = WEIGHT.check("guidance", DEFAULT_GUIDANCE if guidance in (None, "") else guidance)
+        image_weight = WEIGHT.check("image prompt weight",
+                                    guidance if image_weight in (None, "") else image_weight)
+        if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed == -1):
+            seed = secrets.randbelow(WEB_SEED.high + 1)
+        seed = WEB_SEED.check("seed", seed)
     texts = parse_prompts(prompts, guidance)
     images = _load_image_prompts(image_prompts, image_weight, max_upload_bytes)
     if not texts and not images:
         raise _error("type a prompt (one a line, TEXT or TEXT:WEIGHT) or upload an image prompt")
     init, init_name = _load_upload(init_image, "init image", max_upload_bytes)
     if init is not None:
-        strength = _float_in("strength", strength, 0.0, 1.0, lo_open=True)
+        with _page_errors():
+            strength = STRENGTH.check("strength", strength)
     else:
         strength = DEFAULT_STRENGTH if strength in (None, "") else strength
     return Request(prompts=texts, image_prompts=images, init_image=init, init_name=init_name,
@@ -459,7 +436,7 @@ def _upload_inputs():
     import gradio as gr
 
     with gr.Accordion("Image prompts and init image", open=False):
-        image_prompts = gr.File(label=f"Image prompts (up to {MAX_IMAGE_PROMPTS})",
+        image_prompts = gr.File(label=f"Image prompts (up to {WEB_IMAGE_PROMPTS.high})",
                                 file_count="multiple", elem_id="image-prompts")
         image_weight = gr.Number(DEFAULT_GUIDANCE, label="Image prompt weight",
                                  elem_id="image-weight")
@@ -478,7 +455,7 @@ def _input_column(num_images: int) -> _Form:
     from . import sampling
 
     with gr.Column(scale=2, min_width=320):
-        prompts = gr.Textbox(label="Prompts", lines=3, max_lines=MAX_PROMPTS, elem_id="prompts",
+        prompts = gr.Textbox(label="Prompts", lines=3, max_lines=WEB_PROMPTS.high, elem_id="prompts",
                              placeholder="a snowy landscape, oil on canvas:3")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
@@ -486,12 +463,12 @@ def _input_column(num_images: int) -> _Form:
             method = gr.Dropdown(list(sampling.SAMPLERS), value=DEFAULT_METHOD, label="Method",
                                  elem_id="method")
             steps = _named_range_checks(gr.Slider(
-                1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
+                1, WEB_STEPS.high, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
         with gr.Row():
             guidance = gr.Number(DEFAULT_GUIDANCE, label="Guidance",
                                  info="weight of prompts given without one", elem_id="guidance")
             count = _named_range_checks(gr.Slider(
-                1, MAX_IMAGES, value=num_images, step=1, label="Number of images",
+                1, WEB_IMAGES.high, value=num_images, step=1, label="Number of images",
                 elem_id="num-images"))
         with gr.Row():
             seed = gr.Number(0, precision=0, label="Seed", info="blank: a random one",
@@ -538,7 +515,7 @@ def _wire(form: _Form, gallery, params, run, concurrency: int) -> None:
                         api_description="Paint images; returns the gallery of PNGs and their "
                                         "parameters.",
                         concurrency_limit=concurrency, show_progress="full")
-    form.dice.click(None, None, form.seed, js=f"() => Math.floor(Math.random() * {MAX_SEED + 1})",
+    form.dice.click(None, None, form.seed, js=f"() => Math.floor(Math.random() * {WEB_SEED.high + 1})",
                     api_visibility="private", queue=False)
 
 
@@ -611,12 +588,9 @@ def _check_serve_args(args) -> None:
         raise CCLDError(f"--queue-size must be at least 1 (got {args.queue_size})")
     if args.concurrency is not None and args.concurrency < 1:
         raise CCLDError(f"--concurrency must be at least 1 (got {args.concurrency})")
-    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
-        raise CCLDError(f"--max-upload-mb must be a positive number (got {args.max_upload_mb})")
-    if args.size < 64 or args.size % 64:
-        raise CCLDError(f"--size must be a positive multiple of 64 pixels (got {args.size})")
-    if not 1 <= args.num_images <= MAX_IMAGES:
-        raise CCLDError(f"--num-images must be from 1 to {MAX_IMAGES} (got {args.num_images})")
+    UPLOAD_MB.check("--max-upload-mb", args.max_upload_mb)
+    SIZE.check("--size", args.size)
+    WEB_IMAGES.check("--num-images", args.num_images)
     if not (math.isfinite(args.keep_minutes) and args.keep_minutes > 0):
         raise CCLDError(f"--keep-minutes must be a positive number (got {args.keep_minutes})")
 
