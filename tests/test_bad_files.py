@@ -52,7 +52,7 @@ def test_images_and_plain_pickles_under_checkpoint_names(model_flags, tmp_path, 
     assert run(model_flags, tmp_path, cloob=tmp_path / "picture.pkl") == 2
     one_line(capsys, "picture.pkl: a PNG image, not a pickle")
     assert run(model_flags, tmp_path, unet=tmp_path / "plain.ckpt") == 2
-    one_line(capsys, "plain.ckpt: not a PyTorch U-Net checkpoint (a plain Python pickle)")
+    one_line(capsys, "plain.ckpt: not a readable U-Net checkpoint (a plain Python pickle")
     (tmp_path / "meta.json").write_text(json.dumps({"a": 1}))
     assert main(["info", str(tmp_path / "meta.json")]) == 2
     assert "download it again" not in one_line(capsys, "meta.json: JSON text")

@@ -86,9 +86,11 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", mmap: boo
             raise CCLDError(f"{path}: refused to load: the file asks for {refused.group(1)}, "
                             "which could run code; a checkpoint holds only tensors, so use a "
                             "trusted release file or a safetensors conversion") from None
-        described = "a plain Python pickle" if kind == "a Python pickle" else "damaged or truncated"
-        raise CCLDError(f"{path}: not a PyTorch {what} ({described}); pass the checkpoint file "
-                        "itself, or download it again") from None
+        if kind == "a Python pickle":
+            raise CCLDError(f"{path}: not a readable {what} (a plain Python pickle, not a PyTorch "
+                            "checkpoint); pass the checkpoint file itself") from None
+        raise CCLDError(f"{path}: not a readable {what} (corrupt or truncated); download it "
+                        "again") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CCLDError(f"{path}: not a readable {what} (corrupt or truncated: {detail[:120]}); "
