@@ -214,32 +214,25 @@ def _lms(order):
     return lambda model, x, history, t_1, t_2: _lms_step(model, x, history, t_1, t_2, order)
 
 
-def prk(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
-        callback: Callback = None) -> torch.Tensor:
-    return _pseudo_sample(model, x, timesteps, lambda n: _prk_step, callback)
+def _pseudo_sampler(choose_step: Callable, doc: str) -> Callable[..., torch.Tensor]:
+    """A sampler `(model, x, timesteps, *, callback)` of the pseudo family: `choose_step(n)` picks
+    the step to take when the history holds n earlier eps."""
+    def sampler(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
+                callback: Callback = None) -> torch.Tensor:
+        return _pseudo_sample(model, x, timesteps, choose_step, callback)
+
+    sampler.__doc__ = doc
+    return sampler
 
 
-def plms(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
-         callback: Callback = None) -> torch.Tensor:
-    """Fourth-order PLMS, started with three PRK steps (24 forwards for 15 steps)."""
-    return _pseudo_sample(model, x, timesteps, lambda n: _prk_step if n < 3 else _lms(4), callback)
-
-
-def pie(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
-        callback: Callback = None) -> torch.Tensor:
-    return _pseudo_sample(model, x, timesteps, lambda n: _pie_step, callback)
-
-
-def plms2(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
-          callback: Callback = None) -> torch.Tensor:
-    """Second-order PLMS, started with one PIE step."""
-    return _pseudo_sample(model, x, timesteps, lambda n: _pie_step if n < 1 else _lms(2), callback)
-
-
-def iplms(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
-          callback: Callback = None) -> torch.Tensor:
-    """Improved PLMS: lower-order Adams-Bashforth while the history fills (one forward a step)."""
-    return _pseudo_sample(model, x, timesteps, lambda n: _lms(min(n + 1, 4)), callback)
+prk = _pseudo_sampler(lambda n: _prk_step, "Fourth-order pseudo Runge-Kutta (4 forwards a step).")
+plms = _pseudo_sampler(lambda n: _prk_step if n < 3 else _lms(4),
+                       "Fourth-order PLMS, started with three PRK steps (24 forwards for 15 steps).")
+pie = _pseudo_sampler(lambda n: _pie_step, "Pseudo improved Euler (2 forwards a step).")
+plms2 = _pseudo_sampler(lambda n: _pie_step if n < 1 else _lms(2),
+                        "Second-order PLMS, started with one PIE step.")
+iplms = _pseudo_sampler(lambda n: _lms(min(n + 1, 4)), "Improved PLMS: lower-order "
+                        "Adams-Bashforth while the history fills (one forward a step).")
 
 
 # DPM-Solver++(2M) (Lu et al. 2022) in continuous time for a v-model
