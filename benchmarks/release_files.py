@@ -6,7 +6,7 @@
 - `ae_model.ckpt` + `ae_model.yaml`: the LDM KL-f8 autoencoder as `{'state_dict': ...}` with
   latent-diffusion key names (and a training-loss entry, as the release has), 335 MB
 - `cloob_laion_400m_vit_b_16_16_epochs-<sha256>.pkl`: the Haiku parameter trees of CLOOB
-  ViT-B/16 as a pickle of numpy arrays, 750 MB
+  ViT-B/16 as a pickle of numpy arrays: about 600 MB of parameters (the release file is 750 MB)
 
 Speed and memory do not depend on the weights, so the benchmarks time ccld on these exactly as a
 user's first and later runs on the real downloads would go.
