@@ -12,8 +12,8 @@ process, as a user's would. Sections:
   forward  one guided step of the student (batch 2): contiguous fp32 against the default path
   paint    one 256x256 image end to end, `ccld generate` as a user runs it: the baseline (the
            reference recipe: plms-15, contiguous fp32, from the release files, no converted cache)
-           against the default on a first run (empty cache) and a second run (cache filled), and
-           with a tiny decoder; wall time, peak RSS, the ratio to the baseline, and the PSNR of
+           against the default on a first run (empty cache) and a second run (cache filled);
+           wall time, peak RSS, the ratio to the baseline, and the PSNR of
            the default image against the baseline's for the same seed. Then the same runs
            instrumented stage by stage (import, load, text encode, U-Net, decode).
 Only ratios are meaningful on a shared machine; absolute times only on a dedicated one.
@@ -118,11 +118,10 @@ def bench_forward():
 
 # Painting end to end
 
-RUNS = [  # name, extra options, converted cache (None: off), tiny decoder
-    ("baseline: --reference, no cache", ["--reference"], None, False),
-    ("default, first run (empty cache)", [], "cache", False),
-    ("default, second run", [], "cache", False),
-    ("default + tiny decoder, second run", [], "cache", True),
+RUNS = [  # name, extra options, converted cache (None: off)
+    ("baseline: --reference, no cache", ["--reference"], None),
+    ("default, first run (empty cache)", [], "cache"),
+    ("default, second run", [], "cache"),
 ]
 
 STAGES_CHILD = r"""
@@ -184,27 +183,12 @@ def psnr(a: Path, b: Path) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
-def tiny_decoder_option(work: Path) -> list[str] | None:
-    """`--decoder tiny:PATH` for a random-weight tiny decoder, if this ccld has the option."""
-    try:
-        from ccld.models.tiny_decoder import random_tiny_decoder
-    except ImportError:
-        return None
-    folder = random_tiny_decoder().save_pretrained(work / "tiny_decoder")
-    return ["--decoder", f"tiny:{folder}"]
-
-
 def bench_paint(files: dict, work: Path):
     model = [arg for option, path in files.items() for arg in (option, path)]
-    tiny = tiny_decoder_option(work)
     rows, stages = [], []
-    for name, extra, cache, with_tiny in RUNS:
-        if with_tiny and tiny is None:
-            print(f"(skipped: {name}; this ccld has no tiny decoder)")
-            continue
+    for name, extra, cache in RUNS:
         out = work / "out" / str(len(rows))
-        args = [PROMPT, "--seed", "0", "-q", "--device", "cpu", "--out", str(out), *extra, *model,
-                *(tiny if with_tiny else [])]
+        args = [PROMPT, "--seed", "0", "-q", "--device", "cpu", "--out", str(out), *extra, *model]
         # the real command, timed from outside: interpreter start to PNG on disk
         env = {**os.environ, "CCLD_CACHE_DIR": str(work / cache) if cache else "off"}
         rss_file = work / "rss.txt"
