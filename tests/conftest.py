@@ -5,6 +5,7 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
@@ -19,6 +20,27 @@ def fixtures() -> Path:
         pytest.skip(f"reference fixtures not found at {FIXTURES}; put the shared folder beside "
                     "the repo (../shared/fixtures) to run the numerical tests")
     return FIXTURES
+
+
+# The Hugging Face hub, as a pre-filled offline cache: the real download code, no network
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in tmp_path; returns a function that puts a file in it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+    def put(repo_id, filename, data: bytes):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / filename).write_bytes(data)
+        return snap / filename
+    return put
 
 
 # Training data and models shared by the training and distillation tests
