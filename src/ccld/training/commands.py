@@ -540,7 +540,7 @@ def add_distill_decoder_command(sub) -> None:
     add_data_options(p)
     m = p.add_argument_group("tiny decoder")
     m.add_argument("--width", type=int, default=64,
-                   help="channels of every stage of a new decoder (TAESD's 64)")
+                   help="channels of every stage of a new decoder (TAESD's width)")
     m.add_argument("--init", metavar="tiny:PATH|taesd",
                    help="start from this tiny decoder (keeping its architecture and input scale) "
                         "instead of a new one")
