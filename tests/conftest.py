@@ -5,6 +5,7 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
@@ -19,6 +20,27 @@ def fixtures() -> Path:
         pytest.skip(f"reference fixtures not found at {FIXTURES}; put the shared folder beside "
                     "the repo (../shared/fixtures) to run the numerical tests")
     return FIXTURES
+
+
+# The Hugging Face hub, as a pre-filled offline cache: the real download code, no network
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in tmp_path; returns a function that puts a file in it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+    def put(repo_id, filename, data: bytes):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / filename).write_bytes(data)
+        return snap / filename
+    return put
 
 
 # Training data and models shared by the training and distillation tests
@@ -183,8 +205,10 @@ class FakePipe:
     positional call from the web app fails here as it would against the real pipeline.
     """
 
-    def __init__(self, delay=0.0):
+    def __init__(self, delay=0.0, tiny_decoder=None):
         self.delay = delay
+        self.tiny_decoder = tiny_decoder  # anything but None: previews, as with a real one
+        self.decoded_by = []  # "tiny" or "full", one entry per decode call
         self.running = 0
         self.most_at_once = 0
         self.calls = 0
@@ -198,20 +222,24 @@ class FakePipe:
             self.calls += 1
             self.most_at_once = max(self.most_at_once, self.running)
         try:
+            latents = torch.zeros(num_images, 4, size // 8, size // 8)
             for i in range(steps):
                 time.sleep(self.delay / steps)
                 if callback:
-                    callback({"i": i})
-            return torch.zeros(num_images, 4, size // 8, size // 8)
+                    callback({"i": i, "t": 1 - i / steps, "x": latents, "pred": latents})
+            return latents
         finally:
             with self._lock:
                 self.running -= 1
 
-    def decode(self, latents):
+    def decode(self, latents, latent_scale=None, *, full_decoder=False):
+        tiny = self.tiny_decoder is not None and not full_decoder
+        self.decoded_by.append("tiny" if tiny else "full")
         return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
 
     def describe(self, prompts, image_prompts, *, num_images, steps, method, guidance, seed, eta,
-                 init_image, strength, latent_scale, size) -> dict:
+                 init_image, strength, latent_scale, size, full_decoder=False) -> dict:
         return {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
                 "num_images": num_images, "method": method,
-                "image_prompts": [[p.label, p.weight] for p in image_prompts]}
+                "image_prompts": [[p.label, p.weight] for p in image_prompts],
+                "decoder": "tiny" if self.tiny_decoder is not None and not full_decoder else "full"}

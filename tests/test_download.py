@@ -7,15 +7,12 @@ import socket
 import threading
 from functools import partial
 
-import huggingface_hub.constants as hf_constants
 import pytest
 
 from ccld import hub
 from ccld.cli import main
 from ccld.errors import CCLDError
 from ccld.models import cloob as cloob_module
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
@@ -31,24 +28,6 @@ def server(tmp_path):
     yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An offline Hugging Face cache in tmp_path; returns a function that puts a file in it."""
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-
-    def put(repo_id, filename, data: bytes):
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(COMMIT)
-        snap = repo / "snapshots" / COMMIT
-        snap.mkdir(parents=True, exist_ok=True)
-        (snap / filename).write_bytes(data)
-        return snap / filename
-    return put
 
 
 def test_verified_download_lands_only_when_the_hash_matches(server, tmp_path):

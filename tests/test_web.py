@@ -217,6 +217,38 @@ def test_generate_paints_pngs_with_parameters(pipe, store, png):
         assert a.tobytes() == b.tobytes()
 
 
+def test_previews_come_from_the_tiny_decoder_and_the_pngs_from_the_full_one(store):
+    fake = FakePipe(tiny_decoder="a tiny decoder")
+    outputs = list(web.generate_with_previews(fake, "a cat", steps=5, seed=1, num_images=2,
+                                              store=store, size=64))
+    *previews, (gallery, params) = outputs
+    assert [[caption for _, caption in shown] for shown, _ in previews] == \
+        [[f"preview · step {k}/5"] * 2 for k in (2, 4, 5)]  # every 2 steps, and the last
+    assert all(isinstance(image, Image.Image) and cleared is None
+               for shown, cleared in previews for image, _ in shown)
+    assert fake.decoded_by == ["tiny"] * 3 + ["full"]  # one full decode: both images, one chunk
+    assert params["decoder"] == "full" and read_png_parameters(gallery[1][0])["decoder"] == "full"
+    # without a tiny decoder: just the result; errors reach the caller either way
+    assert len(list(web.generate_with_previews(FakePipe(), "a cat", steps=3, store=store,
+                                               size=64))) == 1
+    with pytest.raises(gr.Error, match="type a prompt"):
+        list(web.generate_with_previews(fake, "", steps=3, store=store, size=64))
+
+
+def test_previews_with_the_real_pipeline(pipe, store):
+    from ccld.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
+
+    tiny = TinyDecoder(TinyDecoderConfig(decoder_block_out_channels=(8, 8, 8, 8)))
+    with_tiny = CCLDPipeline(pipe.unet, pipe.autoencoder, pipe.cloob, dict(pipe.sources),
+                             decoder=tiny)
+    *previews, (gallery, params) = web.generate_with_previews(
+        with_tiny, "a cat", steps=2, seed=1, store=store, size=64)
+    assert len(previews) == 1 and previews[0][0][0][0].size == (64, 64)
+    full, _ = web.generate(pipe, "a cat", steps=2, seed=1, store=store, size=64)
+    with Image.open(gallery[0][0]) as a, Image.open(full[0][0]) as b:
+        assert a.tobytes() == b.tobytes()  # the PNG is the full decoder's
+
+
 def test_pipeline_errors_become_messages(pipe, store):
     with pytest.raises(gr.Error, match="size must be a multiple of 64"):
         web.generate(pipe, "a cat", steps=1, store=store, size=100)
@@ -241,7 +273,7 @@ def test_build_app_api_and_queue(store):
     assert not Path(web.__file__).with_suffix(".pyi").exists()
 
 
-@pytest.mark.parametrize("name", ["generate_latents", "describe"])
+@pytest.mark.parametrize("name", ["generate_latents", "decode", "describe"])
 def test_fake_pipe_takes_what_the_pipeline_takes(name):
     """The stand-in's methods have the pipeline's parameters and defaults; keyword-only past the
     prompts, so the web app must call the pipeline by keyword."""

@@ -20,6 +20,8 @@ DEFAULT_UNET = ("huggan/distill-ccld-wa", "model_student.ckpt")  # the 105M dist
 DEFAULT_AUTOENCODER = ("huggan/ccld_wa", "ae_model.ckpt", "ae_model.yaml")
 DEFAULT_CLOOB = "cloob_laion_400m_vit_b_16_16_epochs"
 TEACHER_REPO = "huggan/ccld_wa"  # the 1.2B WikiArt teacher, beside the autoencoder
+# TAESD, the tiny decoder for Stable Diffusion's kl-f8 autoencoder (diffusers' AutoencoderTiny)
+TAESD = ("madebyollin/taesd", "diffusion_pytorch_model.safetensors", "config.json")
 # The latent scale the published WikiArt models' demos (the student's notebook, JD-P's
 # cfg_sample.py for the teacher) decode with, whatever the checkpoint's buffer says.
 PUBLISHED_LATENT_SCALE = 2.55
@@ -153,6 +155,13 @@ def default_autoencoder() -> tuple[Path, Path]:
     """The published autoencoder's checkpoint and its yaml."""
     repo, ckpt, yaml = DEFAULT_AUTOENCODER
     return hub_download(repo, ckpt), hub_download(repo, yaml)
+
+
+def taesd_files() -> tuple[Path, Path]:
+    """TAESD's weights and config.json, side by side in the hub cache; fetched only when
+    `--decoder taesd` asks for them."""
+    repo, weights, config = TAESD
+    return hub_download(repo, weights), hub_download(repo, config)
 
 
 def builtin_cloob_name(config) -> str | None:

@@ -19,10 +19,12 @@ from .errors import CCLDError
 from .pipeline import PRECISIONS, CCLDPipeline
 
 
-def _add_encoder_arguments(g, cloob_config_default: str) -> None:
+def _add_encoder_arguments(g, cloob_config_default: str, cloob: bool = True) -> None:
     g.add_argument("--autoencoder", metavar="PATH", help="LDM KL-f8 autoencoder .ckpt")
     g.add_argument("--autoencoder-config", metavar="YAML",
                    help="its yaml config (default: the .yaml beside the .ckpt)")
+    if not cloob:
+        return
     g.add_argument("--cloob", metavar="PATH", help="CLOOB checkpoint (.pkl release or .safetensors)")
     g.add_argument("--cloob-config", metavar="JSON",
                    help=f"CLOOB config: a JSON file or a built-in name ({cloob_config_default})")
@@ -37,6 +39,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="U-Net checkpoint: bare state dict, Lightning .ckpt or .safetensors; "
                         "its architecture is read from the weights")
     _add_encoder_arguments(g, "default: inferred from the checkpoint's file name")
+    g.add_argument("--decoder", metavar="full|taesd|tiny:PATH", default=None,
+                   help="what paints the latents: full (the KL decoder), tiny:PATH (a tiny "
+                        "decoder from `ccld distill-decoder` or an AutoencoderTiny folder; many "
+                        "times faster), or taesd (madebyollin/taesd, downloaded once: only for the "
+                        "stock Stable Diffusion kl-f8 autoencoder). Default: the --model folder's "
+                        "tiny decoder if it has one, else full")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: auto)")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="arithmetic (default auto: fp16 on CUDA, bf16 on CPUs with native bf16 "
@@ -44,10 +52,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "fp32 is contiguous and bit-faithful to the reference demo")
 
 
-def add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
-    """The options that choose training's frozen encoders (no U-Net: training makes that)."""
+def add_encoder_options(p: argparse.ArgumentParser, what: str, cloob: bool = True) -> None:
+    """The options that choose training's frozen encoders (no U-Net: training makes that);
+    `cloob=False` for a command that needs only the autoencoder."""
     _add_encoder_arguments(p.add_argument_group(f"frozen encoders ({what})"),
-                           "default: inferred from the checkpoint's file name")
+                           "default: inferred from the checkpoint's file name", cloob)
 
 
 def load_pipeline(args) -> CCLDPipeline:
@@ -55,11 +64,12 @@ def load_pipeline(args) -> CCLDPipeline:
     import torch
 
     if args.model:
-        pipe = CCLDPipeline.from_pretrained(args.model)
+        pipe = CCLDPipeline.from_pretrained(args.model, decoder=args.decoder)
     else:
         pipe = CCLDPipeline.from_files(unet=args.unet, autoencoder=args.autoencoder,
                                        autoencoder_config=args.autoencoder_config,
-                                       cloob=args.cloob, cloob_config=args.cloob_config)
+                                       cloob=args.cloob, cloob_config=args.cloob_config,
+                                       decoder=args.decoder)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,12 +85,13 @@ def encoder_files(args, recorded: dict | None = None) -> dict:
     latent cache), else None (the released ones, see `resolve_encoder_files`)."""
     recorded = recorded or {}
     keys = ("autoencoder", "autoencoder_config", "cloob", "cloob_config")
-    return {k: getattr(args, k) or recorded.get(k) for k in keys}
+    return {k: getattr(args, k, None) or recorded.get(k) for k in keys}
 
 
 def resolve_encoder_files(files: dict, accelerator, need_cloob: bool = True) -> dict:
     """Absolute paths, downloading the released models for parts not given (main process first,
-    so that processes never write the same download at once); CLOOB only if `need_cloob`."""
+    so that processes never write the same download at once); no CLOOB download unless
+    `need_cloob`."""
     from . import hub
 
     files = dict(files)

@@ -224,14 +224,22 @@ class CCLDPipeline:
       here): 2.55 for the published WikiArt models, as their demos decode, else the U-Net's
       stored `autoencoder_scale` (see `default_latent_scale`).
     - Every option after the prompts is keyword-only; `size` is in pixels (a multiple of 64).
+    - An optional tiny decoder (`decoder=`, a `TinyDecoder`) paints instead of the KL decoder,
+      many times faster and a little less faithfully, unless a call asks for `full_decoder`.
     """
 
     def __init__(self, unet, autoencoder, cloob, sources: dict | None = None,
-                 latent_scale: float | None = None):
+                 latent_scale: float | None = None, decoder=None):
         self.unet = unet.eval().requires_grad_(False)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.cloob = cloob.eval().requires_grad_(False)
+        self.tiny_decoder = None if decoder is None else decoder.eval().requires_grad_(False)
         self.sources = dict(sources or {})  # where each part came from, recorded in PNGs
+        # the tiny decoder's name, as the PNGs record it: taesd, tiny:<path> (see DecoderOption)
+        if decoder is None:
+            self.sources.pop("tiny_decoder", None)
+        else:
+            self.sources.setdefault("tiny_decoder", "tiny")
         self.device = torch.device("cpu")
         self.precision = "fp32"  # the reference's numerics until `to(..., precision=)` says else
         self.channels_last = False
@@ -245,12 +253,17 @@ class CCLDPipeline:
     @_file_arguments_checked
     def from_files(cls, unet: PathLike | None = None, autoencoder: PathLike | None = None,
                    autoencoder_config: PathLike | None = None, cloob: PathLike | None = None,
-                   cloob_config: PathLike | dict | None = None) -> CCLDPipeline:
+                   cloob_config: PathLike | dict | None = None,
+                   decoder: str | None = None) -> CCLDPipeline:
         """Builds from release files; any part left out is the published default (downloaded
-        once). Parts given as files load first, so a bad path is reported before any download."""
+        once). Parts given as files load first, so a bad path is reported before any download.
+        `decoder`: full (None), taesd or tiny:PATH, as `ccld generate --decoder` takes it."""
         from .models.autoencoder import load_autoencoder
         from .models.cloob import load_cloob
+        from .models.tiny_decoder import DecoderOption
         from .models.unet import load_unet
+
+        decoder_option = DecoderOption.parse(decoder)  # checked before anything loads
 
         # part -> (the files given, or None; the default's files; how to load the files)
         parts = {
@@ -270,23 +283,30 @@ class CCLDPipeline:
             sources[name] = str(files[0])
         # the published student is decoded as its demo did, whatever its buffer says
         latent_scale = hub.PUBLISHED_LATENT_SCALE if unet is None else None
-        return cls(**loaded, sources=sources, latent_scale=latent_scale)
+        tiny = decoder_option.load()
+        if tiny is not None:
+            sources["tiny_decoder"] = decoder_option.label
+        return cls(**loaded, sources=sources, latent_scale=latent_scale, decoder=tiny)
 
     @classmethod
     def from_pretrained(cls, source: PathLike | None = None, device: str | torch.device | None = None,
-                        precision: str | None = None, **files) -> CCLDPipeline:
+                        precision: str | None = None, decoder: str | None = None,
+                        **files) -> CCLDPipeline:
         """A pipeline from a folder written by `save_pretrained`, a known hub repo, or (None)
-        the default student; `files` (unet=, autoencoder=, cloob=, ...) override single parts."""
+        the default student; `files` (unet=, autoencoder=, cloob=, ...) override single parts.
+        `decoder` (full, taesd, tiny:PATH) replaces a folder's own choice (its `tiny_decoder/`
+        if it has one)."""
         if source is not None and Path(source).is_dir():
-            pipe = cls._from_folder(Path(source))
+            pipe = cls._from_folder(Path(source), decoder)
         elif source is None or str(source) == hub.DEFAULT_UNET[0]:
-            pipe = cls.from_files(**files)
+            pipe = cls.from_files(decoder=decoder, **files)
         elif str(source) == hub.TEACHER_REPO:
             names = [f for f in hub.hub_list_files(source)
                      if f.endswith((".ckpt", ".safetensors")) and not f.startswith("ae_model")]
             if not names:
                 raise CCLDError(f"the hub repo {source} holds no U-Net checkpoint")
-            pipe = cls.from_files(unet=hub.hub_download(source, names[0]), **files)
+            pipe = cls.from_files(unet=hub.hub_download(source, names[0]), decoder=decoder,
+                                  **files)
             pipe.latent_scale = hub.PUBLISHED_LATENT_SCALE  # the teacher's cfg_sample.py decodes so
         else:
             raise CCLDError(f"{source}: not a pipeline folder (no {MODEL_INDEX}) nor a known hub "
@@ -295,9 +315,10 @@ class CCLDPipeline:
         return pipe.to(device, precision)
 
     @classmethod
-    def _from_folder(cls, folder: Path) -> CCLDPipeline:
+    def _from_folder(cls, folder: Path, decoder: str | None = None) -> CCLDPipeline:
         from .models.autoencoder import load_autoencoder
         from .models.cloob import cloob_from_state_dict
+        from .models.tiny_decoder import PIPELINE_SUBFOLDER, DecoderOption, load_tiny_decoder
         from .models.unet import unet_from_state_dict
 
         index_path = folder / MODEL_INDEX
@@ -314,8 +335,16 @@ class CCLDPipeline:
         architecture = folder_unet_architecture(folder, unet_config)
         unet = unet_from_state_dict(unet_sd, folder / "unet", architecture)
         cloob_sd = checkpoints.load_safetensors_file(folder / "cloob" / CLOOB_WEIGHTS, "CLOOB weights")
+        sources = index.get("sources", {})  # with the folder's tiny decoder's name, if it has one
+        if decoder is not None:
+            option = DecoderOption.parse(decoder)
+            tiny, sources = option.load(), {**sources, "tiny_decoder": option.label}
+        elif (folder / PIPELINE_SUBFOLDER).is_dir():
+            tiny = load_tiny_decoder(folder / PIPELINE_SUBFOLDER)
+        else:
+            tiny = None
         return cls(unet, load_autoencoder(folder / "vae"), cloob_from_state_dict(cloob_config, cloob_sd),
-                   index.get("sources", {}), index.get("latent_scale"))
+                   sources, index.get("latent_scale"), decoder=tiny)
 
     def save_pretrained(self, folder: PathLike) -> Path:
         """Writes a self-contained folder of safetensors and JSON configs."""
@@ -335,6 +364,11 @@ class CCLDPipeline:
         index = {"_class_name": type(self).__name__, "ccld_version": __version__,
                  "unet": ["ccld", "CCLDUNet"], "vae": ["diffusers", "AutoencoderKL"],
                  "cloob": ["ccld", "CLOOB"], "sources": self.sources}
+        if self.tiny_decoder is not None:
+            from .models.tiny_decoder import PIPELINE_SUBFOLDER
+
+            self.tiny_decoder.save_pretrained(folder / PIPELINE_SUBFOLDER)
+            index["tiny_decoder"] = ["ccld", "TinyDecoder"]
         if self.latent_scale is not None:
             index["latent_scale"] = self.latent_scale
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2))
@@ -351,8 +385,9 @@ class CCLDPipeline:
         """
         if device is not None:
             self.device = torch.device(device)
-            for part in (self.unet, self.autoencoder, self.cloob):
-                part.to(self.device)
+            for part in (self.unet, self.autoencoder, self.cloob, self.tiny_decoder):
+                if part is not None:
+                    part.to(self.device)
         if precision is not None:
             self.precision = resolve_precision(precision, self.device)
             # Channels-last convolutions measure faster in every precision, on CPUs with or
@@ -365,6 +400,8 @@ class CCLDPipeline:
             # the decoder paints every picture; the encoder (init images only) is left as it is
             # loaded, so its memory-mapped weights are not even read for a plain painting
             self.autoencoder.decoder.to(memory_format=memory_format)
+            if self.tiny_decoder is not None:
+                self.tiny_decoder.to(memory_format=memory_format)
         return self
 
     def compile(self, **options) -> CCLDPipeline:
@@ -507,32 +544,41 @@ class CCLDPipeline:
         return mean / self.default_latent_scale
 
     @_in_autocast
-    def decode(self, latents: torch.Tensor, latent_scale: float | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1] (unclamped) from latents; the scale defaults to the U-Net's own."""
+    def decode(self, latents: torch.Tensor, latent_scale: float | None = None, *,
+               full_decoder: bool = False) -> torch.Tensor:
+        """Pixels in [-1, 1] (unclamped) from latents; the scale defaults to the U-Net's own.
+        The tiny decoder paints when the pipeline has one, unless `full_decoder`."""
         from .models.autoencoder import decode_latents
 
         scale = self.default_latent_scale if latent_scale is None else float(latent_scale)
-        return decode_latents(self.autoencoder, latents * scale).float()
+        decoder = self.autoencoder if full_decoder or self.tiny_decoder is None else self.tiny_decoder
+        return decode_latents(decoder, latents * scale).float()
+
+    def decoder_name(self, full_decoder: bool = False) -> str:
+        """Which decoder `decode` paints with: full, taesd or tiny:<path>."""
+        return "full" if full_decoder or self.tiny_decoder is None else self.sources["tiny_decoder"]
 
     def __call__(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
                  num_images: int = 1, steps: int = DEFAULT_STEPS, method: str = DEFAULT_METHOD,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
                  init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
                  latent_scale: float | None = None, size: int = DEFAULT_SIZE,
-                 progress: bool = True) -> list[Image.Image]:
+                 progress: bool = True, full_decoder: bool = False) -> list[Image.Image]:
         """Paints `num_images` PIL images (at most IMAGES_PER_CALL; `iter_images` paints any
         number, a batch at a time).
 
         prompts / image_prompts: a string (`"text:weight"`, `"path:weight"`), a (value, weight)
         tuple, or a list of them; a weight left out is `guidance` (the demo's 3). Negative
         weights steer away. Each image carries its generation parameters in `image.info`.
-        Every number is checked against `ccld.limits`.
+        Every number is checked against `ccld.limits`. `full_decoder`: paint with the KL
+        decoder even when the pipeline has a tiny one.
         """
         num_images = IMAGES_PER_CALL.check("num_images", num_images)
         return list(self.iter_images(
             prompts, image_prompts, num_images=num_images, batch_size=num_images, steps=steps,
             method=method, guidance=guidance, seed=seed, eta=eta, init_image=init_image,
-            strength=strength, latent_scale=latent_scale, size=size, progress=progress))
+            strength=strength, latent_scale=latent_scale, size=size, progress=progress,
+            full_decoder=full_decoder))
 
     def iter_images(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
                     num_images: int = 1, batch_size: int | None = None,
@@ -540,7 +586,7 @@ class CCLDPipeline:
                     guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
                     init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
                     latent_scale: float | None = None, size: int = DEFAULT_SIZE,
-                    progress: bool = True) -> Iterator[Image.Image]:
+                    progress: bool = True, full_decoder: bool = False) -> Iterator[Image.Image]:
         """Paints `num_images` PIL images `batch_size` at a time (default `default_batch_size`),
         yielding each batch's as soon as it is decoded: memory stays that of one batch however
         many images there are. The arguments are checked now, the painting happens as the
@@ -562,13 +608,15 @@ class CCLDPipeline:
                         init_image=init_image, strength=strength, size=size)
         plan = self._plan(texts, images, **settings)
         params = self.describe(texts, images, num_images=num_images, **settings,
-                               latent_scale=latent_scale)
+                               latent_scale=latent_scale, full_decoder=full_decoder)
         if plan.sampler.eta(plan.eta) and batch_size < num_images:
             params["batch_size"] = batch_size
-        return self._paint_batches(plan, params, num_images, batch_size, latent_scale, progress)
+        return self._paint_batches(plan, params, num_images, batch_size, latent_scale, progress,
+                                   full_decoder)
 
     def _paint_batches(self, plan: _SamplingPlan, params: dict, num_images: int, batch_size: int,
-                       latent_scale: float | None, progress: bool) -> Iterator[Image.Image]:
+                       latent_scale: float | None, progress: bool,
+                       full_decoder: bool) -> Iterator[Image.Image]:
         from tqdm.auto import tqdm
 
         from .images import tensor_to_pil
@@ -580,8 +628,8 @@ class CCLDPipeline:
             for first in firsts:
                 noise = next_noise(generator, min(batch_size, num_images - first), plan.size)
                 latents = self._sample(plan, noise, generator, lambda info: bar.update(1))
-                pixels = require_finite(self.decode(latents, latent_scale).float().cpu(),
-                                        "decoding")
+                pixels = self.decode(latents, latent_scale, full_decoder=full_decoder)
+                pixels = require_finite(pixels.float().cpu(), "decoding")
                 del latents  # not held while the caller writes the images
                 for i, p in enumerate(pixels):
                     image = tensor_to_pil(p)
@@ -591,7 +639,7 @@ class CCLDPipeline:
     def describe(self, prompts: PromptsLike, image_prompts: PromptsLike, *, num_images: int,
                  steps: int, method: str, guidance: float, seed: int, eta: float,
                  init_image: ImageLike | None, strength: float, latent_scale: float | None,
-                 size: int) -> dict:
+                 size: int, full_decoder: bool = False) -> dict:
         """Everything needed to paint the same picture again, as recorded in each PNG."""
         texts = as_prompts(prompts, guidance, "prompt")
         images = as_prompts(image_prompts, guidance, "image prompt")
@@ -603,7 +651,8 @@ class CCLDPipeline:
             "guidance": guidance, "size": size,
             "latent_scale": self.default_latent_scale if latent_scale is None else float(latent_scale),
             "precision": self.precision, "channels_last": self.channels_last,
-            "models": self.sources, "ccld_version": __version__,
+            "decoder": self.decoder_name(full_decoder), "models": self.sources,
+            "ccld_version": __version__,
         }
         if sampler.stochastic:
             params["eta"] = sampler.eta(eta)

@@ -3,12 +3,15 @@
     ccld serve                                   # http://127.0.0.1:7860, the default student
     ccld serve --model FOLDER --port 8000        # model options as in `ccld generate`
 
-The models load once at start. Requests wait in Gradio's queue (bounded by `--queue-size`) and
-at most `--concurrency` of them sample at once (1 on a CPU). Every input is checked in
-`generate`, which turns a bad value, an unreadable upload or a `CCLDError` from the pipeline into
-a `gr.Error`: the page shows its one-line message and the server carries on. Results are PNGs
-written by `ccld.images.save_png`, so each carries its parameters; they live in a temporary
-folder that keeps only recent batches (`ResultStore`) and is removed when the server stops.
+The models load once at start. With a tiny decoder (`--decoder tiny:PATH`, or a `--model` folder
+that has one) the gallery shows its quick previews of the clean image every few sampling steps,
+and then the full decoder's paintings. Requests wait in Gradio's queue (bounded by
+`--queue-size`) and at most `--concurrency` of them sample at once (1 on a CPU). Every input is
+checked in `generate`, which turns a bad value, an unreadable upload or a `CCLDError` from the
+pipeline into a `gr.Error`: the page shows its one-line message and the server carries on.
+Results are PNGs written by `ccld.images.save_png`, so each carries its parameters; they live in
+a temporary folder that keeps only recent batches (`ResultStore`) and is removed when the server
+stops.
 
 The generation is also an API (`api_name="generate"`), e.g. with `gradio_client`:
 
@@ -28,10 +31,12 @@ Gradio is imported only when the app is built, so `ccld --help` stays fast witho
 from __future__ import annotations
 
 import argparse
+import contextvars
 import ipaddress
 import logging
 import math
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -69,6 +74,7 @@ DEFAULT_QUEUE_SIZE = 32
 DEFAULT_NUM_IMAGES = 4
 DEFAULT_SIZE = 256
 DECODE_CHUNK = 4  # images decoded at once, so 16 images do not need 16 images' activations
+PREVIEW_EVERY = 2  # sampling steps between the tiny decoder's previews (and one at the last)
 KEEP_BATCHES = 64
 KEEP_MINUTES = 60.0
 TITLE = "ccld: CLOOB-conditioned latent diffusion"
@@ -313,18 +319,34 @@ class _Progress:
             self.progress((min(self.done, self.steps), self.steps), desc="Sampling", unit="steps")
 
 
-def paint(pipe, request: Request, *, size: int, lock=None, progress: Callable | None = None):
+def _previewing(pipe, report: _Progress, preview: Callable | None) -> Callable:
+    """The sampler's callback: progress, and every PREVIEW_EVERY steps and at the last one
+    `preview(pixels, step, steps)` with the tiny decoder's pixels of the clean prediction."""
+    if preview is None:
+        return report.step
+
+    def step(info: dict) -> None:
+        report.step(info)
+        if report.done % PREVIEW_EVERY == 0 or report.done == report.steps:
+            preview(pipe.decode(info["pred"]).float().cpu(), report.done, report.steps)
+
+    return step
+
+
+def paint(pipe, request: Request, *, size: int, lock=None, progress: Callable | None = None,
+          preview: Callable | None = None):
     """Samples and decodes the request's images, holding `lock` (when given) meanwhile; their
-    pixels, in chunks of DECODE_CHUNK images. Running out of memory is a message, not a crash."""
+    pixels by the full decoder, in chunks of DECODE_CHUNK images. `preview`: see `_previewing`.
+    Running out of memory is a message, not a crash."""
     report = _Progress(progress, request.steps)
     report.stage(0.0, "Waiting for the model" if lock is not None else "Starting")
     try:
         with lock if lock is not None else nullcontext(), _page_errors():
             report.stage(0.0, "Encoding prompts")
             latents = pipe.generate_latents(**request.pipeline_arguments(), size=size,
-                                            callback=report.step)
+                                            callback=_previewing(pipe, report, preview))
             report.stage(1.0, "Decoding")
-            pixels = [pipe.decode(latents[i:i + DECODE_CHUNK]).float().cpu()
+            pixels = [pipe.decode(latents[i:i + DECODE_CHUNK], full_decoder=True).float().cpu()
                       for i in range(0, request.num_images, DECODE_CHUNK)]
             del latents  # freed before the next request takes the lock and makes its own
     except (MemoryError, RuntimeError) as e:
@@ -364,25 +386,69 @@ def generate(pipe, prompts: str = "", *, image_prompts=None, image_weight=DEFAUL
              init_image=None, strength=DEFAULT_STRENGTH, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
              guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, store: ResultStore,
              size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
-             lock=None, progress: Callable | None = None):
+             lock=None, progress: Callable | None = None, preview: Callable | None = None):
     """Checks the inputs, paints, writes the PNGs; returns ([(png path, caption)], parameters).
 
     Every problem the user can fix is raised as `gr.Error` with a one-line message. `lock`
-    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`.
+    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`;
+    `preview(pixels, step, steps)` receives the tiny decoder's previews while sampling (see
+    `generate_with_previews`). The PNGs are the full decoder's.
     """
     started = time.perf_counter()
     request = check_request(
         prompts=prompts, image_prompts=image_prompts, image_weight=image_weight,
         init_image=init_image, strength=strength, method=method, steps=steps, guidance=guidance,
         seed=seed, num_images=num_images, max_upload_bytes=max_upload_bytes)
-    pixels = paint(pipe, request, size=size, lock=lock, progress=progress)
-    params = pipe.describe(**request.pipeline_arguments(), latent_scale=None, size=size)
+    pixels = paint(pipe, request, size=size, lock=lock, progress=progress, preview=preview)
+    params = pipe.describe(**request.pipeline_arguments(), latent_scale=None, size=size,
+                           full_decoder=True)
     if request.init_image is not None:  # the pipeline has only the pixels; the PNG gets the name
         params["init_image"] = request.init_name
     gallery = save_gallery(store, request, pixels, params)
     log.info("painted %d image(s), %s %d steps, seed %d, in %.1f s", request.num_images,
              request.method, request.steps, request.seed, time.perf_counter() - started)
     return gallery, params
+
+
+def preview_gallery(pixels, step: int, steps: int) -> list:
+    """The gallery's (image, caption) pairs of a preview; PIL images, nothing saved."""
+    from .images import tensor_to_pil
+
+    return [(tensor_to_pil(image), f"preview · step {step}/{steps}") for image in pixels]
+
+
+def generate_with_previews(pipe, prompts: str = "", **options):
+    """`generate` as a generator, the Generate button's: with a tiny decoder in the pipeline it
+    yields (preview gallery, None) while sampling, then always `generate`'s (gallery,
+    parameters); errors are raised as `generate` raises them.
+
+    Sampling runs in a thread (with this context, so Gradio's progress reaches the page) that
+    hands the previews over through a queue: the sampler's callback cannot yield.
+    """
+    if getattr(pipe, "tiny_decoder", None) is None:
+        yield generate(pipe, prompts, **options)
+        return
+    updates = queue.Queue()
+
+    def work():
+        try:
+            result = generate(pipe, prompts, **options,
+                              preview=lambda *shown: updates.put(("preview", shown)))
+            updates.put(("done", result))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            updates.put(("error", e))
+
+    threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True,
+                     name="ccld-paint").start()
+    while True:
+        kind, value = updates.get()
+        if kind == "preview":
+            yield preview_gallery(*value), None
+        elif kind == "error":
+            raise value
+        else:
+            yield value
+            return
 
 
 # The page
@@ -493,17 +559,18 @@ def _results_column():
 
 
 def _generate_handler(pipe, *, store: ResultStore, lock, size: int, max_upload_bytes: int):
-    """The Generate button's function: the form's values into `generate`."""
+    """The Generate button's function: the form's values into `generate_with_previews` (a
+    generator, so the gallery can show previews; the API returns its last value)."""
     import gradio as gr
 
     def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
             method=None, steps=None, guidance=None, seed=None, num_images=None,
             progress=gr.Progress()):  # None defaults: optional in the API (components' values)
-        return generate(pipe, prompts, image_prompts=image_prompts, image_weight=image_weight,
-                        init_image=init_image, strength=strength, method=method, steps=steps,
-                        guidance=guidance, seed=seed, num_images=num_images, store=store,
-                        size=size, max_upload_bytes=max_upload_bytes, lock=lock,
-                        progress=progress)
+        yield from generate_with_previews(
+            pipe, prompts, image_prompts=image_prompts, image_weight=image_weight,
+            init_image=init_image, strength=strength, method=method, steps=steps,
+            guidance=guidance, seed=seed, num_images=num_images, store=store, size=size,
+            max_upload_bytes=max_upload_bytes, lock=lock, progress=progress)
 
     return run
 

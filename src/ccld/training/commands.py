@@ -1,4 +1,5 @@
-"""The training commands: encode-dataset, autoencoder-scale, train, distill, evaluate.
+"""The training commands: encode-dataset, autoencoder-scale, train, distill, distill-decoder,
+evaluate.
 
 Only argparse is imported at module level, so `ccld --help` stays fast; the heavy modules load
 when a command runs. Every command works alone or under `accelerate launch -m ccld ...` /
@@ -292,6 +293,45 @@ def cmd_distill(args) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def cmd_distill_decoder(args) -> int:
+    from ..models.tiny_decoder import DecoderOption
+    from .decoder import DecoderDistillationObjective, new_tiny_decoder, tiny_decoders_from_resume
+    from .engine import Trainer, copy_for_ema
+
+    if args.width < 1:
+        raise CCLDError(f"--width must be at least 1 (got {args.width})")
+    if not args.feature_weight >= 0:
+        raise CCLDError(f"--feature-weight must be at least 0 (got {args.feature_weight})")
+    init = DecoderOption.parse(args.init, "--init") if args.init else None
+    if init is not None and init.kind == "full":
+        raise CCLDError("--init full: the full decoder is no tiny decoder; give tiny:PATH or taesd")
+    check_settings(args)
+    settings = settings_from_args(args)
+    accelerator = start_command(args.mixed_precision, args.cpu)
+    data = open_data(args)
+    resume, resume_path = find_resume(args, "distill-decoder")
+    files = encoder_files(args, data.dataset.index if data.cached else None)
+    files.update(cloob=None, cloob_config=None)  # the pixels need no embeddings
+    files = resolve_encoder_files(files, accelerator, need_cloob=False)
+    autoencoder, _ = load_encoders(files, need_cloob=False)
+    if resume is not None:
+        model, ema = tiny_decoders_from_resume(resume, resume_path)
+    else:
+        model = init.load() if init is not None else new_tiny_decoder(args.width, args.seed)
+        ema = copy_for_ema(model)
+    if model.config.latent_channels != autoencoder.config.latent_channels:
+        raise CCLDError(f"the tiny decoder takes {model.config.latent_channels} latent channels, "
+                        f"the autoencoder makes {autoencoder.config.latent_channels}; they must match")
+    objective = DecoderDistillationObjective(autoencoder, args.feature_weight,
+                                             args.latents == "mean", accelerator.autocast)
+    config = run_config(args)
+    config.update({"kind": "distill-decoder", "encoders": files,
+                   "tiny_decoder": model.config.to_dict()})
+    trainer = Trainer(settings, objective, model, ema, data, accelerator, autoencoder, None,
+                      config, resume)
+    return 130 if trainer.fit()["interrupted"] else 0
+
+
 def cmd_encode_dataset(args) -> int:
     from .data import check_image_size, open_image_source
     from .encode import DTYPES, encode_dataset
@@ -370,7 +410,16 @@ def cmd_evaluate(args) -> int:
 HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
 
-def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> None:
+# What `add_run_options(..., diffusion=False)` leaves out, fixed: no latent scale, conditions or
+# demo grids for a model that is no U-Net (check_settings and settings_from_args still read them)
+NON_DIFFUSION_DEFAULTS = dict(cond_drop=0.0, autoencoder_scale=None, scale_batches=1,
+                              gradient_checkpointing=False, demo_every=0, demo_prompts=None,
+                              demo_steps=1, demo_guidance=1.0)
+
+
+def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str | None,
+                    diffusion: bool = True) -> None:
+    """The optimisation and output options; `diffusion=False` for a model that is no U-Net."""
     g = p.add_argument_group("optimisation (defaults: the reference recipe)")
     g.add_argument("--out", required=True, metavar="FOLDER",
                    help="run folder: checkpoints/, exported weights, demo/, logs/")
@@ -381,8 +430,9 @@ def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> N
                         "Ctrl-C saves a checkpoint first)")
     g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--cond-drop", type=float, default=0.2,
-                   help="probability of training on the zero (unconditional) embedding")
+    if diffusion:
+        g.add_argument("--cond-drop", type=float, default=0.2,
+                       help="probability of training on the zero (unconditional) embedding")
     g.add_argument("--ema-decay-at", type=int, default=200_000,
                    help="EMA decay 0.99 below --ema-warmup-steps, 0.999 below this, then 0.9999")
     g.add_argument("--ema-warmup-steps", type=int, default=20_000,
@@ -390,11 +440,12 @@ def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> N
     g.add_argument("--seed", type=int, default=0, help="seeds the initial weights, data order and noise")
     g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast precision (fp16 uses loss scaling; CUDA only)")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass to save memory")
-    g.add_argument("--autoencoder-scale", type=float, default=None, help=scale_help)
-    g.add_argument("--scale-batches", type=int, default=32,
-                   help="batches to measure the autoencoder scale on when it is not known")
+    if diffusion:
+        g.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass to save memory")
+        g.add_argument("--autoencoder-scale", type=float, default=None, help=scale_help)
+        g.add_argument("--scale-batches", type=int, default=32,
+                       help="batches to measure the autoencoder scale on when it is not known")
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
                    help="continue the run in --out from checkpoints/last.ckpt (or CKPT): weights, "
                         "optimizer, EMA, step, data position and noise")
@@ -404,10 +455,14 @@ def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str) -> N
                    help="write a checkpoint every N steps (and always at the end)")
     o.add_argument("--keep-checkpoints", type=int, default=0,
                    help="keep only the newest N step checkpoints (0: keep all)")
-    o.add_argument("--demo-every", type=int, default=2000, help="demo grid every N steps (0: never)")
-    o.add_argument("--demo-prompts", metavar="TXT", help="demo prompts, one a line")
-    o.add_argument("--demo-steps", type=int, default=50, help="PLMS steps of the demo grid")
-    o.add_argument("--demo-guidance", type=float, default=3.0, help="guidance scale of the demo")
+    if diffusion:
+        o.add_argument("--demo-every", type=int, default=2000,
+                       help="demo grid every N steps (0: never)")
+        o.add_argument("--demo-prompts", metavar="TXT", help="demo prompts, one a line")
+        o.add_argument("--demo-steps", type=int, default=50, help="PLMS steps of the demo grid")
+        o.add_argument("--demo-guidance", type=float, default=3.0, help="guidance scale of the demo")
+    else:
+        p.set_defaults(**NON_DIFFUSION_DEFAULTS)
     o.add_argument("--log-every", type=int, default=50, help="log the loss every N steps")
     o.add_argument("--no-tensorboard", action="store_true", help="only logs/metrics.jsonl")
     o.add_argument("--wandb-project", metavar="NAME", help="also log to this W&B project")
@@ -418,6 +473,7 @@ def add_training_commands(sub) -> None:
     add_autoencoder_scale_command(sub)
     add_train_command(sub)
     add_distill_command(sub)
+    add_distill_decoder_command(sub)
     add_evaluate_command(sub)
 
 
@@ -493,6 +549,31 @@ def add_distill_command(sub) -> None:
     add_run_options(p, 1e-4, "latent scale (default: the teacher's)")
     add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
     p.set_defaults(func=cmd_distill)
+
+
+def add_distill_decoder_command(sub) -> None:
+    p = sub.add_parser("distill-decoder", formatter_class=HELP_FORMAT,
+                       help="train a tiny decoder that paints like the autoencoder's, many times "
+                            "faster",
+                       description="Train a TAESD-architecture decoder to reproduce the frozen KL "
+                       "decoder's pixels from latents of your images (pixel MSE plus a feature "
+                       "loss on the KL encoder's activations). The EMA decoder is exported to "
+                       "OUT/tiny_decoder, for `ccld generate --decoder tiny:OUT/tiny_decoder`.")
+    add_data_options(p)
+    m = p.add_argument_group("tiny decoder")
+    m.add_argument("--width", type=int, default=64,
+                   help="channels of every stage of a new decoder (TAESD's width)")
+    m.add_argument("--init", metavar="tiny:PATH|taesd",
+                   help="start from this tiny decoder (keeping its architecture and input scale) "
+                        "instead of a new one")
+    m.add_argument("--feature-weight", type=float, default=0.1,
+                   help="weight of the KL-encoder feature loss beside the pixel MSE (0: MSE only)")
+    m.add_argument("--latents", choices=["sample", "mean"], default="sample",
+                   help="decode posterior samples or the posterior means of the images")
+    add_run_options(p, 1e-3, None, diffusion=False)
+    add_encoder_options(p, "default: recorded in the latent cache, else the released "
+                        "autoencoder", cloob=False)
+    p.set_defaults(func=cmd_distill_decoder)
 
 
 def add_evaluate_command(sub) -> None:

@@ -454,10 +454,13 @@ def num_shards(num_items: int, shard_size: int) -> int:
 
 @torch.no_grad()
 def encode_pixels(autoencoder, cloob, pixels: torch.Tensor):
-    """`(mean, logvar, embed)` of images in [0, 1]: the frozen encoders' view of a batch."""
+    """`(mean, logvar, embed)` of images in [0, 1]: the frozen encoders' view of a batch; with no
+    CLOOB (for an objective that reads no embeddings) `embed` is empty, [n, 0]."""
     from ..models.autoencoder import encode_moments
 
     mean, logvar = encode_moments(autoencoder, pixels * 2 - 1)
+    if cloob is None:
+        return mean.float(), logvar.float(), mean.new_zeros([mean.shape[0], 0], dtype=torch.float32)
     size = cloob.config["image_encoder"]["image_size"]
     embed = cloob.encode_image(cloob_input(pixels.to(mean.device), size))
     return mean.float(), logvar.float(), embed.float()

@@ -175,10 +175,12 @@ class IntervalMeter:
 
 
 class Trainer:
-    """Minimises an objective (`train.VelocityObjective`, `distill.DistillationObjective`).
+    """Minimises an objective (`train.VelocityObjective`, `distill.DistillationObjective`,
+    `decoder.DecoderDistillationObjective`).
 
-    `model` and `ema` are CPU or device U-Nets (raw and averaged weights; `ema` may be None on
-    processes other than the main one, which alone saves and demos it); `resume` is a training
+    `model` and `ema` are CPU or device U-Nets, or tiny decoders (raw and averaged weights;
+    `ema` may be None on processes other than the main one, which alone saves and demos it);
+    `cloob` may be None when the objective reads no embeddings; `resume` is a training
     checkpoint to continue from (its weights already in `model` and `ema`).
     """
 
@@ -195,8 +197,9 @@ class Trainer:
         self.cloob = cloob
         self.config = dict(config or {})
         self.resume = resume
-        if not data.cached and (autoencoder is None or cloob is None):
-            raise ValueError("training on images needs the autoencoder and CLOOB to encode them")
+        if not data.cached and autoencoder is None:
+            raise ValueError("training on images needs the autoencoder to encode them (and CLOOB "
+                             "for their embeddings, where the objective reads them)")
 
     def fit(self) -> dict:
         """Trains until --max-steps or a stop request, saves, and returns a summary of the run."""
@@ -288,7 +291,9 @@ class Trainer:
         if self.resume is not None and acc.scaler is not None and "grad_scaler" in self.resume:
             acc.scaler.load_state_dict(self.resume["grad_scaler"])
         self.raw_model = acc.unwrap_model(self.model)
-        self.scale = self.raw_model.autoencoder_scale.float()
+        # a model with no latent scale of its own (a tiny decoder) works on raw latents
+        scale = getattr(self.raw_model, "autoencoder_scale", None)
+        self.scale = torch.ones((), device=acc.device) if scale is None else scale.float()
 
     def _loader(self, start: int) -> DataLoader:
         sampler = ShardedStream(self.data.num_items, self.acc.process_index,
@@ -415,7 +420,9 @@ class Trainer:
                                f"({len(set(fingerprints))} versions); the checkpoint holds the "
                                "main process's")
             path = self.checkpoints.save(self._checkpoint(), step)
-            exports = export_weights(self.ema, self.s.out, self.objective.export_stem)
+            export = getattr(self.objective, "export", None)  # a model that is no U-Net's
+            exports = (export(self.ema, self.s.out) if export is not None
+                       else export_weights(self.ema, self.s.out, self.objective.export_stem))
             self.log.event(step, {"checkpoint": str(path), "exports": [str(p) for p in exports],
                                   "replica_sha256": fingerprints,
                                   "replicas_in_sync": len(set(fingerprints)) == 1})

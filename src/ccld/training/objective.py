@@ -49,9 +49,14 @@ class LatentBatch:
 
 
 class Objective(Protocol):
-    """A loss for the trainer to minimise, and what the run's outputs are called."""
+    """A loss for the trainer to minimise, and what the run's outputs are called.
 
-    kind: str  # "train", "distill": prefixes the logged losses and marks the checkpoints
+    An objective whose model is not a U-Net (`decoder.DecoderDistillationObjective`) also has
+    `export(ema, folder) -> [paths written]`, which the trainer calls instead of writing the
+    EMA weights in the U-Net release format.
+    """
+
+    kind: str  # "train", "distill", ...: prefixes the logged losses and marks the checkpoints
     export_stem: str  # the file name of the exported EMA weights, e.g. "model_ema"
 
     def to(self, device) -> Objective:
