@@ -89,14 +89,15 @@ def bench_imports():
 def bench_forward():
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ccld.models.autoencoder import AutoencoderConfig, KLAutoencoder
     from ccld.models.unet import CCLDUNet
     from ccld.pipeline import CCLDPipeline
 
     torch.manual_seed(0)
     unet = CCLDUNet(192, (1, 1, 2, 2)).eval().requires_grad_(False)
     x, t, e = torch.randn(2, 4, 32, 32), torch.rand(2), torch.randn(2, 512)
-    no_autoencoder = torch.nn.Module()
-    no_autoencoder.decoder = torch.nn.Identity()  # only the U-Net is timed here
+    with torch.device("meta"):  # only the U-Net is timed here
+        no_autoencoder = KLAutoencoder(AutoencoderConfig())
     pipe = CCLDPipeline(unet, no_autoencoder, torch.nn.Identity())
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:

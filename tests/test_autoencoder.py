@@ -154,3 +154,27 @@ def test_a_converted_autoencoder_loads_without_importing_diffusers(fixtures, io,
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
     _check(load_autoencoder(tmp_path / "ae.ckpt"), io)
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 2
+
+
+def test_folded_upsampling_is_the_same_arithmetic_to_float_rounding(ae, io):
+    """Nearest doubling then a 3x3 conv, as one transposed conv (the fast path's decoder)."""
+    from ccld.models.autoencoder import Resample
+
+    torch.manual_seed(0)
+    sampler = Resample(16, down=False).eval()
+    x = torch.randn(2, 16, 5, 7)
+    with torch.no_grad():
+        exact = sampler(x)
+        sampler.fold_upsampling(True)
+        folded = sampler(x)
+    assert folded.shape == exact.shape == (2, 16, 10, 14)
+    assert max_rel_err(folded, exact) < 1e-5
+
+    try:
+        ae.decoder.fold_upsampling(True)
+        with torch.no_grad():
+            fast = decode_latents(ae, io["z"])
+        assert max_rel_err(fast, io["decoded"]) < 1e-5
+    finally:
+        ae.decoder.fold_upsampling(False)
+    _check(ae, io)  # unfolded again: the reference's arithmetic

@@ -400,6 +400,7 @@ class CCLDPipeline:
             # the decoder paints every picture; the encoder (init images only) is left as it is
             # loaded, so its memory-mapped weights are not even read for a plain painting
             self.autoencoder.decoder.to(memory_format=memory_format)
+            self.autoencoder.decoder.fold_upsampling(self.channels_last)
             if self.tiny_decoder is not None:
                 self.tiny_decoder.to(memory_format=memory_format)
         return self

