@@ -179,6 +179,16 @@ def session_weights_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def cache_writes_finish_with_their_test():
+    """A test's background cache writes end with it, never inside a later test (whose tmp_path
+    or CCLD_CACHE_DIR they would not belong to)."""
+    yield
+    from ccld.weights_cache import finish_writes
+
+    finish_writes()
+
+
 # Web app: ports and stand-in pipelines
 # Shared by test_web.py and test_web_server.py (`from conftest import ...`, as max_rel_err is).
 

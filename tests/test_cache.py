@@ -25,9 +25,11 @@ on_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """A cache folder of this test's own."""
+    """A cache folder of this test's own, written synchronously (the background writer has tests
+    of its own below)."""
     root = tmp_path / "cache"
     monkeypatch.setenv("CCLD_CACHE_DIR", str(root))
+    monkeypatch.setattr(weights_cache, "BACKGROUND_WRITES", False)
     return root
 
 
@@ -87,16 +89,32 @@ def source(tmp_path) -> Path:
 
 
 @on_linux
-def test_second_unet_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache, monkeypatch):
+def test_a_zip_unet_checkpoint_is_mapped_in_place_not_copied(fixtures, cache, monkeypatch):
     monkeypatch.setenv("CCLD_CACHE_DIR", "off")
     reference = load_unet(fixtures / "unet.ckpt").state_dict()
     monkeypatch.setenv("CCLD_CACHE_DIR", str(cache))
-    first = load_unet(fixtures / "unet.ckpt")
+    unet = load_unet(fixtures / "unet.ckpt")
+    assert entries(cache) == []  # torch maps the release file itself: a copy would gain nothing
+    assert float(unet.autoencoder_scale) == 3.25
+    assert equal_state_dicts(unet.state_dict(), reference)
+    assert all(mapped_file(t) == str(fixtures / "unet.ckpt") for t in unet.state_dict().values()
+               if t.numel() > 1)
+
+
+@on_linux
+def test_a_legacy_unet_checkpoint_is_converted_once_then_mapped(fixtures, cache, monkeypatch,
+                                                                 tmp_path):
+    legacy = tmp_path / "legacy.ckpt"  # the pre-1.6 format, which torch cannot map
+    torch.save(torch.load(fixtures / "unet.ckpt", weights_only=True), legacy,
+               _use_new_zipfile_serialization=False)
+    reference = load_unet(fixtures / "unet.ckpt").state_dict()
+    first = load_unet(legacy)
+    weights_cache.finish_writes()
     (entry,) = entries(cache)
     import ccld.checkpoints
     reads = []
     monkeypatch.setattr(ccld.checkpoints, "load_torch_file", lambda *a: reads.append(a))
-    second = load_unet(fixtures / "unet.ckpt")
+    second = load_unet(legacy)
     assert reads == []  # the release file is not read again
     assert second.config == first.config and float(second.autoencoder_scale) == 3.25
     assert equal_state_dicts(second.state_dict(), reference)
@@ -123,7 +141,7 @@ def test_second_cloob_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache,
 
 @on_linux
 def test_cached_weights_stay_out_of_anonymous_memory(fixtures, cache):
-    load_unet(fixtures / "unet.ckpt")  # converts and stores (96 MB of weights)
+    load_unet(fixtures / "unet.ckpt")  # (96 MB of weights, mapped from the file itself)
     before = anonymous_mb()
     unet = load_unet(fixtures / "unet.ckpt")
     with torch.no_grad():
@@ -244,14 +262,17 @@ def test_a_writer_that_loses_the_race_uses_the_winners_entry(source, cache):
     assert len(entries(cache)) == 1 and temporaries(cache) == []
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
 def test_an_unwritable_cache_costs_one_warning_line_not_the_load(fixtures, tmp_path, monkeypatch,
-                                                                 capsys):
+                                                                 capsys, background):
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a folder cannot be made inside a file, even by root
     monkeypatch.setenv("CCLD_CACHE_DIR", str(blocker / "cache"))
     monkeypatch.setattr(weights_cache, "_warned_unwritable", False)
+    monkeypatch.setattr(weights_cache, "BACKGROUND_WRITES", background)
     unet = load_unet(fixtures / "unet.ckpt")
     cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    weights_cache.finish_writes()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ccld: warning: cannot write the converted-weights "
                                                f"cache in {blocker / 'cache' / 'converted'}")
@@ -422,3 +443,66 @@ def test_loading_draws_no_random_numbers(fixtures, cache, monkeypatch):
         cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
         cloob.state_dict()  # both towers take up their weights
     assert drawn == []
+
+
+# The background writer: a first run goes on while its conversions are written
+
+
+@pytest.fixture
+def slow_writer(cache, monkeypatch):
+    """Background writes on, each waiting for `release.set()` before it stores anything."""
+    import threading
+
+    monkeypatch.setattr(weights_cache, "BACKGROUND_WRITES", True)
+    release = threading.Event()
+    store = weights_cache._store
+
+    def waiting_store(*args):
+        assert release.wait(30)
+        store(*args)
+
+    monkeypatch.setattr(weights_cache, "_store", waiting_store)
+    yield release
+    release.set()
+    weights_cache.finish_writes()
+
+
+def test_the_converted_tensors_come_back_before_the_entry_is_written(source, cache, slow_writer):
+    convert = CountingConvert()
+    state, metadata = load_converted("thing", [source], ["a: 1"], convert)
+    assert equal_state_dicts(state, convert()[0]) and metadata == {"config": [1, 2], "name": "x"}
+    assert entries(cache) == []  # still being written
+    slow_writer.set()
+    weights_cache.finish_writes()
+    (entry,) = entries(cache)
+    assert equal_state_dicts(map_safetensors(entry / "weights.safetensors"), state)
+    assert temporaries(cache) == []
+
+
+def test_a_load_of_an_entry_being_written_waits_for_it(source, cache, slow_writer):
+    import threading
+
+    convert = CountingConvert()
+    first, _ = load_converted("thing", [source], [], convert)
+    threading.Timer(0.2, slow_writer.set).start()
+    second, _ = load_converted("thing", [source], [], convert)  # joins the writer, then maps
+    assert convert.calls == 1 and equal_state_dicts(first, second)
+    (entry,) = entries(cache)
+    assert all(mapped_file(t) == str(entry / "weights.safetensors") for t in second.values()
+               if t.numel())
+
+
+@on_linux
+def test_an_unused_cloob_tower_takes_the_written_copy(fixtures, cache, slow_writer, cloob_io):
+    """A text-only first run frees the converted image tower once the entry is written."""
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    with torch.no_grad():
+        cloob.encode_text(["a castle"])  # the text tower takes the converted weights
+    slow_writer.set()
+    weights_cache.finish_writes()
+    (entry,) = entries(cache)
+    waiting = cloob.image_encoder._deferred[0]
+    assert waiting and all(mapped_file(t) == str(entry / "weights.safetensors")
+                           for t in waiting.values())
+    assert cloob.text_encoder._deferred is None
+    assert equal_state_dicts(cloob.state_dict(), haiku_pickle_state_dict(fixtures / "cloob.pkl"))

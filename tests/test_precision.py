@@ -66,14 +66,16 @@ def test_auto_on_a_cpu_without_bf16_is_fp32_channels_last_within_1e4(pipe, fixtu
     try:
         assert pipe.precision == "fp32" and pipe.channels_last
         assert pipe.unet.net[0].main[0].weight.is_contiguous(memory_format=torch.channels_last)
-        assert all(block.upsamplers[0].folded_weight is not None
-                   for block in pipe.autoencoder.decoder.up_blocks[:-1])
         with pipe.autocast():
             fast, fast_pixels = pipe.unet(x, t, e), pipe.decode(z)
+        assert all(block.upsamplers[0].folded_weight is not None  # laid out as it first paints
+                   for block in pipe.autoencoder.decoder.up_blocks[:-1])
         assert max_rel_err(fast, exact) < 1e-4 and max_rel_err(fast_pixels, exact_pixels) < 1e-4
     finally:
         pipe.to(precision="fp32")
     assert not pipe.channels_last
     assert pipe.unet.net[0].main[0].weight.is_contiguous()  # explicit fp32: the reference layout
+    with pipe.autocast():
+        assert torch.equal(pipe.decode(z), exact_pixels)
     assert all(block.upsamplers[0].folded_weight is None  # and the reference's upsampling
                for block in pipe.autoencoder.decoder.up_blocks[:-1])

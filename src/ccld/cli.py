@@ -358,7 +358,14 @@ def main(argv=None) -> int:
 
         hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line errors
         with command_line():
-            return args.func(args)
+            status = args.func(args)
+        # A first run's converted-weights copies may still be being written: waited for here,
+        # where Ctrl-C is an interruption (the interpreter's own wait at exit would print a
+        # traceback), and leaves only a temporary that the next writer removes.
+        from .weights_cache import finish_writes
+
+        finish_writes()
+        return status
     except CCLDError as e:
         print(f"ccld: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence, Union
@@ -243,6 +244,8 @@ class CCLDPipeline:
         self.device = torch.device("cpu")
         self.precision = "fp32"  # the reference's numerics until `to(..., precision=)` says else
         self.channels_last = False
+        self._kl_decoder_layout_set = True  # False: `channels_last` not yet applied to it
+        self._layout_lock = threading.Lock()  # the web app may paint from several threads
         # the decoding scale; None: the U-Net's stored autoencoder_scale (see `default_latent_scale`)
         self.latent_scale = latent_scale
 
@@ -397,10 +400,10 @@ class CCLDPipeline:
             self.channels_last = precision != "fp32"
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
             self.unet.to(memory_format=memory_format)
-            # the decoder paints every picture; the encoder (init images only) is left as it is
-            # loaded, so its memory-mapped weights are not even read for a plain painting
-            self.autoencoder.decoder.to(memory_format=memory_format)
-            self.autoencoder.decoder.fold_upsampling(self.channels_last)
+            # The KL decoder follows when it first paints (`_kl_decoder`): a pipeline with a
+            # tiny decoder may never use it. The encoder (init images only) is left as it is
+            # loaded, so its memory-mapped weights are not even read for a plain painting.
+            self._kl_decoder_layout_set = False
             if self.tiny_decoder is not None:
                 self.tiny_decoder.to(memory_format=memory_format)
         return self
@@ -552,8 +555,20 @@ class CCLDPipeline:
         from .models.autoencoder import decode_latents
 
         scale = self.default_latent_scale if latent_scale is None else float(latent_scale)
-        decoder = self.autoencoder if full_decoder or self.tiny_decoder is None else self.tiny_decoder
+        decoder = self._kl_decoder() if full_decoder or self.tiny_decoder is None else self.tiny_decoder
         return decode_latents(decoder, latents * scale).float()
+
+    def _kl_decoder(self):
+        """The autoencoder, its decoder laid out for the current precision (see `to`)."""
+        if not self._kl_decoder_layout_set:
+            with self._layout_lock:
+                if not self._kl_decoder_layout_set:
+                    decoder = self.autoencoder.decoder
+                    decoder.to(memory_format=torch.channels_last if self.channels_last
+                               else torch.contiguous_format)
+                    decoder.fold_upsampling(self.channels_last)
+                    self._kl_decoder_layout_set = True
+        return self.autoencoder
 
     def decoder_name(self, full_decoder: bool = False) -> str:
         """Which decoder `decode` paints with: full, taesd or tiny:<path>."""

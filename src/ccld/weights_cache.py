@@ -12,7 +12,8 @@ first and last MiB, and the given config texts, so a changed file or config neve
 entry. The JSON records the weights file's size and a hash of its head and tail; an entry that
 does not match (a half-written, truncated or overwritten one) is thrown away and rebuilt, never
 trusted. Writers build an entry under a unique temporary name and publish it with one rename, so
-concurrent processes never see a partial one.
+concurrent processes never see a partial one. A new entry is written by a background thread
+while the first run goes on painting with the converted tensors in memory.
 
 Where: `CCLD_CACHE_DIR`, by default a `ccld` folder beside the Hugging Face hub cache (where the
 CLOOB pickle is downloaded too). `CCLD_CACHE_DIR=off` turns the converted cache off (downloads
@@ -29,6 +30,7 @@ import os
 import shutil
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,15 +317,30 @@ def _warn_unwritable(converted: Path, error: OSError) -> None:
               f"a writable folder, or to {OFF})", file=sys.stderr)
 
 
+# Whether a new entry is written by a background thread while the caller goes on (the default:
+# a first run paints while its conversions are written; see `load_converted`).
+BACKGROUND_WRITES = True
+_writers: dict[Path, threading.Thread] = {}  # entry folder -> the thread writing it
+_writers_lock = threading.Lock()
+
+
 def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | bytes],
-                   convert: Callable[[], tuple[StateDict, dict]]) -> tuple[StateDict, dict]:
+                   convert: Callable[[], tuple[StateDict, dict]],
+                   on_stored: Callable[[StateDict], None] | None = None
+                   ) -> tuple[StateDict, dict]:
     """(state dict, JSON-able metadata): from the cache (memory-mapped) when an entry for exactly
     these sources and configs exists, else convert() and store the result.
 
     `kind` names the converter ("unet", "cloob", ...); `configs` are the texts of every config
     the conversion depends on. Errors from `convert` (the user's CCLDErrors) pass through, and
-    nothing is stored for them. The converted tensors are dropped once stored: what comes back
-    is the stored copy, memory-mapped, identical to what a later load returns.
+    nothing is stored for them.
+
+    A new entry is written while the caller goes on with the converted tensors (writing and
+    syncing a GB costs seconds a first run need not wait for): `finish_writes` waits for it, as
+    does the interpreter before it exits, and so does a later load of the same entry. Once it is
+    published, `on_stored` receives its memory-mapped tensors, e.g. to hand them to parts of a
+    model not yet built, so that the converted ones can be freed. With `BACKGROUND_WRITES` off
+    the entry is written first and the stored copy is what comes back.
     """
     if not kind.isidentifier() or not kind.islower():
         raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
@@ -337,6 +354,7 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
         return state, json.loads(json.dumps(metadata))
     key = _key(kind, fingerprints, configs)
     name = f"{kind}-{key}"
+    _wait_for_writer(converted / name)
     found = _open_entry(converted / name, key)
     if found is not None:
         return found
@@ -348,17 +366,66 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
              "converter_version": CONVERTER_VERSION, "ccld_version": __version__,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": fingerprints,
              "metadata": metadata}
+    if not BACKGROUND_WRITES:
+        stored = _publish(converted, name, dict(state), entry, None)
+        if stored is None:
+            return state, metadata
+        del state  # the stored copy replaces the converted tensors
+        _return_freed_memory()
+        return stored, metadata
+    # The writer gets its own dict: the caller may change its own (pop keys, add defaults).
+    writer = threading.Thread(target=_publish_in_background,
+                              args=(converted, name, dict(state), entry, on_stored),
+                              name=f"ccld cache writer {name}")  # not a daemon: exit waits for it
+    with _writers_lock:
+        _writers[converted / name] = writer
+    writer.start()
+    return state, metadata
+
+
+def _publish(converted: Path, name: str, state: StateDict, entry: dict,
+             on_stored: Callable[[StateDict], None] | None) -> StateDict | None:
+    """Stores the entry and returns its memory-mapped tensors (None if it could not be stored,
+    after one warning line): the work of a writer thread, or of the caller."""
     try:
         _store(converted, name, state, entry)
     except OSError as e:
         _warn_unwritable(converted, e)
-        return state, metadata
-    stored = _open_entry(converted / name, key)
+        return None
+    del state
+    stored = _open_entry(converted / name, entry["key"])
     if stored is None:  # (only if the entry was damaged the moment it was written)
-        return state, metadata
-    del state  # the stored copy replaces the converted tensors
+        return None
+    if on_stored is not None:
+        on_stored(stored[0])
     _return_freed_memory()
-    return stored
+    return stored[0]
+
+
+def _publish_in_background(*args) -> None:
+    try:
+        _publish(*args)
+    except Exception as e:  # the caller has its weights; a cache that fails costs speed only
+        print(f"ccld: warning: could not write the converted-weights cache ({type(e).__name__}: "
+              f"{str(e)[:160]}); converting on every load instead", file=sys.stderr)
+
+
+def _wait_for_writer(folder: Path) -> None:
+    with _writers_lock:
+        writer = _writers.get(folder)
+    if writer is not None:
+        writer.join()
+        with _writers_lock:
+            if _writers.get(folder) is writer:
+                del _writers[folder]
+
+
+def finish_writes() -> None:
+    """Waits until every entry this process started writing is published (or given up)."""
+    with _writers_lock:
+        folders = list(_writers)
+    for folder in folders:
+        _wait_for_writer(folder)
 
 
 def _return_freed_memory() -> None:

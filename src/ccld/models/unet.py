@@ -298,13 +298,20 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
 
 
 def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint") -> tuple[dict, dict]:
-    """(state dict, architecture) of any U-Net file. A `.ckpt`/`.pt` is converted once into the
-    converted-weights cache and memory-mapped from there; a `.safetensors` is mapped as it is."""
-    from ..checkpoints import SAFETENSORS_SUFFIXES, load_torch_file, map_safetensors_file
+    """(state dict, architecture) of any U-Net file, memory-mapped: a `.safetensors` or a
+    zip-format `.ckpt`/`.pt` (every `torch.save` since PyTorch 1.6, the releases included) as it
+    is; an older `.ckpt` is converted once into the converted-weights cache and mapped from
+    there."""
+    from ..checkpoints import SAFETENSORS_SUFFIXES, is_zip_file, load_torch_file, map_safetensors_file
     from ..weights_cache import load_converted
 
     if str(path).endswith(SAFETENSORS_SUFFIXES):  # already a fast format: mapped as it is
         sd = map_safetensors_file(path, what)
+        return sd, infer_unet_config(sd, path)
+    if is_zip_file(path):
+        # A copy would gain nothing: torch maps the file's tensors in place, and picking a
+        # Lightning checkpoint's EMA weights is a renaming. (A first run skips writing 400 MB.)
+        sd = unet_state_dict(load_torch_file(path, what, mmap=True))
         return sd, infer_unet_config(sd, path)
 
     def convert():
