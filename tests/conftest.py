@@ -215,7 +215,7 @@ class FakePipe:
     def __init__(self, delay=0.0, tiny_decoder=None):
         self.delay = delay
         self.tiny_decoder = tiny_decoder  # anything but None: previews, as with a real one
-        self.decoded_by = []  # "tiny" or "full", one entry per decode call
+        self.decoded_by = []  # "tiny", "linear" (previews) or "full", one entry per decode
         self.running = 0
         self.most_at_once = 0
         self.calls = 0
@@ -245,6 +245,10 @@ class FakePipe:
     def decode(self, latents, latent_scale=None, *, full_decoder=False):
         tiny = self.tiny_decoder is not None and not full_decoder
         self.decoded_by.append("tiny" if tiny else "full")
+        return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
+
+    def preview(self, latents, latent_scale=None):
+        self.decoded_by.append("tiny" if self.tiny_decoder is not None else "linear")
         return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
 
     def describe(self, prompts, image_prompts, *, num_images, steps, method, guidance, seed, eta,

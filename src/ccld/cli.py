@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
                               init_image=args.init_image,
                               strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
                               latent_scale=args.latent_scale, progress=not args.quiet,
-                              **picture_settings(args))
+                              callback=preview_writer(pipe, args, out), **picture_settings(args))
     write_numbered(images, out, grid=args.grid)
     return 0
 
@@ -166,6 +166,39 @@ def check_picture_args(args) -> None:
         VARIATION_INDEX.check("--variation-index", args.variation_index)
     if args.variation_strength is not None:
         VARIATION_STRENGTH.check("--variation-strength", args.variation_strength)
+
+
+def add_preview_option(g: argparse.ArgumentParser) -> None:
+    from .pipeline import PREVIEW_EVERY
+
+    g.add_argument("--preview", action="store_true",
+                   help=f"keep OUT/{PREVIEW_FILE} showing the current batch's clean prediction, "
+                        f"updated every {PREVIEW_EVERY} sampling steps (a quick linear look at "
+                        "the latents, or the tiny decoder's)")
+
+
+PREVIEW_FILE = "preview.png"
+
+
+def preview_writer(pipe, args, out: Path):
+    """With --preview, the sampling callback that replaces OUT/preview.png (atomically: a
+    viewer never reads half a file) every PREVIEW_EVERY steps and at each batch's last step."""
+    if not args.preview:
+        return None
+    from .files import atomic_write
+    from .images import make_grid, tensor_to_pil
+    from .pipeline import PREVIEW_EVERY
+
+    def write(info: dict) -> None:
+        done = info["i"] + 1
+        if done % PREVIEW_EVERY and done != info["steps"]:
+            return
+        pixels = pipe.preview(info["pred"], args.latent_scale)
+        grid = make_grid([tensor_to_pil(p) for p in pixels])
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / PREVIEW_FILE, lambda f: grid.save(f, format="PNG"), "preview")
+
+    return write
 
 
 def picture_settings(args) -> dict:
@@ -373,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"first {GRID_IMAGES.high} images")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_picture_options(g)
+    add_preview_option(g)
     add_model_options(g)
     g.set_defaults(func=cmd_generate)
 

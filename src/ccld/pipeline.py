@@ -57,6 +57,7 @@ REFERENCE_PRECISION = "fp32"
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STRENGTH = 0.6  # how far image-to-image noises the init image (1: ignore it)
 DEFAULT_SIZE = 256  # pixels; the size the published models were trained at
+PREVIEW_EVERY = 2  # sampling steps between previews in the CLI and the web app (and the last)
 DEFAULT_VARIATION_STRENGTH = 0.25  # how far a variation moves from its seed's noise (1: all new)
 LATENT_CHANNELS = 4
 DOWNSCALE = 8
@@ -420,6 +421,7 @@ class CCLDPipeline:
         cloob_sd = {k: v.detach().contiguous().cpu() for k, v in self.cloob.state_dict().items()}
         save_file(cloob_sd, str(folder / "cloob" / CLOOB_WEIGHTS))
         (folder / "cloob" / "config.json").write_text(json.dumps(self.cloob.config, indent=2))
+        self.latent_preview  # noqa: B018 - fitted first if missing, so the folder keeps one
         self.autoencoder.save_pretrained(folder / "vae")
         index = {"_class_name": type(self).__name__, "ccld_version": __version__,
                  "unet": ["ccld", "CCLDUNet"], "vae": ["diffusers", "AutoencoderKL"],
@@ -578,7 +580,7 @@ class CCLDPipeline:
         def check_step(info: dict) -> None:
             require_finite(info["pred"], f"sampling step {info['i'] + 1} of {steps}")
             if callback is not None:
-                callback(info)
+                callback({**info, "steps": steps})
 
         model = sampling.guided_model(self.unet, plan.embeds, plan.weights)
         latents = plan.sampler(model, x, plan.timesteps, eta=plan.eta, generator=generator,
@@ -632,6 +634,27 @@ class CCLDPipeline:
         scale = self.default_latent_scale if latent_scale is None else float(latent_scale)
         decoder = self.autoencoder if full_decoder or self.tiny_decoder is None else self.tiny_decoder
         return decode_latents(decoder, latents * scale).float()
+
+    @property
+    def latent_preview(self):
+        """The autoencoder's latent-to-RGB map (`ccld.models.latent_preview`); fitted now, once,
+        if it came without one (a folder saved before the maps existed)."""
+        from .models.latent_preview import fit_latent_preview
+
+        if self.autoencoder.latent_preview is None:
+            # in float32 whatever the pipeline's precision, so a map is the same everywhere
+            with torch.autocast(self.device.type, enabled=False):
+                self.autoencoder.latent_preview = fit_latent_preview(self.autoencoder)
+        return self.autoencoder.latent_preview
+
+    def preview(self, latents: torch.Tensor, latent_scale: float | None = None) -> torch.Tensor:
+        """A quick look at latents (a sampler's clean prediction): pixels in [-1, 1] on the CPU,
+        by the tiny decoder where the pipeline has one, else by the autoencoder's linear
+        latent-to-RGB map, which costs next to nothing but shows only colours and shapes."""
+        if self.tiny_decoder is not None:
+            return self.decode(latents, latent_scale).float().cpu()
+        scale = self.default_latent_scale if latent_scale is None else float(latent_scale)
+        return self.latent_preview(latents.float() * scale)
 
     def decoder_name(self, full_decoder: bool = False) -> str:
         """Which decoder `decode` paints with: full, taesd or tiny:<path>."""
