@@ -24,6 +24,7 @@ The generation is also an API (`api_name="generate"`), e.g. with `gradio_client`
         image_prompts=[handle_file("ref.png")],  # or [] ; image_weight= their weight
         init_image=None, strength=0.6,            # handle_file("start.png") to start from it
         method="plms", steps=15, guidance=3.0, seed=0, num_images=4,
+        width=256, height=256,                    # optional; blank: the server's --size
         api_name="/generate")
     gallery[0]["image"]  # a local copy of the first PNG; params is its parameters (a dict)
 
@@ -108,7 +109,7 @@ gallery, params = client.predict(prompts="a snowy landscape, oil on canvas:3", i
 print(gallery[0]["image"], params["seed"])  # a local copy of the first PNG; its parameters
 ```
 Image prompts and the init image are uploads: `image_prompts=[handle_file("ref.png")]`,
-`init_image=handle_file("start.png")`.
+`init_image=handle_file("start.png")`; `width=` and `height=` set the size (multiples of 64).
 """
 
 
@@ -404,8 +405,10 @@ def save_gallery(store: ResultStore, request: Request, pixels, params: dict):
         for index, image in enumerate(images):
             path = folder / f"ccld-{request.seed}-{index:02d}.png"
             save_png(tensor_to_pil(image), path, {**params, "index": index})
-            gallery.append((str(path),
-                            f"seed {request.seed} · {index + 1}/{request.num_images}"))
+            caption = f"seed {request.seed} · {index + 1}/{request.num_images}"
+            if request.variation:
+                caption = f"variation of {request.variation['variation_of']} · {caption}"
+            gallery.append((str(path), caption))
     except CCLDError as e:  # a full disk, say
         log.error("%s", e)
         raise _error(SAVE_FAILED) from None
@@ -559,7 +562,7 @@ def _size_inputs(size: int):
     with gr.Row():
         width, height = (_named_range_checks(gr.Slider(
             SIZE.low, SIZE.high, value=size, step=SIZE.multiple_of, label=label,
-            info="pixels; the models paint best near 256" if label == "Width" else None,
+            info="pixels; best near 256",
             elem_id=label.lower())) for label in ("Width", "Height"))
     return width, height
 
@@ -749,8 +752,8 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                    help="largest image upload in MB (default: %(default)s)")
     s.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                   help="image size in pixels, a multiple of 64 (default: %(default)s, the size "
-                        "the models were trained at)")
+                   help="the page's starting width and height in pixels, a multiple of 64 "
+                        "(default: %(default)s, the size the models were trained at)")
     s.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
                    help="the page's initial number of images (default: %(default)s)")
     s.add_argument("--keep-minutes", type=float, default=KEEP_MINUTES,
