@@ -257,16 +257,16 @@ class _SamplingPlan:
     seed: int
     height: int
     width: int
-    variation_of: torch.Tensor | None  # the starting noise a variation moves away from
+    varied_noise: torch.Tensor | None  # the starting noise a variation moves away from
     variation_strength: float
 
     def next_noise(self, generator: torch.Generator, count: int) -> torch.Tensor:
         """The starting noise of the next `count` pictures: the seed's, or with a variation
         that noise slerped from the varied picture's by `variation_strength`."""
         noise = next_noise(generator, count, self.height, self.width)
-        if self.variation_of is None:
+        if self.varied_noise is None:
             return noise
-        return slerp(self.variation_of, noise, self.variation_strength)
+        return slerp(self.varied_noise, noise, self.variation_strength)
 
 
 class CCLDPipeline:
