@@ -30,18 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ccld.cli import main as ccld
 from ccld.images import load_image
 from ccld.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_autoencoder
+from ccld.models.latent_preview import fit_linear_map
 from ccld.models.tiny_decoder import TinyDecoder, TinyDecoderConfig, load_tiny_decoder
 from ccld.training.data import LatentDataset, list_image_folder, prepare_pixels, sample_posterior
 from ccld.training.decoder import psnr
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 IMAGE_SIZE = 64  # the fixture autoencoder's resolution
-DOWNSCALE = 8
 
 
 def draw_shapes(folder: Path, count: int, seed: int) -> Path:
@@ -104,20 +103,6 @@ def kl_pixels(autoencoder, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([autoencoder.decode(chunk).clamp(-1, 1) for chunk in latents.split(32)])
 
 
-def fit_linear_map(latents: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-    """[5, 3]: least-squares RGB = [latent, 1] @ map, on pixels averaged down to latent size."""
-    small = F.avg_pool2d(pixels, DOWNSCALE)
-    x = torch.cat([latents, torch.ones_like(latents[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, 5)
-    y = small.permute(0, 2, 3, 1).reshape(-1, 3)
-    return torch.linalg.lstsq(x.double(), y.double()).solution.float()
-
-
-def linear_decode(linear_map: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    x = torch.cat([latents, torch.ones_like(latents[:, :1])], 1)
-    small = torch.einsum("nchw,cr->nrhw", x, linear_map)
-    return F.interpolate(small, scale_factor=DOWNSCALE, mode="bilinear", align_corners=False)
-
-
 def run(argv: list[str], what: str) -> float:
     """A ccld command in this process; its wall time in seconds."""
     started = time.perf_counter()
@@ -147,11 +132,11 @@ def bench_fidelity(args, work: Path) -> None:
                      "distill-decoder")
     tiny = load_tiny_decoder(out / "tiny_decoder")
     training = cached_latents(cache, args.latents)
-    linear_map = fit_linear_map(training, kl_pixels(autoencoder, training))
+    linear_map = fit_linear_map(training, kl_pixels(autoencoder, training))  # ccld's previews' map
     latents = encoded_latents(autoencoder, held_out, args.latents)
     target = kl_pixels(autoencoder, latents)
     with torch.no_grad():
-        ours, baseline = psnr(tiny(latents), target), psnr(linear_decode(linear_map, latents), target)
+        ours, baseline = psnr(tiny(latents), target), psnr(linear_map(latents), target)
     print(f"\nfidelity on the fixture autoencoder, {IMAGE_SIZE} px, posterior {args.latents}s: "
           f"{args.train_images} training images (encoded in {encoding:.0f} s), "
           f"{args.held_out_images} held out")

@@ -9,7 +9,14 @@ import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
-from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
+from ccld.pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_METHOD,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_VARIATION_STRENGTH,
+    picture_size,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -218,7 +225,7 @@ class FakePipe:
     def __init__(self, delay=0.0, tiny_decoder=None):
         self.delay = delay
         self.tiny_decoder = tiny_decoder  # anything but None: previews, as with a real one
-        self.decoded_by = []  # "tiny" or "full", one entry per decode call
+        self.decoded_by = []  # "tiny", "linear" (previews) or "full", one entry per decode
         self.running = 0
         self.most_at_once = 0
         self.calls = 0
@@ -226,13 +233,16 @@ class FakePipe:
 
     def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=DEFAULT_STEPS,
                          method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
-                         init_image=None, strength=DEFAULT_STRENGTH, size=256, callback=None):
+                         init_image=None, strength=DEFAULT_STRENGTH, size=None, height=None,
+                         width=None, variation_of=None, variation_index=0,
+                         variation_strength=DEFAULT_VARIATION_STRENGTH, callback=None):
         with self._lock:
             self.running += 1
             self.calls += 1
             self.most_at_once = max(self.most_at_once, self.running)
         try:
-            latents = torch.zeros(num_images, 4, size // 8, size // 8)
+            height, width = picture_size(size, height, width)
+            latents = torch.zeros(num_images, 4, height // 8, width // 8)
             for i in range(steps):
                 time.sleep(self.delay / steps)
                 if callback:
@@ -247,9 +257,21 @@ class FakePipe:
         self.decoded_by.append("tiny" if tiny else "full")
         return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
 
+    def preview(self, latents, latent_scale=None):
+        self.decoded_by.append("tiny" if self.tiny_decoder is not None else "linear")
+        return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
+
     def describe(self, prompts, image_prompts, *, num_images, steps, method, guidance, seed, eta,
-                 init_image, strength, latent_scale, size, full_decoder=False) -> dict:
-        return {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
-                "num_images": num_images, "method": method,
-                "image_prompts": [[p.label, p.weight] for p in image_prompts],
-                "decoder": "tiny" if self.tiny_decoder is not None and not full_decoder else "full"}
+                 init_image, strength, latent_scale, size=None, height=None, width=None,
+                 variation_of=None, variation_index=0,
+                 variation_strength=DEFAULT_VARIATION_STRENGTH, full_decoder=False) -> dict:
+        height, width = picture_size(size, height, width)
+        params = {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
+                  "num_images": num_images, "method": method,
+                  "image_prompts": [[p.label, p.weight] for p in image_prompts],
+                  "width": width, "height": height,
+                  "decoder": "tiny" if self.tiny_decoder is not None and not full_decoder else "full"}
+        if variation_of is not None:
+            params.update(variation_of=variation_of, variation_index=variation_index,
+                          variation_strength=variation_strength)
+        return params

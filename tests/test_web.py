@@ -228,9 +228,11 @@ def test_previews_come_from_the_tiny_decoder_and_the_pngs_from_the_full_one(stor
                for shown, cleared in previews for image, _ in shown)
     assert fake.decoded_by == ["tiny"] * 3 + ["full"]  # one full decode: both images, one chunk
     assert params["decoder"] == "full" and read_png_parameters(gallery[1][0])["decoder"] == "full"
-    # without a tiny decoder: just the result; errors reach the caller either way
-    assert len(list(web.generate_with_previews(FakePipe(), "a cat", steps=3, store=store,
-                                               size=64))) == 1
+    # without a tiny decoder the linear latent-to-RGB map previews; errors reach the caller
+    plain = FakePipe()
+    assert len(list(web.generate_with_previews(plain, "a cat", steps=3, store=store,
+                                               size=64))) == 3
+    assert plain.decoded_by == ["linear"] * 2 + ["full"]
     with pytest.raises(gr.Error, match="type a prompt"):
         list(web.generate_with_previews(fake, "", steps=3, store=store, size=64))
 
@@ -247,11 +249,47 @@ def test_previews_with_the_real_pipeline(pipe, store):
     full, _ = web.generate(pipe, "a cat", steps=2, seed=1, store=store, size=64)
     with Image.open(gallery[0][0]) as a, Image.open(full[0][0]) as b:
         assert a.tobytes() == b.tobytes()  # the PNG is the full decoder's
+    # without one, the linear map's previews, at the picture's size
+    *previews, _ = web.generate_with_previews(pipe, "a cat", steps=2, seed=1, width=128,
+                                              height=64, store=store, size=64)
+    assert len(previews) == 1 and previews[0][0][0][0].size == (128, 64)
+
+
+def test_width_and_height_from_the_page(store):
+    gallery, params = web.generate(FakePipe(), "a cat", steps=1, seed=1, width=192, height=128,
+                                   store=store, size=64)
+    with Image.open(gallery[0][0]) as image:
+        assert image.size == (192, 128)
+    assert (params["width"], params["height"]) == (192, 128)
+    _, params = web.generate(FakePipe(), "a cat", steps=1, seed=1, store=store, size=64)
+    assert (params["width"], params["height"]) == (64, 64)  # blank: the server's --size
+
+
+def test_vary_picks_the_selected_picture_and_a_new_seed(pipe, store):
+    _, params = web.generate(pipe, "a cat", steps=2, seed=5, num_images=2, store=store, size=64)
+    variation, seed = web.pick_variation(params, 1, 0.0)
+    assert variation == {"variation_of": 5, "variation_index": 1, "variation_strength": 0.0}
+    assert 0 <= seed <= WEB_SEED.high
+    assert web.pick_variation(params, None, 0.3)[0]["variation_index"] == 0  # nothing selected
+    # a variation at strength 0 is the selected picture again; its PNG records the variation
+    first, _ = web.generate(pipe, "a cat", steps=2, seed=5, num_images=1, store=store, size=64)
+    again, varied = web.generate(pipe, "a cat", steps=2, seed=seed, num_images=1, store=store,
+                                 size=64, **web.pick_variation(params, 0, 0.0)[0])
+    with Image.open(first[0][0]) as a, Image.open(again[0][0]) as b:
+        assert a.tobytes() == b.tobytes()
+    assert varied["variation_of"] == 5 and varied["seed"] == seed
+    # varying a variation varies the same picture again
+    assert web.pick_variation(varied, 0, 0.5)[0] == \
+        {"variation_of": 5, "variation_index": 0, "variation_strength": 0.5}
+    with pytest.raises(gr.Error, match="paint some pictures first"):
+        web.pick_variation(None, 0, 0.3)
+    with pytest.raises(gr.Error, match="variation strength must be a number from 0 to 1"):
+        web.pick_variation(params, 0, 2)
 
 
 def test_pipeline_errors_become_messages(pipe, store):
-    with pytest.raises(gr.Error, match="size must be a multiple of 64"):
-        web.generate(pipe, "a cat", steps=1, store=store, size=100)
+    with pytest.raises(gr.Error, match="width must be a multiple of 64"):
+        web.generate(pipe, "a cat", steps=1, store=store, width=100)
 
 
 def test_build_app_api_and_queue(store):
@@ -261,7 +299,7 @@ def test_build_app_api_and_queue(store):
     endpoint = info["named_endpoints"]["/generate"]
     names = [p["parameter_name"] for p in endpoint["parameters"]]
     assert names == ["prompts", "image_prompts", "image_weight", "init_image", "strength",
-                     "method", "steps", "guidance", "seed", "num_images"]
+                     "method", "steps", "guidance", "seed", "num_images", "width", "height"]
     optional = {p["parameter_name"] for p in endpoint["parameters"] if p["parameter_has_default"]}
     assert optional == set(names) - {"prompts"}
     assert len(endpoint["returns"]) == 2
@@ -273,7 +311,7 @@ def test_build_app_api_and_queue(store):
     assert not Path(web.__file__).with_suffix(".pyi").exists()
 
 
-@pytest.mark.parametrize("name", ["generate_latents", "decode", "describe"])
+@pytest.mark.parametrize("name", ["generate_latents", "decode", "preview", "describe"])
 def test_fake_pipe_takes_what_the_pipeline_takes(name):
     """The stand-in's methods have the pipeline's parameters and defaults; keyword-only past the
     prompts, so the web app must call the pipeline by keyword."""

@@ -259,24 +259,37 @@ def test_page_in_headless_chromium(server, browser):
     steps.fill("12")
     steps.press("Enter")
     prompt.fill("a snowy landscape, oil on canvas:3")
-    page.evaluate("""() => {  // notes whether the progress bar ever shows sampling steps
+    page.evaluate("""() => {  // notes whether the progress bar shows sampling steps and
+        // whether the gallery shows previews (their captions) while sampling
         const gallery = document.querySelector('#gallery');
         window.sawSampling = false;
+        window.sawPreview = false;
         new MutationObserver(() => {
             if (/Sampling/.test(gallery.textContent)) window.sawSampling = true;
+            if (/preview · step/.test(gallery.textContent)) window.sawPreview = true;
         }).observe(gallery, {subtree: true, childList: true, characterData: true});
     }""")
     page.locator("#generate").click()
     images = page.locator("#gallery img")
     expect(images).to_have_count(4, timeout=120_000)
+    expect(page.locator("#parameters")).to_contain_text('"seed": 42', timeout=120_000)
     assert page.evaluate("window.sawSampling"), "no progress bar during sampling"
-    expect(page.locator("#parameters")).to_contain_text('"seed": 42')
+    assert page.evaluate("window.sawPreview"), "no previews in the gallery during sampling"
 
     # each image served to the page is a PNG carrying its parameters
     src = images.first.get_attribute("src")
     body = page.request.get(src).body()
     assert body[:8] == b"\x89PNG\r\n\x1a\n"
     assert b'"seed": 42' in body and b"parameters" in body
+
+    # Vary: variations of the selected (second) picture, with a new seed
+    images.nth(1).click()
+    page.keyboard.press("Escape")  # out of the gallery's large view
+    page.locator("#vary").click()
+    expect(page.locator("#parameters")).to_contain_text('"variation_of": 42', timeout=120_000)
+    expect(page.locator("#parameters")).to_contain_text('"variation_index": 1')
+    expect(images).to_have_count(4, timeout=120_000)
+    expect(seed).not_to_have_value("42")
 
     page.wait_for_timeout(300)
     ARTIFACTS.mkdir(exist_ok=True)

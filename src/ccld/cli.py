@@ -24,8 +24,11 @@ from .limits import (
     IMAGES_PER_RUN,
     LATENT_SCALE,
     SEED,
+    SIZE,
     STEPS,
     STRENGTH,
+    VARIATION_INDEX,
+    VARIATION_STRENGTH,
     WEIGHT,
 )
 from .prompts import how_read, parse_weighted
@@ -97,6 +100,7 @@ def check_generate_args(args) -> None:
                         'landscape, oil on canvas", or --image-prompt PATH or --init-image PATH')
     for spec in args.image_prompt:
         parse_weighted(spec, args.guidance, "image prompt", is_path=True)
+    check_picture_args(args)
 
 
 def cmd_generate(args) -> int:
@@ -120,9 +124,93 @@ def cmd_generate(args) -> int:
                               guidance=args.guidance, seed=args.seed, eta=args.eta,
                               init_image=args.init_image,
                               strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-                              latent_scale=args.latent_scale, progress=not args.quiet)
+                              latent_scale=args.latent_scale, progress=not args.quiet,
+                              callback=preview_writer(pipe, args, out), **picture_settings(args))
     write_numbered(images, out, grid=args.grid)
     return 0
+
+
+# The picture's size and variations: their options, checks and pipeline settings
+
+def add_picture_options(g: argparse.ArgumentParser) -> None:
+    from .pipeline import DEFAULT_SIZE, DEFAULT_VARIATION_STRENGTH
+
+    g.add_argument("--width", type=int, default=DEFAULT_SIZE,
+                   help=f"picture width in pixels, a multiple of 64 (default {DEFAULT_SIZE}, the "
+                        "size the models were trained at and paint best near)")
+    g.add_argument("--height", type=int, default=DEFAULT_SIZE,
+                   help=f"picture height in pixels, a multiple of 64 (default {DEFAULT_SIZE})")
+    g.add_argument("--variation-of", type=int, default=None, metavar="SEED",
+                   help="paint variations of the picture this seed painted: each starting noise "
+                        "is slerped from that picture's towards --seed's")
+    g.add_argument("--variation-index", type=int, default=None, metavar="I",
+                   help="with --variation-of: vary picture I of that seed's run (its PNG's "
+                        "index; default 0, the first)")
+    g.add_argument("--variation-strength", type=float, default=None, metavar="S",
+                   help=f"with --variation-of: how far from that picture, 0..1 (default "
+                        f"{DEFAULT_VARIATION_STRENGTH:g}; 0 paints it again)")
+
+
+def check_picture_args(args) -> None:
+    SIZE.check("--width", args.width)
+    SIZE.check("--height", args.height)
+    if args.variation_of is None:
+        for option, value in (("--variation-index", args.variation_index),
+                              ("--variation-strength", args.variation_strength)):
+            if value is not None:
+                raise CCLDError(f"{option} needs --variation-of SEED, the seed of the picture "
+                                "to vary")
+        return
+    SEED.check("--variation-of", args.variation_of)
+    if args.variation_index is not None:
+        VARIATION_INDEX.check("--variation-index", args.variation_index)
+    if args.variation_strength is not None:
+        VARIATION_STRENGTH.check("--variation-strength", args.variation_strength)
+
+
+def add_preview_option(g: argparse.ArgumentParser) -> None:
+    from .pipeline import PREVIEW_EVERY
+
+    g.add_argument("--preview", action="store_true",
+                   help=f"keep OUT/{PREVIEW_FILE} showing the current batch's clean prediction, "
+                        f"updated every {PREVIEW_EVERY} sampling steps (a quick linear look at "
+                        "the latents, or the tiny decoder's)")
+
+
+PREVIEW_FILE = "preview.png"
+
+
+def preview_writer(pipe, args, out: Path):
+    """With --preview, the sampling callback that replaces OUT/preview.png (atomically: a
+    viewer never reads half a file) every PREVIEW_EVERY steps and at each batch's last step."""
+    if not args.preview:
+        return None
+    from .files import atomic_write
+    from .images import make_grid, tensor_to_pil
+    from .pipeline import PREVIEW_EVERY
+
+    def write(info: dict) -> None:
+        done = info["i"] + 1
+        if done % PREVIEW_EVERY and done != info["steps"]:
+            return
+        pixels = pipe.preview(info["pred"], args.latent_scale)
+        grid = make_grid([tensor_to_pil(p) for p in pixels])
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / PREVIEW_FILE, lambda f: grid.save(f, format="PNG"), "preview")
+
+    return write
+
+
+def picture_settings(args) -> dict:
+    """The pipeline keyword arguments the options of `add_picture_options` give."""
+    settings = dict(width=args.width, height=args.height)
+    if args.variation_of is not None:
+        settings["variation_of"] = args.variation_of
+        if args.variation_index is not None:
+            settings["variation_index"] = args.variation_index
+        if args.variation_strength is not None:
+            settings["variation_strength"] = args.variation_strength
+    return settings
 
 
 def save_numbered(image, out: Path, number: int, prefix: str = "") -> tuple[Path, int]:
@@ -186,7 +274,7 @@ def compile_unet(pipe, args, batch_size: int) -> None:
     pipe.compile()
     pipe.generate_latents(args.prompts, args.image_prompt, num_images=batch_size, steps=1,
                           method=args.method, guidance=args.guidance, seed=args.seed,
-                          init_image=args.init_image)
+                          init_image=args.init_image, **picture_settings(args))
     print(f"ccld: torch.compile warm-up took {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
@@ -317,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also write grid-NNNNN.png (numbered by the run's first image) of the "
                         f"first {GRID_IMAGES.high} images")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_picture_options(g)
+    add_preview_option(g)
     add_model_options(g)
     g.set_defaults(func=cmd_generate)
 

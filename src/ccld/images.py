@@ -131,14 +131,20 @@ def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     `size` through floating-point rounding; torchvision then pads with black, and so does PIL's
     crop outside the image, so that corner case is reproduced as well.
     """
+    return resize_to_cover(image, size, size)
+
+
+def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The image scaled (LANCZOS) just to cover `width` x `height`, its middle cut out: the
+    aspect ratio is kept and what sticks out is cropped (`resize_and_center_crop` for squares)."""
     image = crop_to_aspect(image, MAX_ASPECT)
     w, h = image.size
-    fac = max(size / w, size / h)
+    fac = max(width / w, height / h)
     image = image.resize((int(fac * w), int(fac * h)), Image.LANCZOS)
     w, h = image.size
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
+    top = int(round((h - height) / 2.0))
+    left = int(round((w - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -79,8 +79,9 @@ LATENT_SCALE = Limit(0, 100, "the decoding scale: `--latent-scale`, `latent_scal
                      low_open=True)
 SEED = Limit(0, 2 ** 64 - 1, "`--seed`, `seed=` (the range of a torch generator's seed)",
              "any whole number in range paints its own pictures", whole=True)
-SIZE = Limit(64, 1024, "picture size in pixels: `size=`, `ccld serve --size`",
-             "the models were trained at 256", whole=True, multiple_of=64)
+SIZE = Limit(64, 1024, "picture width and height in pixels: `--width`, `--height`, `width=`, "
+             "`height=`, `size=` (both), `ccld serve --size`",
+             "the models were trained at 256 and paint best near it", whole=True, multiple_of=64)
 
 # How many pictures
 IMAGES_PER_RUN = Limit(1, 1_000_000, "pictures of one `ccld generate` run (`-n`) or one "
@@ -91,6 +92,14 @@ IMAGES_PER_CALL = Limit(1, 32, "pictures held at once: `num_images=` of one pipe
                         "`pipe.iter_images(num_images=..., batch_size=...)`", whole=True)
 GRID_IMAGES = Limit(1, 64, "pictures in a `--grid`: the run's first 64", "the others are "
                     "still written one a file", whole=True)
+
+# Variations of a picture
+VARIATION_STRENGTH = Limit(0, 1, "how far a variation moves from its seed's picture: "
+                           "`--variation-strength`, `variation_strength=`",
+                           "0 paints that picture again, 1 an unrelated one")
+VARIATION_INDEX = Limit(0, IMAGES_PER_RUN.high - 1, "which picture of the varied seed's run: "
+                        "`--variation-index`, `variation_index=` (its PNG's `index`)",
+                        "a run's first picture is 0", whole=True)
 
 # Images read (prompts, init images, training data)
 IMAGE_PIXELS = Limit(1, 64 * 1024 * 1024, "pixels of an image read (larger ones are refused "

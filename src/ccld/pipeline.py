@@ -36,6 +36,8 @@ from .limits import (
     SIZE,
     STEPS,
     STRENGTH,
+    VARIATION_INDEX,
+    VARIATION_STRENGTH,
     WEIGHT,
 )
 from .prompts import parse_weighted
@@ -56,6 +58,8 @@ REFERENCE_PRECISION = "fp32"
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STRENGTH = 0.6  # how far image-to-image noises the init image (1: ignore it)
 DEFAULT_SIZE = 256  # pixels; the size the published models were trained at
+PREVIEW_EVERY = 2  # sampling steps between previews in the CLI and the web app (and the last)
+DEFAULT_VARIATION_STRENGTH = 0.25  # how far a variation moves from its seed's noise (1: all new)
 LATENT_CHANNELS = 4
 DOWNSCALE = 8
 MODEL_INDEX = "model_index.json"
@@ -181,12 +185,57 @@ def folder_unet_architecture(folder: Path, config: dict) -> dict:
     return architecture
 
 
-def next_noise(generator: torch.Generator, count: int, size: int = DEFAULT_SIZE) -> torch.Tensor:
-    """The starting noise of the next `count` images from `generator` (on the CPU). Drawn batch
-    after batch, it is exactly the noise one draw for all the images gives: torch fills a
-    tensor from the generator's stream in order, and one image is a whole number of draws."""
-    side = size // DOWNSCALE
-    return torch.randn([count, LATENT_CHANNELS, side, side], generator=generator)
+def picture_size(size: int | None = None, height: int | None = None,
+                 width: int | None = None) -> tuple[int, int]:
+    """(height, width) in pixels, checked: `height` and `width`, else `size` for both (the
+    square alias), else DEFAULT_SIZE."""
+    if size is not None:
+        size = SIZE.check("size", size)
+        if (height is not None and height != size) or (width is not None and width != size):
+            raise CCLDError(f"size={size} disagrees with height={height}, width={width}; give "
+                            "size for a square picture, or height and width")
+    side = DEFAULT_SIZE if size is None else size
+    return (SIZE.check("height", side if height is None else height),
+            SIZE.check("width", side if width is None else width))
+
+
+def next_noise(generator: torch.Generator, count: int, height: int = DEFAULT_SIZE,
+               width: int | None = None) -> torch.Tensor:
+    """The starting noise of the next `count` images of `height` x `width` pixels (`width`
+    defaults to `height`) from `generator` (on the CPU). Drawn batch after batch, it is exactly
+    the noise one draw for all the images gives: torch fills a tensor from the generator's
+    stream in order, and one image is a whole number of draws."""
+    width = height if width is None else width
+    shape = [count, LATENT_CHANNELS, height // DOWNSCALE, width // DOWNSCALE]
+    return torch.randn(shape, generator=generator)
+
+
+def seed_noise(seed: int, index: int, height: int, width: int) -> torch.Tensor:
+    """Picture `index`'s starting noise [1, 4, height/8, width/8] of a run with `seed`: the
+    generator's stream is drawn up to it, a bounded number of pictures at a time."""
+    generator = torch.Generator().manual_seed(int(seed))
+    while index > 0:
+        skipped = min(index, IMAGES_PER_CALL.high)
+        next_noise(generator, skipped, height, width)
+        index -= skipped
+    return next_noise(generator, 1, height, width)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation from `a` (t=0, exactly) to `b` (t=1) per picture (the first
+    dimension; `a` may be one picture for all). Along the great circle a Gaussian noise stays
+    a plausible Gaussian noise, where a straight line would shrink it towards its midpoint."""
+    a = a.expand_as(b)
+    flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1))
+    theta = torch.acos(cos.clamp(-1, 1))
+    sin = torch.sin(theta)
+    parallel = sin.abs() < 1e-6  # (nearly) the same direction: the straight line is the arc
+    safe_sin = torch.where(parallel, torch.ones_like(sin), sin)
+    wa = torch.where(parallel, torch.full_like(sin, 1 - t), torch.sin((1 - t) * theta) / safe_sin)
+    wb = torch.where(parallel, torch.full_like(sin, t), torch.sin(t * theta) / safe_sin)
+    shape = [-1] + [1] * (b.ndim - 1)
+    return (a * wa.to(a.dtype).view(shape) + b * wb.to(b.dtype).view(shape)).to(b.dtype)
 
 
 def require_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -207,7 +256,18 @@ class _SamplingPlan:
     init_latent: torch.Tensor | None
     eta: float
     seed: int
-    size: int
+    height: int
+    width: int
+    varied_noise: torch.Tensor | None  # the starting noise a variation moves away from
+    variation_strength: float
+
+    def next_noise(self, generator: torch.Generator, count: int) -> torch.Tensor:
+        """The starting noise of the next `count` pictures: the seed's, or with a variation
+        that noise slerped from the varied picture's by `variation_strength`."""
+        noise = next_noise(generator, count, self.height, self.width)
+        if self.varied_noise is None:
+            return noise
+        return slerp(self.varied_noise, noise, self.variation_strength)
 
 
 class CCLDPipeline:
@@ -224,7 +284,8 @@ class CCLDPipeline:
     - `latent_scale` plays the part of diffusers' `vae.config.scaling_factor` (which stays 1.0
       here): 2.55 for the published WikiArt models, as their demos decode, else the U-Net's
       stored `autoencoder_scale` (see `default_latent_scale`).
-    - Every option after the prompts is keyword-only; `size` is in pixels (a multiple of 64).
+    - Every option after the prompts is keyword-only; `height` and `width` are in pixels
+      (multiples of 64, default 256; `size` sets both), the noise `[n, 4, height/8, width/8]`.
     - An optional tiny decoder (`decoder=`, a `TinyDecoder`) paints instead of the KL decoder,
       many times faster and a little less faithfully, unless a call asks for `full_decoder`.
     """
@@ -363,6 +424,7 @@ class CCLDPipeline:
         cloob_sd = {k: v.detach().contiguous().cpu() for k, v in self.cloob.state_dict().items()}
         save_file(cloob_sd, str(folder / "cloob" / CLOOB_WEIGHTS))
         (folder / "cloob" / "config.json").write_text(json.dumps(self.cloob.config, indent=2))
+        self.latent_preview  # noqa: B018 - fitted first if missing, so the folder keeps one
         self.autoencoder.save_pretrained(folder / "vae")
         index = {"_class_name": type(self).__name__, "ccld_version": __version__,
                  "unet": ["ccld", "CCLDUNet"], "vae": ["diffusers", "AutoencoderKL"],
@@ -468,11 +530,11 @@ class CCLDPipeline:
 
     # Sampling
 
-    def initial_noise(self, num_images: int, seed: int, size: int = DEFAULT_SIZE
-                      ) -> tuple[torch.Tensor, torch.Generator]:
+    def initial_noise(self, num_images: int, seed: int, height: int = DEFAULT_SIZE,
+                      width: int | None = None) -> tuple[torch.Tensor, torch.Generator]:
         """The reference demo's starting noise for a seed, drawn on the CPU on every device."""
         generator = torch.Generator().manual_seed(int(seed))
-        return next_noise(generator, num_images, size), generator
+        return next_noise(generator, num_images, height, width), generator
 
     @property
     def default_batch_size(self) -> int:
@@ -483,7 +545,9 @@ class CCLDPipeline:
     @_in_autocast
     def _plan(self, prompts: list[Prompt], image_prompts: list[Prompt], *, steps: int,
               method: str, guidance: float, seed: int, eta: float, init_image: ImageLike | None,
-              strength: float, size: int) -> _SamplingPlan:
+              strength: float, size: int | None, height: int | None,
+              width: int | None, variation_of: int | None, variation_index: int,
+              variation_strength: float) -> _SamplingPlan:
         """Checks the settings (cheapest first, all before any model work), then does the work
         every batch of one request shares: the prompts' embeddings, the timesteps and the init
         image's latent."""
@@ -492,12 +556,20 @@ class CCLDPipeline:
         WEIGHT.check("guidance", guidance)
         seed = SEED.check("seed", seed)
         eta = ETA.check("eta", eta)
-        size = SIZE.check("size", size)
+        height, width = picture_size(size, height, width)
         start = 1.0 if init_image is None else float(STRENGTH.check("strength", strength))
+        varied = None
+        if variation_of is not None:
+            variation_strength = float(VARIATION_STRENGTH.check("variation_strength",
+                                                                variation_strength))
+            varied = seed_noise(SEED.check("variation_of", variation_of),
+                                VARIATION_INDEX.check("variation_index", variation_index),
+                                height, width)
         embeds, weights = self.conditions(prompts, image_prompts, guidance)
-        init_latent = None if init_image is None else self.encode_init_image(init_image, size)
+        init_latent = (None if init_image is None
+                       else self.encode_init_image(init_image, height=height, width=width))
         return _SamplingPlan(sampler, embeds, weights, sampler.timesteps(steps, start, device=self.device),
-                             init_latent, eta, seed, size)
+                             init_latent, eta, seed, height, width, varied, variation_strength)
 
     @_in_autocast
     def _sample(self, plan: _SamplingPlan, noise: torch.Tensor, generator: torch.Generator,
@@ -512,7 +584,7 @@ class CCLDPipeline:
         def check_step(info: dict) -> None:
             require_finite(info["pred"], f"sampling step {info['i'] + 1} of {steps}")
             if callback is not None:
-                callback(info)
+                callback({**info, "steps": steps})
 
         model = sampling.guided_model(self.unet, plan.embeds, plan.weights)
         latents = plan.sampler(model, x, plan.timesteps, eta=plan.eta, generator=generator,
@@ -524,26 +596,35 @@ class CCLDPipeline:
                          num_images: int = 1, steps: int = DEFAULT_STEPS,
                          method: str = DEFAULT_METHOD, guidance: float = DEFAULT_GUIDANCE,
                          seed: int = 0, eta: float = 0.0, init_image: ImageLike | None = None,
-                         strength: float = DEFAULT_STRENGTH, size: int = DEFAULT_SIZE,
+                         strength: float = DEFAULT_STRENGTH, size: int | None = None,
+                         height: int | None = None, width: int | None = None,
+                         variation_of: int | None = None, variation_index: int = 0,
+                         variation_strength: float = DEFAULT_VARIATION_STRENGTH,
                          callback: sampling.Callback = None) -> torch.Tensor:
         """Samples latents (in the U-Net's scaled space); see `__call__` for the arguments."""
         num_images = IMAGES_PER_CALL.check("num_images", num_images)
         plan = self._plan(as_prompts(prompts, guidance, "prompt"),
                           as_prompts(image_prompts, guidance, "image prompt"), steps=steps,
                           method=method, guidance=guidance, seed=seed, eta=eta,
-                          init_image=init_image, strength=strength, size=size)
-        noise, generator = self.initial_noise(num_images, plan.seed, plan.size)
+                          init_image=init_image, strength=strength, size=size, height=height,
+                          width=width, variation_of=variation_of, variation_index=variation_index,
+                          variation_strength=variation_strength)
+        generator = torch.Generator().manual_seed(plan.seed)
+        noise = plan.next_noise(generator, num_images)
         return self._sample(plan, noise, generator, callback)
 
     @_in_autocast
-    def encode_init_image(self, image: ImageLike, size: int = DEFAULT_SIZE) -> torch.Tensor:
-        """The posterior mean latent of an init image, in the U-Net's scaled space."""
-        from .images import load_image, pil_to_tensor, resize_and_center_crop
+    def encode_init_image(self, image: ImageLike, size: int | None = None, *,
+                          height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The posterior mean latent of an init image, in the U-Net's scaled space; the image is
+        scaled to cover `height` x `width` and its middle cut out (its aspect ratio kept)."""
+        from .images import load_image, pil_to_tensor, resize_to_cover
         from .models.autoencoder import encode_moments
 
+        height, width = picture_size(size, height, width)
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
-        pixels = pil_to_tensor(resize_and_center_crop(image.convert("RGB"), size))
+        pixels = pil_to_tensor(resize_to_cover(image.convert("RGB"), width, height))
         mean, _ = encode_moments(self.autoencoder, pixels[None].to(self.device) * 2 - 1)
         return mean / self.default_latent_scale
 
@@ -570,6 +651,27 @@ class CCLDPipeline:
                     self._kl_decoder_layout_set = True
         return self.autoencoder
 
+    @property
+    def latent_preview(self):
+        """The autoencoder's latent-to-RGB map (`ccld.models.latent_preview`); fitted now, once,
+        if it came without one (a folder saved before the maps existed)."""
+        from .models.latent_preview import fit_latent_preview
+
+        if self.autoencoder.latent_preview is None:
+            # in float32 whatever the pipeline's precision, so a map is the same everywhere
+            with torch.autocast(self.device.type, enabled=False):
+                self.autoencoder.latent_preview = fit_latent_preview(self.autoencoder)
+        return self.autoencoder.latent_preview
+
+    def preview(self, latents: torch.Tensor, latent_scale: float | None = None) -> torch.Tensor:
+        """A quick look at latents (a sampler's clean prediction): pixels in [-1, 1] on the CPU,
+        by the tiny decoder where the pipeline has one, else by the autoencoder's linear
+        latent-to-RGB map, which costs next to nothing but shows only colours and shapes."""
+        if self.tiny_decoder is not None:
+            return self.decode(latents, latent_scale).float().cpu()
+        scale = self.default_latent_scale if latent_scale is None else float(latent_scale)
+        return self.latent_preview(latents.float() * scale)
+
     def decoder_name(self, full_decoder: bool = False) -> str:
         """Which decoder `decode` paints with: full, taesd or tiny:<path>."""
         return "full" if full_decoder or self.tiny_decoder is None else self.sources["tiny_decoder"]
@@ -578,7 +680,10 @@ class CCLDPipeline:
                  num_images: int = 1, steps: int = DEFAULT_STEPS, method: str = DEFAULT_METHOD,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
                  init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
-                 latent_scale: float | None = None, size: int = DEFAULT_SIZE,
+                 latent_scale: float | None = None, size: int | None = None,
+                 height: int | None = None, width: int | None = None,
+                 variation_of: int | None = None, variation_index: int = 0,
+                 variation_strength: float = DEFAULT_VARIATION_STRENGTH,
                  progress: bool = True, full_decoder: bool = False) -> list[Image.Image]:
         """Paints `num_images` PIL images (at most IMAGES_PER_CALL; `iter_images` paints any
         number, a batch at a time).
@@ -586,23 +691,32 @@ class CCLDPipeline:
         prompts / image_prompts: a string (`"text:weight"`, `"path:weight"`), a (value, weight)
         tuple, or a list of them; a weight left out is `guidance` (the demo's 3). Negative
         weights steer away. Each image carries its generation parameters in `image.info`.
-        Every number is checked against `ccld.limits`. `full_decoder`: paint with the KL
-        decoder even when the pipeline has a tiny one.
+        Every number is checked against `ccld.limits`. `height`, `width`: the picture's size in
+        pixels (multiples of 64, default 256, where the published models paint best); `size`
+        sets both. `variation_of`: paint variations of the picture that seed painted (picture
+        `variation_index` of its run): each starting noise is slerped from that picture's
+        towards this call's seed's by `variation_strength` (0 paints that picture again).
+        `full_decoder`: paint with the KL decoder even when the pipeline has a tiny one.
         """
         num_images = IMAGES_PER_CALL.check("num_images", num_images)
         return list(self.iter_images(
             prompts, image_prompts, num_images=num_images, batch_size=num_images, steps=steps,
             method=method, guidance=guidance, seed=seed, eta=eta, init_image=init_image,
-            strength=strength, latent_scale=latent_scale, size=size, progress=progress,
-            full_decoder=full_decoder))
+            strength=strength, latent_scale=latent_scale, size=size, height=height, width=width,
+            variation_of=variation_of, variation_index=variation_index,
+            variation_strength=variation_strength, progress=progress, full_decoder=full_decoder))
 
     def iter_images(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
                     num_images: int = 1, batch_size: int | None = None,
                     steps: int = DEFAULT_STEPS, method: str = DEFAULT_METHOD,
                     guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
                     init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
-                    latent_scale: float | None = None, size: int = DEFAULT_SIZE,
-                    progress: bool = True, full_decoder: bool = False) -> Iterator[Image.Image]:
+                    latent_scale: float | None = None, size: int | None = None,
+                    height: int | None = None, width: int | None = None,
+                    variation_of: int | None = None, variation_index: int = 0,
+                    variation_strength: float = DEFAULT_VARIATION_STRENGTH,
+                    progress: bool = True, full_decoder: bool = False,
+                    callback: sampling.Callback = None) -> Iterator[Image.Image]:
         """Paints `num_images` PIL images `batch_size` at a time (default `default_batch_size`),
         yielding each batch's as soon as it is decoded: memory stays that of one batch however
         many images there are. The arguments are checked now, the painting happens as the
@@ -611,7 +725,8 @@ class CCLDPipeline:
         With a deterministic sampler the pictures are those of one batch of `num_images` (the
         seed's noise is drawn batch after batch, in order). The stochastic ones (ddpm, ddim
         with eta) draw their step noise per batch, so theirs depend on the batch size too,
-        which their PNGs then record.
+        which their PNGs then record. `callback(info)` is called after every sampling step, as
+        the samplers call it (`info["pred"]`: the current clean prediction of the batch).
         """
         num_images = IMAGES_PER_RUN.check("num_images", num_images)
         batch_size = IMAGES_PER_CALL.check(
@@ -621,18 +736,20 @@ class CCLDPipeline:
         texts = as_prompts(prompts, guidance, "prompt")
         images = as_prompts(image_prompts, guidance, "image prompt")
         settings = dict(steps=steps, method=method, guidance=guidance, seed=seed, eta=eta,
-                        init_image=init_image, strength=strength, size=size)
+                        init_image=init_image, strength=strength, size=size, height=height,
+                        width=width, variation_of=variation_of, variation_index=variation_index,
+                        variation_strength=variation_strength)
         plan = self._plan(texts, images, **settings)
         params = self.describe(texts, images, num_images=num_images, **settings,
                                latent_scale=latent_scale, full_decoder=full_decoder)
         if plan.sampler.eta(plan.eta) and batch_size < num_images:
             params["batch_size"] = batch_size
         return self._paint_batches(plan, params, num_images, batch_size, latent_scale, progress,
-                                   full_decoder)
+                                   full_decoder, callback)
 
     def _paint_batches(self, plan: _SamplingPlan, params: dict, num_images: int, batch_size: int,
-                       latent_scale: float | None, progress: bool,
-                       full_decoder: bool) -> Iterator[Image.Image]:
+                       latent_scale: float | None, progress: bool, full_decoder: bool,
+                       callback: sampling.Callback) -> Iterator[Image.Image]:
         from tqdm.auto import tqdm
 
         from .images import tensor_to_pil
@@ -641,9 +758,14 @@ class CCLDPipeline:
         firsts = range(0, num_images, batch_size)
         with tqdm(total=len(plan.timesteps) * len(firsts), desc=f"{params['method']} sampling",
                   disable=not progress, leave=False) as bar:
+            def step(info: dict) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(info)
+
             for first in firsts:
-                noise = next_noise(generator, min(batch_size, num_images - first), plan.size)
-                latents = self._sample(plan, noise, generator, lambda info: bar.update(1))
+                noise = plan.next_noise(generator, min(batch_size, num_images - first))
+                latents = self._sample(plan, noise, generator, step)
                 pixels = self.decode(latents, latent_scale, full_decoder=full_decoder)
                 pixels = require_finite(pixels.float().cpu(), "decoding")
                 del latents  # not held while the caller writes the images
@@ -655,8 +777,12 @@ class CCLDPipeline:
     def describe(self, prompts: PromptsLike, image_prompts: PromptsLike, *, num_images: int,
                  steps: int, method: str, guidance: float, seed: int, eta: float,
                  init_image: ImageLike | None, strength: float, latent_scale: float | None,
-                 size: int, full_decoder: bool = False) -> dict:
+                 size: int | None = None, height: int | None = None, width: int | None = None,
+                 variation_of: int | None = None, variation_index: int = 0,
+                 variation_strength: float = DEFAULT_VARIATION_STRENGTH,
+                 full_decoder: bool = False) -> dict:
         """Everything needed to paint the same picture again, as recorded in each PNG."""
+        height, width = picture_size(size, height, width)
         texts = as_prompts(prompts, guidance, "prompt")
         images = as_prompts(image_prompts, guidance, "image prompt")
         sampler = sampling.get_sampler(method)
@@ -664,7 +790,7 @@ class CCLDPipeline:
             "prompts": [[p.value, p.weight] for p in texts],
             "image_prompts": [[p.label, p.weight] for p in images],
             "num_images": num_images, "seed": seed, "steps": steps, "method": method,
-            "guidance": guidance, "size": size,
+            "guidance": guidance, "width": width, "height": height,
             "latent_scale": self.default_latent_scale if latent_scale is None else float(latent_scale),
             "precision": self.precision, "channels_last": self.channels_last,
             "decoder": self.decoder_name(full_decoder), "models": self.sources,
@@ -675,4 +801,7 @@ class CCLDPipeline:
         if init_image is not None:
             params["init_image"] = str(init_image) if isinstance(init_image, (str, os.PathLike)) else "image"
             params["strength"] = strength
+        if variation_of is not None:
+            params.update(variation_of=variation_of, variation_index=variation_index,
+                          variation_strength=variation_strength)
         return params

@@ -3,9 +3,11 @@
     ccld serve                                   # http://127.0.0.1:7860, the default student
     ccld serve --model FOLDER --port 8000        # model options as in `ccld generate`
 
-The models load once at start. With a tiny decoder (`--decoder tiny:PATH`, or a `--model` folder
-that has one) the gallery shows its quick previews of the clean image every few sampling steps,
-and then the full decoder's paintings. Requests wait in Gradio's queue (bounded by
+The models load once at start. While sampling, the gallery shows a quick preview of the clean
+image every few steps (the autoencoder's linear latent-to-RGB map, or the tiny decoder where the
+pipeline has one: `--decoder tiny:PATH`, or a `--model` folder that has one), and then the full
+decoder's paintings. The page sets the picture's width and height (`--size` is their starting
+value), and "Vary" paints variations of the selected result. Requests wait in Gradio's queue (bounded by
 `--queue-size`) and at most `--concurrency` of them sample at once (1 on a CPU). Every input is
 checked in `generate`, which turns a bad value, an unreadable upload or a `CCLDError` from the
 pipeline into a `gr.Error`: the page shows its one-line message and the server carries on.
@@ -22,6 +24,7 @@ The generation is also an API (`api_name="generate"`), e.g. with `gradio_client`
         image_prompts=[handle_file("ref.png")],  # or [] ; image_weight= their weight
         init_image=None, strength=0.6,            # handle_file("start.png") to start from it
         method="plms", steps=15, guidance=3.0, seed=0, num_images=4,
+        width=256, height=256,                    # optional; blank: the server's --size
         api_name="/generate")
     gallery[0]["image"]  # a local copy of the first PNG; params is its parameters (a dict)
 
@@ -56,6 +59,8 @@ from .limits import (
     SIZE,
     STRENGTH,
     UPLOAD_MB,
+    VARIATION_INDEX,
+    VARIATION_STRENGTH,
     WEB_IMAGE_PROMPTS,
     WEB_IMAGES,
     WEB_PROMPT_CHARS,
@@ -64,7 +69,14 @@ from .limits import (
     WEB_STEPS,
     WEIGHT,
 )
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
+from .pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_METHOD,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_VARIATION_STRENGTH,
+    PREVIEW_EVERY,
+)
 
 log = logging.getLogger("ccld.web")
 
@@ -74,7 +86,6 @@ DEFAULT_QUEUE_SIZE = 32
 DEFAULT_NUM_IMAGES = 4
 DEFAULT_SIZE = 256
 DECODE_CHUNK = 4  # images decoded at once, so 16 images do not need 16 images' activations
-PREVIEW_EVERY = 2  # sampling steps between the tiny decoder's previews (and one at the last)
 KEEP_BATCHES = 64
 KEEP_MINUTES = 60.0
 TITLE = "ccld: CLOOB-conditioned latent diffusion"
@@ -98,7 +109,7 @@ gallery, params = client.predict(prompts="a snowy landscape, oil on canvas:3", i
 print(gallery[0]["image"], params["seed"])  # a local copy of the first PNG; its parameters
 ```
 Image prompts and the init image are uploads: `image_prompts=[handle_file("ref.png")]`,
-`init_image=handle_file("start.png")`.
+`init_image=handle_file("start.png")`; `width=` and `height=` set the size (multiples of 64).
 """
 
 
@@ -261,26 +272,46 @@ class Request:
     guidance: float
     seed: int
     num_images: int
+    width: int
+    height: int
+    variation: dict  # variation_of, variation_index, variation_strength; empty: none
 
     def pipeline_arguments(self) -> dict:
         """The keyword arguments `generate_latents` and `describe` share (the page has no eta)."""
         return dict(prompts=self.prompts, image_prompts=self.image_prompts,
                     num_images=self.num_images, steps=self.steps, method=self.method,
                     guidance=self.guidance, seed=self.seed, eta=0.0, init_image=self.init_image,
-                    strength=self.strength)
+                    strength=self.strength, width=self.width, height=self.height,
+                    **self.variation)
+
+
+def check_variation(variation_of, variation_index, variation_strength) -> dict:
+    """The pipeline's variation arguments, checked; {} when `variation_of` is None."""
+    if variation_of is None:
+        return {}
+    with _page_errors():
+        return dict(variation_of=WEB_SEED.check("variation of", variation_of),
+                    variation_index=VARIATION_INDEX.check("variation index", variation_index),
+                    variation_strength=VARIATION_STRENGTH.check("variation strength",
+                                                                variation_strength))
 
 
 def check_request(*, prompts, image_prompts, image_weight, init_image, strength, method, steps,
-                  guidance, seed, num_images, max_upload_bytes: int) -> Request:
+                  guidance, seed, num_images, width=None, height=None, size: int = DEFAULT_SIZE,
+                  variation_of=None, variation_index=0,
+                  variation_strength=DEFAULT_VARIATION_STRENGTH,
+                  max_upload_bytes: int) -> Request:
     """The form's values checked, cheapest checks first and all before any model work; a
     `gr.Error` with a one-line message for the first one the user must fix. Blank values take
     defaults: the guidance DEFAULT_GUIDANCE, the image prompt weight the guidance, the seed a
-    random one."""
+    random one, the width and height `size` (the server's)."""
     from . import sampling
 
     with _page_errors():
         steps = WEB_STEPS.check("steps", steps)
         num_images = WEB_IMAGES.check("number of images", num_images)
+        width = SIZE.check("width", size if width in (None, "") else width)
+        height = SIZE.check("height", size if height in (None, "") else height)
         sampling.get_sampler(method)
         guidance = WEIGHT.check("guidance", DEFAULT_GUIDANCE if guidance in (None, "") else guidance)
         image_weight = WEIGHT.check("image prompt weight",
@@ -288,6 +319,7 @@ def check_request(*, prompts, image_prompts, image_weight, init_image, strength,
         if seed is None or seed == "" or (isinstance(seed, (int, float)) and seed == -1):
             seed = secrets.randbelow(WEB_SEED.high + 1)
         seed = WEB_SEED.check("seed", seed)
+    variation = check_variation(variation_of, variation_index, variation_strength)
     texts = parse_prompts(prompts, guidance)
     images = _load_image_prompts(image_prompts, image_weight, max_upload_bytes)
     if not texts and not images:
@@ -300,7 +332,7 @@ def check_request(*, prompts, image_prompts, image_weight, init_image, strength,
         strength = DEFAULT_STRENGTH if strength in (None, "") else strength
     return Request(prompts=texts, image_prompts=images, init_image=init, init_name=init_name,
                    strength=strength, method=method, steps=steps, guidance=guidance, seed=seed,
-                   num_images=num_images)
+                   num_images=num_images, width=width, height=height, variation=variation)
 
 
 class _Progress:
@@ -321,19 +353,20 @@ class _Progress:
 
 def _previewing(pipe, report: _Progress, preview: Callable | None) -> Callable:
     """The sampler's callback: progress, and every PREVIEW_EVERY steps and at the last one
-    `preview(pixels, step, steps)` with the tiny decoder's pixels of the clean prediction."""
+    `preview(pixels, step, steps)` with the pipeline's quick preview of the clean prediction
+    (`CCLDPipeline.preview`: the tiny decoder's, else the linear latent-to-RGB map's)."""
     if preview is None:
         return report.step
 
     def step(info: dict) -> None:
         report.step(info)
         if report.done % PREVIEW_EVERY == 0 or report.done == report.steps:
-            preview(pipe.decode(info["pred"]).float().cpu(), report.done, report.steps)
+            preview(pipe.preview(info["pred"]), report.done, report.steps)
 
     return step
 
 
-def paint(pipe, request: Request, *, size: int, lock=None, progress: Callable | None = None,
+def paint(pipe, request: Request, *, lock=None, progress: Callable | None = None,
           preview: Callable | None = None):
     """Samples and decodes the request's images, holding `lock` (when given) meanwhile; their
     pixels by the full decoder, in chunks of DECODE_CHUNK images. `preview`: see `_previewing`.
@@ -343,7 +376,7 @@ def paint(pipe, request: Request, *, size: int, lock=None, progress: Callable | 
     try:
         with lock if lock is not None else nullcontext(), _page_errors():
             report.stage(0.0, "Encoding prompts")
-            latents = pipe.generate_latents(**request.pipeline_arguments(), size=size,
+            latents = pipe.generate_latents(**request.pipeline_arguments(),
                                             callback=_previewing(pipe, report, preview))
             report.stage(1.0, "Decoding")
             pixels = [pipe.decode(latents[i:i + DECODE_CHUNK], full_decoder=True).float().cpu()
@@ -351,7 +384,8 @@ def paint(pipe, request: Request, *, size: int, lock=None, progress: Callable | 
             del latents  # freed before the next request takes the lock and makes its own
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-            log.warning("out of memory painting %d images of %d px", request.num_images, size)
+            log.warning("out of memory painting %d images of %dx%d px", request.num_images,
+                        request.width, request.height)
             raise _error(f"out of memory painting {request.num_images} images; "
                          "ask for fewer images") from None
         raise
@@ -371,8 +405,10 @@ def save_gallery(store: ResultStore, request: Request, pixels, params: dict):
         for index, image in enumerate(images):
             path = folder / f"ccld-{request.seed}-{index:02d}.png"
             save_png(tensor_to_pil(image), path, {**params, "index": index})
-            gallery.append((str(path),
-                            f"seed {request.seed} · {index + 1}/{request.num_images}"))
+            caption = f"seed {request.seed} · {index + 1}/{request.num_images}"
+            if request.variation:
+                caption = f"variation of {request.variation['variation_of']} · {caption}"
+            gallery.append((str(path), caption))
     except CCLDError as e:  # a full disk, say
         log.error("%s", e)
         raise _error(SAVE_FAILED) from None
@@ -384,24 +420,29 @@ def save_gallery(store: ResultStore, request: Request, pixels, params: dict):
 
 def generate(pipe, prompts: str = "", *, image_prompts=None, image_weight=DEFAULT_GUIDANCE,
              init_image=None, strength=DEFAULT_STRENGTH, method=DEFAULT_METHOD, steps=DEFAULT_STEPS,
-             guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, store: ResultStore,
-             size: int = DEFAULT_SIZE, max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
-             lock=None, progress: Callable | None = None, preview: Callable | None = None):
+             guidance=DEFAULT_GUIDANCE, seed=None, num_images=1, width=None, height=None,
+             variation_of=None, variation_index=0, variation_strength=DEFAULT_VARIATION_STRENGTH,
+             store: ResultStore, size: int = DEFAULT_SIZE,
+             max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6), lock=None,
+             progress: Callable | None = None, preview: Callable | None = None):
     """Checks the inputs, paints, writes the PNGs; returns ([(png path, caption)], parameters).
 
-    Every problem the user can fix is raised as `gr.Error` with a one-line message. `lock`
-    (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a `gr.Progress`;
-    `preview(pixels, step, steps)` receives the tiny decoder's previews while sampling (see
+    Every problem the user can fix is raised as `gr.Error` with a one-line message. A blank
+    width or height is `size`. `variation_of` (a seed) with `variation_index` and
+    `variation_strength`: variations of that picture, as `CCLDPipeline.__call__` paints them.
+    `lock` (a Lock or Semaphore) bounds how many samplings run at once; `progress` is a
+    `gr.Progress`; `preview(pixels, step, steps)` receives previews while sampling (see
     `generate_with_previews`). The PNGs are the full decoder's.
     """
     started = time.perf_counter()
     request = check_request(
         prompts=prompts, image_prompts=image_prompts, image_weight=image_weight,
         init_image=init_image, strength=strength, method=method, steps=steps, guidance=guidance,
-        seed=seed, num_images=num_images, max_upload_bytes=max_upload_bytes)
-    pixels = paint(pipe, request, size=size, lock=lock, progress=progress, preview=preview)
-    params = pipe.describe(**request.pipeline_arguments(), latent_scale=None, size=size,
-                           full_decoder=True)
+        seed=seed, num_images=num_images, width=width, height=height, size=size,
+        variation_of=variation_of, variation_index=variation_index,
+        variation_strength=variation_strength, max_upload_bytes=max_upload_bytes)
+    pixels = paint(pipe, request, lock=lock, progress=progress, preview=preview)
+    params = pipe.describe(**request.pipeline_arguments(), latent_scale=None, full_decoder=True)
     if request.init_image is not None:  # the pipeline has only the pixels; the PNG gets the name
         params["init_image"] = request.init_name
     gallery = save_gallery(store, request, pixels, params)
@@ -418,16 +459,13 @@ def preview_gallery(pixels, step: int, steps: int) -> list:
 
 
 def generate_with_previews(pipe, prompts: str = "", **options):
-    """`generate` as a generator, the Generate button's: with a tiny decoder in the pipeline it
-    yields (preview gallery, None) while sampling, then always `generate`'s (gallery,
-    parameters); errors are raised as `generate` raises them.
+    """`generate` as a generator, the Generate button's: it yields (preview gallery, None)
+    while sampling, then `generate`'s (gallery, parameters); errors are raised as `generate`
+    raises them.
 
     Sampling runs in a thread (with this context, so Gradio's progress reaches the page) that
     hands the previews over through a queue: the sampler's callback cannot yield.
     """
-    if getattr(pipe, "tiny_decoder", None) is None:
-        yield generate(pipe, prompts, **options)
-        return
     updates = queue.Queue()
 
     def work():
@@ -486,11 +524,14 @@ class _Form:
     image_weight: object
     init_image: object
     strength: object
+    width: object
+    height: object
 
     def api_inputs(self) -> list:
         """The inputs of `generate`, in the order of its parameters (the API's)."""
         return [self.prompts, self.image_prompts, self.image_weight, self.init_image,
-                self.strength, self.method, self.steps, self.guidance, self.seed, self.num_images]
+                self.strength, self.method, self.steps, self.guidance, self.seed, self.num_images,
+                self.width, self.height]
 
     def example_inputs(self) -> list:
         """The inputs an EXAMPLES row fills, in its order."""
@@ -514,7 +555,19 @@ def _upload_inputs():
     return image_prompts, image_weight, init_image, strength
 
 
-def _input_column(num_images: int) -> _Form:
+def _size_inputs(size: int):
+    """The picture's width and height sliders, starting at the server's `--size`."""
+    import gradio as gr
+
+    with gr.Row():
+        width, height = (_named_range_checks(gr.Slider(
+            SIZE.low, SIZE.high, value=size, step=SIZE.multiple_of, label=label,
+            info="pixels; best near 256",
+            elem_id=label.lower())) for label in ("Width", "Height"))
+    return width, height
+
+
+def _input_column(num_images: int, size: int) -> _Form:
     """Prompts and the Generate button, the sampler's settings, then the folded uploads."""
     import gradio as gr
 
@@ -540,48 +593,110 @@ def _input_column(num_images: int) -> _Form:
             seed = gr.Number(0, precision=0, label="Seed", info="blank: a random one",
                              elem_id="seed")
             dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
+        width, height = _size_inputs(size)
         image_prompts, image_weight, init_image, strength = _upload_inputs()
     return _Form(prompts=prompts, generate=button, method=method, steps=steps, guidance=guidance,
                  num_images=count, seed=seed, dice=dice, image_prompts=image_prompts,
-                 image_weight=image_weight, init_image=init_image, strength=strength)
+                 image_weight=image_weight, init_image=init_image, strength=strength,
+                 width=width, height=height)
 
 
-def _results_column():
-    """The gallery of PNGs and the parameters they were painted with."""
+@dataclass(frozen=True)
+class _Results:
+    """The results column's components."""
+
+    gallery: object
+    params: object  # the parameters of the pictures shown
+    selected: object  # a State: the index of the picture last clicked in the gallery
+    vary: object  # the Vary button
+    variation_strength: object
+    variation: object  # a State: the variation the Vary button asks for (see `pick_variation`)
+
+
+def _results_column() -> _Results:
+    """The gallery of PNGs, Vary with its strength, and the parameters they were painted with."""
     import gradio as gr
 
     with gr.Column(scale=3, min_width=320):
         gallery = gr.Gallery(label="Results", columns=4, height="auto", format="png",
                              object_fit="contain", interactive=False,
                              buttons=["download", "fullscreen"], elem_id="gallery")
+        with gr.Row():
+            vary = gr.Button("Vary", elem_id="vary", scale=0, min_width=100)
+            variation_strength = _named_range_checks(gr.Slider(
+                0.0, 1.0, value=DEFAULT_VARIATION_STRENGTH, step=0.05, label="Variation strength",
+                info="Vary paints variations of the selected picture (else the first); "
+                     "0 paints it again", elem_id="variation-strength"))
         params = gr.JSON(label="Parameters", elem_id="parameters", open=True, max_height=320)
-    return gallery, params
+    return _Results(gallery=gallery, params=params, selected=gr.State(None), vary=vary,
+                    variation_strength=variation_strength, variation=gr.State(None))
+
+
+def pick_variation(params, selected, strength) -> tuple[dict, int]:
+    """What the Vary button paints: variations of the selected result (the gallery's picture
+    `selected`, else the first), as `generate`'s variation arguments, and a new random seed for
+    the noise to vary towards. A result that is itself a variation is varied from the same
+    picture again, since its noise is not any one seed's."""
+    if not isinstance(params, dict) or "seed" not in params:
+        raise _error("paint some pictures first, then select one and press Vary")
+    if "variation_of" in params:
+        of, index = params["variation_of"], params.get("variation_index", 0)
+    else:
+        count = params.get("num_images", 1)
+        index = selected if isinstance(selected, int) and 0 <= selected < count else 0
+        of = params["seed"]
+    variation = check_variation(of, index, strength)
+    return variation, secrets.randbelow(WEB_SEED.high + 1)
 
 
 def _generate_handler(pipe, *, store: ResultStore, lock, size: int, max_upload_bytes: int):
     """The Generate button's function: the form's values into `generate_with_previews` (a
-    generator, so the gallery can show previews; the API returns its last value)."""
+    generator, so the gallery can show previews; the API returns its last value). The Vary
+    button passes a `variation` too (see `pick_variation`)."""
     import gradio as gr
 
     def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
-            method=None, steps=None, guidance=None, seed=None, num_images=None,
+            method=None, steps=None, guidance=None, seed=None, num_images=None, width=None,
+            height=None, variation=None,
             progress=gr.Progress()):  # None defaults: optional in the API (components' values)
         yield from generate_with_previews(
             pipe, prompts, image_prompts=image_prompts, image_weight=image_weight,
             init_image=init_image, strength=strength, method=method, steps=steps,
-            guidance=guidance, seed=seed, num_images=num_images, store=store, size=size,
-            max_upload_bytes=max_upload_bytes, lock=lock, progress=progress)
+            guidance=guidance, seed=seed, num_images=num_images, width=width, height=height,
+            **(variation or {}), store=store, size=size, max_upload_bytes=max_upload_bytes,
+            lock=lock, progress=progress)
 
     return run
 
 
-def _wire(form: _Form, gallery, params, run, concurrency: int) -> None:
-    """Generate paints (also the API's `/generate`); the die rolls a seed in the browser."""
-    form.generate.click(run, inputs=form.api_inputs(), outputs=[gallery, params],
+def _selected_index(evt) -> int:
+    return evt.index
+
+
+def _wire(form: _Form, results: _Results, run, concurrency: int) -> None:
+    """Generate paints (also the API's `/generate`); Vary picks the variation and a seed, then
+    paints (not an API: a client varies with `variation_of=` in Python); clicking a picture
+    selects it; the die rolls a seed in the browser."""
+    import gradio as gr
+
+    outputs = [results.gallery, results.params]
+    form.generate.click(run, inputs=form.api_inputs(), outputs=outputs,
                         api_name="generate",
                         api_description="Paint images; returns the gallery of PNGs and their "
                                         "parameters.",
-                        concurrency_limit=concurrency, show_progress="full")
+                        concurrency_limit=concurrency, concurrency_id="paint",
+                        show_progress="full")
+    results.vary.click(
+        pick_variation, inputs=[results.params, results.selected, results.variation_strength],
+        outputs=[results.variation, form.seed], api_visibility="private", queue=False,
+    ).success(run, inputs=[*form.api_inputs(), results.variation], outputs=outputs,
+              api_visibility="private", concurrency_limit=concurrency, concurrency_id="paint",
+              show_progress="full")
+    # the hint is the class itself: gradio is imported lazily, so a postponed annotation
+    # ("gr.SelectData") could not be resolved by Gradio
+    _selected_index.__annotations__["evt"] = gr.SelectData
+    results.gallery.select(_selected_index, None, results.selected, api_visibility="private",
+                           queue=False)
     form.dice.click(None, None, form.seed, js=f"() => Math.floor(Math.random() * {WEB_SEED.high + 1})",
                     api_visibility="private", queue=False)
 
@@ -602,14 +717,14 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(600, age), age)) as demo:
         gr.Markdown(INTRO, elem_id="ccld-title")
         with gr.Row(equal_height=False):
-            form = _input_column(num_images)
-            gallery, params = _results_column()
+            form = _input_column(num_images, size)
+            results = _results_column()
         if examples:
             gr.Examples(examples=examples, inputs=form.example_inputs(), label="Example prompts",
                         cache_examples=False)
         with gr.Accordion("API", open=False):
             gr.Markdown(API_DOC.format(url="http://127.0.0.1:7860/"))
-        _wire(form, gallery, params, run, concurrency)
+        _wire(form, results, run, concurrency)
     demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=concurrency)
     demo.ccld_store = store  # for the server's cleanup and for tests
     demo.ccld_css = CSS
@@ -637,8 +752,8 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                    help="largest image upload in MB (default: %(default)s)")
     s.add_argument("--size", type=int, default=DEFAULT_SIZE,
-                   help="image size in pixels, a multiple of 64 (default: %(default)s, the size "
-                        "the models were trained at)")
+                   help="the page's starting width and height in pixels, a multiple of 64 "
+                        "(default: %(default)s, the size the models were trained at)")
     s.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
                    help="the page's initial number of images (default: %(default)s)")
     s.add_argument("--keep-minutes", type=float, default=KEEP_MINUTES,

@@ -14,6 +14,10 @@ only needs the decoder. So only a first load of an LDM file imports diffusers; a
 
 CCLD's latent scale is not diffusers' `scaling_factor`: it is the U-Net's `autoencoder_scale`
 buffer, applied by the pipeline. The saved `scaling_factor` is 1.0 so nothing scales twice.
+
+An autoencoder may carry its `latent_preview` (`ccld.models.latent_preview`), the cheap
+latent-to-RGB map of sampling previews: fitted when a pipeline first shows a preview, saved
+beside the weights by `save_pretrained` and loaded from there.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch.nn import functional as F
 
 from ..checkpoints import load_state_file
 from ..errors import CCLDError
+from .latent_preview import LatentPreview
 
 # The network: diffusers' AutoencoderKL (DownEncoderBlock2D / UpDecoderBlock2D, SiLU, GroupNorm),
 # parameter for parameter
@@ -240,6 +245,7 @@ class KLAutoencoder(nn.Module):
         latent = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
+        self.latent_preview: LatentPreview | None = None  # set by the loaders
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean, logvar)` of the posterior; logvar before any clamping."""
@@ -267,6 +273,8 @@ class KLAutoencoder(nn.Module):
         save_file(state, str(folder / WEIGHTS_NAME))
         config = json.dumps(self.config.to_diffusers(), indent=2).encode()
         atomic_write(folder / "config.json", lambda f: f.write(config), "autoencoder config")
+        if self.latent_preview is not None:
+            self.latent_preview.save(folder)
         return folder
 
 
@@ -452,9 +460,11 @@ def load_autoencoder(path: str | os.PathLike,
         weights, config = convert_ldm(state_dict, read_autoencoder_config(config_path), path)
         return weights, {"config": asdict(config)}
 
+    # The latent preview map is not fitted here: it costs seconds (encoding and decoding its
+    # pictures) that a painting without previews should not pay; `CCLDPipeline.latent_preview`
+    # fits it when first asked, and saved folders keep it.
     weights, metadata = load_converted("autoencoder", [path], [config_path.read_bytes()], convert)
-    return autoencoder_from_state_dict(AutoencoderConfig.from_dict(metadata["config"]), weights,
-                                       path)
+    return autoencoder_from_state_dict(AutoencoderConfig.from_dict(metadata["config"]), weights, path)
 
 
 def _load_folder(folder: Path) -> KLAutoencoder:
@@ -475,7 +485,9 @@ def _load_folder(folder: Path) -> KLAutoencoder:
         raise CCLDError(f"{folder}: not a loadable diffusers autoencoder folder ({detail}); "
                         "save it again or pass the LDM autoencoder .ckpt") from None
     weights = load_safetensors_file(folder / WEIGHTS_NAME, "autoencoder weights")
-    return autoencoder_from_state_dict(config, weights, folder)
+    ae = autoencoder_from_state_dict(config, weights, folder)
+    ae.latent_preview = LatentPreview.load(folder)  # None in folders saved before the maps
+    return ae
 
 
 def encode_moments(ae: KLAutoencoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
