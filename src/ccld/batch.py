@@ -382,7 +382,7 @@ def paint(args, out: Path, mine: list[tuple[Row, list[int]]], processes: Process
         parameters = json.loads(image.info["parameters"])
         append_line(manifest, {"file": path.name, "row": row.number, "key": row.key,
                                "index": parameters["index"], "line": row.line,
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "rank": processes.rank, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "parameters": parameters})
         print(path)
         number += 1
