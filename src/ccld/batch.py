@@ -29,10 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CCLDError
+from .limits import IMAGES_PER_RUN, SEED
 from .prompts import parse_weighted
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.rank*.jsonl"  # one process's lines, until the first process merges them
+# the settings that are not numbers (numbers are checked against ccld.limits when planned)
+KINDS = {"init_image": (str, 'a path, e.g. "sketch.png"'), "full_decoder": (bool, "true or false"),
+         "method": (str, 'a sampler\'s name, e.g. "plms"')}
 ALIASES = {"n": "num_images"}  # what a row may call a keyword argument, as the CLI option does
 NOT_ROW_KEYS = {"batch_size", "progress"}  # the run's, not a row's
 MODEL_FILES = ("model", "unet", "autoencoder", "autoencoder_config", "cloob", "cloob_config")
@@ -128,8 +132,17 @@ def parse_json_row(text: str, name: str, keywords: list[str]) -> dict:
 
 
 def check_row(request: dict, name: str) -> None:
-    """What can be checked before the models load: the prompts' form and weights, and that
-    there is something to paint from. (Numbers are checked when the row is planned.)"""
+    """What can be checked before the models load: the number of images, the seed, the
+    prompts' form and weights, and that there is something to paint from. (The other settings
+    are checked when the row is planned.)"""
+    try:
+        IMAGES_PER_RUN.check("n", request.get("num_images", 1))
+        SEED.check("seed", request["seed"])
+    except CCLDError as e:
+        raise CCLDError(f"{name}: {e}") from None
+    for key, (kind, example) in KINDS.items():
+        if key in request and request[key] is not None and not isinstance(request[key], kind):
+            raise CCLDError(f"{name}: {key} is {request[key]!r:.40}; give {example}")
     for key, is_path in (("prompts", False), ("image_prompts", True)):
         value = request.get(key, [])
         items = [value] if isinstance(value, str) else value
@@ -142,8 +155,7 @@ def check_row(request: dict, name: str) -> None:
                 raise CCLDError(f"{name}: {key} holds {item!r:.40}; give \"TEXT[:WEIGHT]\" "
                                 "strings or [TEXT, WEIGHT] pairs")
             try:
-                parse_weighted(item, request.get("guidance", 1.0), key[:-1].replace("_", " "),
-                               is_path=is_path)
+                parse_weighted(item, 1.0, key[:-1].replace("_", " "), is_path=is_path)
             except CCLDError as e:
                 raise CCLDError(f"{name}: {e}") from None
     if not (request.get("prompts") or request.get("image_prompts") or request.get("init_image")):
@@ -274,7 +286,12 @@ class Processes:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.init_process_group("gloo")
+            try:
+                dist.init_process_group("gloo")
+            except (ValueError, RuntimeError) as e:
+                raise CCLDError(f"could not join the other {self.world - 1} processes "
+                                f"({str(e).splitlines()[0][:120]}); start them with "
+                                "accelerate launch or torchrun") from None
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -289,12 +306,15 @@ class Processes:
             dist.destroy_process_group()
 
     def device(self, requested: str) -> str:
-        """`--device auto` is this process's own GPU (cuda:LOCAL_RANK) when there are GPUs."""
-        if requested != "auto" or self.world == 1:
+        """With several processes, `--device auto` (where there are GPUs) and `cuda` are this
+        process's own GPU, cuda:LOCAL_RANK."""
+        if self.world == 1 or requested not in ("auto", "cuda"):
             return requested
         import torch
 
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        if requested == "auto" and not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{self.local_rank}"
 
     def manifest(self, out: Path) -> Path:
         """Where this process appends its lines: manifest.jsonl, or with several its own part."""

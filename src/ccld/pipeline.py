@@ -651,6 +651,7 @@ class CCLDPipeline:
             "batch_size", self.default_batch_size if batch_size is None else batch_size)
         if latent_scale is not None:
             latent_scale = LATENT_SCALE.check("latent_scale", latent_scale)
+        WEIGHT.check("guidance", guidance)  # the default weight of the prompts read next
         texts = as_prompts(prompts, guidance, "prompt")
         images = as_prompts(image_prompts, guidance, "image prompt")
         settings = dict(steps=steps, method=method, guidance=guidance, seed=seed, eta=eta,
