@@ -124,6 +124,8 @@ def test_bad_rows_are_one_line_naming_the_line(tmp_path, capsys):
                           ('{"prompts": "a castle"\n', "line 1: not JSON"),
                           ('a castle:2x\n', "line 1: bad prompt weight in 'a castle:2x'"),
                           ('{"seed": 3}\n', "line 1: nothing to paint from"),
+                          ('a\n{"prompts": "b", "n": 0}\n', "line 2: n must be a whole number"),
+                          ('{"prompts": "b", "init_image": 3}\n', "line 1: init_image is 3;"),
                           ('# nothing\n\n', "no prompts in it")]:
         prompts.write_text(text)
         assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "o")]) == 2
