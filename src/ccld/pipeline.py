@@ -724,8 +724,14 @@ class CCLDPipeline:
                 planned.append(self._request(**arguments.arguments))
             except CCLDError as e:
                 raise CCLDError(f"{name}: {e}") from None
-        wanted = [sorted(set(w)) for w in wanted] if wanted is not None else \
-            [range(r.num_images) for r in planned]
+        if wanted is None:
+            wanted = [range(request.num_images) for request in planned]
+        else:
+            wanted = [sorted(set(indices)) for indices in wanted]
+            for name, request, indices in zip(names, planned, wanted, strict=True):
+                if indices and not 0 <= indices[0] <= indices[-1] < request.num_images:
+                    raise CCLDError(f"{name}: wanted holds {indices}, not image indices from 0 "
+                                    f"to {request.num_images - 1}; pass indices of its images")
         return self._paint_many(planned, wanted, batch_size, progress)
 
     def _paint_many(self, planned: list[_ImagesRequest], wanted: list[Sequence[int]],
