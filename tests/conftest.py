@@ -1,5 +1,6 @@
 """Shared test fixtures: the reference models and outputs in ../shared/fixtures."""
 
+import os
 import socket
 import threading
 import time
@@ -194,6 +195,26 @@ def cache_writes_finish_with_their_test():
     from ccld.weights_cache import finish_writes
 
     finish_writes()
+
+# Several processes, as `accelerate launch` starts them (the training and batch tests)
+
+
+def accelerate_launch(*options: str) -> list[str]:
+    """The start of an `accelerate launch` command line, with everything it would ask about.
+    `--multi_gpu --num_processes 2` is the working two-process CPU form: Accelerate's torchrun
+    launcher starts both, and with no GPU they talk through gloo (`--cpu --num_processes 2`
+    would need MPI)."""
+    import sys
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.is_file():
+        pytest.skip("the accelerate launcher is not installed beside this Python")
+    return [str(accelerate), "launch", *options, "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # Web app: ports and stand-in pipelines

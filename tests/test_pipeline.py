@@ -236,7 +236,7 @@ def test_output_names_are_claimed_atomically(tmp_path):
     never overwrite each other: every name is claimed by the first writer."""
     import threading
 
-    from ccld.cli import next_index, save_numbered
+    from ccld.images import next_index, save_numbered
 
     out = tmp_path / "out"
     out.mkdir()

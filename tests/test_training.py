@@ -3,9 +3,7 @@ schedule, stop-and-resume equals an uninterrupted run, checkpoints survive crash
 everywhere, every kind of input trains, and two processes stay in sync."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import types
@@ -17,7 +15,7 @@ import torch
 from ccld.cli import main
 from ccld.errors import CCLDError
 from ccld.training.ema import ema_decay, ema_update
-from conftest import QUIET, encoder_options, state
+from conftest import LAUNCH_ENV, QUIET, accelerate_launch, encoder_options, state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--base-channels", "8", "--channel-multipliers", "1,1,1,1"]
@@ -360,25 +358,6 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(world, tmp_path, monkeypatch):
     assert first["id"] is None and resumed["id"] == "run-1" and resumed["resume"] == "allow"
     assert wandb.logged == [("run-1", 1), ("run-1", 2)]
     assert state(out / "checkpoints" / "last.ckpt")["wandb_run_id"] == "run-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_launch(*options: str) -> list[str]:
-    """The start of an `accelerate launch` command line, with everything it would ask about."""
-    accelerate = Path(sys.executable).parent / "accelerate"
-    if not accelerate.is_file():
-        pytest.skip("the accelerate launcher is not installed beside this Python")
-    return [str(accelerate), "launch", *options, "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-
-
-LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-              "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_a_cpu_launch_that_would_start_one_process_is_refused(world):

@@ -34,12 +34,6 @@ from .limits import (
 from .prompts import how_read, parse_weighted
 
 
-def next_index(out: Path) -> int:
-    """The first free image number in out, so earlier pictures are never overwritten."""
-    taken = [int(p.stem) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]*.png") if p.stem.isdigit()]
-    return max(taken, default=-1) + 1
-
-
 def check_writable_folder(folder: Path, option: str) -> None:
     """Fails now, before any slow work, when `folder` could not be created or written into;
     creates nothing, so a run that fails later leaves no empty folder behind."""
@@ -95,7 +89,14 @@ def check_generate_args(args) -> None:
         if args.init_image is None:
             raise CCLDError("--strength needs --init-image PATH")
         STRENGTH.check("--strength", args.strength)
-    if not (args.prompts or args.image_prompt or args.init_image):
+    if args.prompts_file is not None:
+        if args.prompts:
+            raise CCLDError("give the prompts either on the command line or in --prompts-file, "
+                            "not both")
+        if args.grid:
+            raise CCLDError("--grid is for one prompt's pictures; leave it out with "
+                            "--prompts-file")
+    elif not (args.prompts or args.image_prompt or args.init_image):
         raise CCLDError('nothing to paint from; give a prompt, e.g. ccld generate "a snowy '
                         'landscape, oil on canvas", or --image-prompt PATH or --init-image PATH')
     for spec in args.image_prompt:
@@ -108,6 +109,10 @@ def cmd_generate(args) -> int:
     check_generate_args(args)
     out = Path(args.out)
     check_writable_folder(out, "--out")
+    if args.prompts_file is not None:
+        from .batch import generate_from_file
+
+        return generate_from_file(args, out)
     for spec in args.prompts:  # also refuses a bad weight before the models load
         note = how_read(spec, args.guidance)
         if note:
@@ -213,25 +218,11 @@ def picture_settings(args) -> dict:
     return settings
 
 
-def save_numbered(image, out: Path, number: int, prefix: str = "") -> tuple[Path, int]:
-    """Writes `image` as out/PREFIX{number:05}.png, or under the next free number; (its path,
-    the number). Each name is claimed atomically, so that two runs writing into one folder at
-    once never overwrite each other's pictures."""
-    from .images import save_png
-
-    parameters = json.loads(image.info["parameters"])
-    while True:
-        try:
-            return save_png(image, out / f"{prefix}{number:05}.png", parameters, exclusive=True), number
-        except FileExistsError:
-            number += 1
-
-
 def write_numbered(images, out: Path, grid: bool) -> None:
     """Writes each image as soon as it is painted, numbered on from the pictures already in
     `out`, and prints its path; then the grid of the first GRID_IMAGES, numbered like the first
     image. `out` is created for the first picture, and removed again if that cannot be written."""
-    from .images import make_grid
+    from .images import make_grid, next_index, save_numbered
 
     first = number = None
     in_grid = []
@@ -369,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "its parameters; the same seed and settings paint the same picture.")
     g.add_argument("prompts", nargs="*", metavar="PROMPT[:WEIGHT]",
                    help="text prompts; a weight after the last colon (negative steers away)")
+    g.add_argument("--prompts-file", metavar="FILE",
+                   help="paint every row of FILE: a PROMPT[:WEIGHT] line, or a JSON object of "
+                        "settings (prompts, image_prompts, seed, steps, method, guidance, size, "
+                        "n, ...); the options are each row's defaults, a row's seed is --seed "
+                        "plus its position. Writes OUT/manifest.jsonl; a rerun paints only what "
+                        "it lacks")
     g.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="an image prompt (repeatable)")
     g.add_argument("--init-image", metavar="PATH", help="start from this image (image to image)")

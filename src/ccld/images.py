@@ -185,6 +185,24 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict,
                         exclusive=exclusive)
 
 
+def next_index(out: Path) -> int:
+    """The first free image number in out, so earlier pictures are never overwritten."""
+    taken = [int(p.stem) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]*.png") if p.stem.isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def save_numbered(image, out: Path, number: int, prefix: str = "") -> tuple[Path, int]:
+    """Writes `image` as out/PREFIX{number:05}.png, or under the next free number; (its path,
+    the number). Each name is claimed atomically, so that two runs writing into one folder at
+    once never overwrite each other's pictures."""
+    parameters = json.loads(image.info["parameters"])
+    while True:
+        try:
+            return save_png(image, out / f"{prefix}{number:05}.png", parameters, exclusive=True), number
+        except FileExistsError:
+            number += 1
+
+
 def read_png_parameters(path: str | os.PathLike) -> dict:
     """The parameters `save_png` stored in a PNG; {} if it has none."""
     path = Path(path).expanduser()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import json
 import os
 import threading
@@ -268,6 +269,32 @@ class _SamplingPlan:
         if self.varied_noise is None:
             return noise
         return slerp(self.varied_noise, noise, self.variation_strength)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether sampling draws noise after the start (ddpm, ddim with eta), so that the
+        pictures depend on how the images are batched."""
+        return bool(self.sampler.eta(self.eta))
+
+
+@dataclass(frozen=True)
+class _ImagesRequest:
+    """One `iter_images` call, checked and planned: what `_paint_batches` paints."""
+    plan: _SamplingPlan
+    params: dict  # what each PNG records, less its index
+    num_images: int
+    batch_size: int
+    latent_scale: float | None
+    full_decoder: bool
+
+    def shares_batches_with(self) -> tuple:
+        """Requests with equal keys can be sampled in one batch (each row guided by its own
+        request's prompts, from its own seed's noise) and decoded together, painting the
+        pictures each paints alone; a stochastic sampler's request shares with none."""
+        if self.plan.stochastic:
+            return ("alone", id(self))
+        return (self.params["method"], tuple(self.plan.timesteps.tolist()), self.plan.height,
+                self.plan.width, self.latent_scale, self.full_decoder)
 
 
 class CCLDPipeline:
@@ -572,13 +599,20 @@ class CCLDPipeline:
                              init_latent, eta, seed, height, width, varied, variation_strength)
 
     @_in_autocast
-    def _sample(self, plan: _SamplingPlan, noise: torch.Tensor, generator: torch.Generator,
-                callback: sampling.Callback = None) -> torch.Tensor:
-        """Latents sampled from `noise` (one batch); stops at the first step that is not finite."""
+    def _sample(self, parts: Sequence[tuple[_SamplingPlan, int]], noise: torch.Tensor,
+                generator: torch.Generator | None, callback: sampling.Callback = None
+                ) -> torch.Tensor:
+        """Latents sampled from `noise` (one batch); stops at the first step that is not finite.
+        `parts` lists (plan, rows): the first rows of `noise` are sampled under the first plan,
+        the next under the next; plans sampled together must share their timesteps and sampler
+        (see `_ImagesRequest.shares_batches_with`)."""
+        plan = parts[0][0]
         x = noise.to(self.device)
-        if plan.init_latent is not None:
+        if any(p.init_latent is not None for p, _ in parts):
             alpha, sigma = sampling.t_to_alpha_sigma(plan.timesteps[0])
-            x = plan.init_latent.expand_as(x) * alpha + x * sigma
+            init = torch.cat([p.init_latent.expand(rows, *x.shape[1:]) if p.init_latent is not None
+                              else torch.zeros_like(x[:rows]) for p, rows in parts])
+            x = init * alpha + x * sigma
         steps = len(plan.timesteps)
 
         def check_step(info: dict) -> None:
@@ -586,7 +620,11 @@ class CCLDPipeline:
             if callback is not None:
                 callback({**info, "steps": steps})
 
-        model = sampling.guided_model(self.unet, plan.embeds, plan.weights)
+        if len(parts) == 1:
+            model = sampling.guided_model(self.unet, plan.embeds, plan.weights)
+        else:
+            model = sampling.stacked_guided_model(
+                self.unet, [(p.embeds, p.weights, rows) for p, rows in parts])
         latents = plan.sampler(model, x, plan.timesteps, eta=plan.eta, generator=generator,
                                callback=check_step)
         return require_finite(latents, "the sampled latents")
@@ -611,7 +649,7 @@ class CCLDPipeline:
                           variation_strength=variation_strength)
         generator = torch.Generator().manual_seed(plan.seed)
         noise = plan.next_noise(generator, num_images)
-        return self._sample(plan, noise, generator, callback)
+        return self._sample([(plan, num_images)], noise, generator, callback)
 
     @_in_autocast
     def encode_init_image(self, image: ImageLike, size: int | None = None, *,
@@ -728,11 +766,27 @@ class CCLDPipeline:
         which their PNGs then record. `callback(info)` is called after every sampling step, as
         the samplers call it (`info["pred"]`: the current clean prediction of the batch).
         """
+        request = self._request(
+            prompts, image_prompts, num_images=num_images, batch_size=batch_size, steps=steps,
+            method=method, guidance=guidance, seed=seed, eta=eta, init_image=init_image,
+            strength=strength, latent_scale=latent_scale, size=size, height=height, width=width,
+            variation_of=variation_of, variation_index=variation_index,
+            variation_strength=variation_strength, full_decoder=full_decoder)
+        return self._paint_batches(request, progress, callback)
+
+    def _request(self, prompts: PromptsLike, image_prompts: PromptsLike, *, num_images: int,
+                 batch_size: int | None, steps: int, method: str, guidance: float, seed: int,
+                 eta: float, init_image: ImageLike | None, strength: float,
+                 latent_scale: float | None, size: int | None, height: int | None,
+                 width: int | None, variation_of: int | None, variation_index: int,
+                 variation_strength: float, full_decoder: bool) -> _ImagesRequest:
+        """`iter_images`' arguments (less `progress` and `callback`), checked and planned."""
         num_images = IMAGES_PER_RUN.check("num_images", num_images)
         batch_size = IMAGES_PER_CALL.check(
             "batch_size", self.default_batch_size if batch_size is None else batch_size)
         if latent_scale is not None:
             latent_scale = LATENT_SCALE.check("latent_scale", latent_scale)
+        WEIGHT.check("guidance", guidance)  # the default weight of the prompts read next
         texts = as_prompts(prompts, guidance, "prompt")
         images = as_prompts(image_prompts, guidance, "image prompt")
         settings = dict(steps=steps, method=method, guidance=guidance, seed=seed, eta=eta,
@@ -742,21 +796,18 @@ class CCLDPipeline:
         plan = self._plan(texts, images, **settings)
         params = self.describe(texts, images, num_images=num_images, **settings,
                                latent_scale=latent_scale, full_decoder=full_decoder)
-        if plan.sampler.eta(plan.eta) and batch_size < num_images:
+        if plan.stochastic and batch_size < num_images:
             params["batch_size"] = batch_size
-        return self._paint_batches(plan, params, num_images, batch_size, latent_scale, progress,
-                                   full_decoder, callback)
+        return _ImagesRequest(plan, params, num_images, batch_size, latent_scale, full_decoder)
 
-    def _paint_batches(self, plan: _SamplingPlan, params: dict, num_images: int, batch_size: int,
-                       latent_scale: float | None, progress: bool, full_decoder: bool,
-                       callback: sampling.Callback) -> Iterator[Image.Image]:
+    def _paint_batches(self, request: _ImagesRequest, progress: bool,
+                       callback: sampling.Callback = None) -> Iterator[Image.Image]:
         from tqdm.auto import tqdm
 
-        from .images import tensor_to_pil
-
+        plan = request.plan
         generator = torch.Generator().manual_seed(plan.seed)  # one stream for the whole run
-        firsts = range(0, num_images, batch_size)
-        with tqdm(total=len(plan.timesteps) * len(firsts), desc=f"{params['method']} sampling",
+        firsts = range(0, request.num_images, request.batch_size)
+        with tqdm(total=len(plan.timesteps) * len(firsts), desc=f"{plan.sampler.name} sampling",
                   disable=not progress, leave=False) as bar:
             def step(info: dict) -> None:
                 bar.update(1)
@@ -764,15 +815,120 @@ class CCLDPipeline:
                     callback(info)
 
             for first in firsts:
-                noise = plan.next_noise(generator, min(batch_size, num_images - first))
-                latents = self._sample(plan, noise, generator, step)
-                pixels = self.decode(latents, latent_scale, full_decoder=full_decoder)
-                pixels = require_finite(pixels.float().cpu(), "decoding")
-                del latents  # not held while the caller writes the images
-                for i, p in enumerate(pixels):
-                    image = tensor_to_pil(p)
-                    image.info["parameters"] = json.dumps({**params, "index": first + i})
-                    yield image
+                count = min(request.batch_size, request.num_images - first)
+                noise = plan.next_noise(generator, count)
+                latents = self._sample([(plan, count)], noise, generator, step)
+                yield from self._decode_images(latents, [(request, range(first, first + count))])
+
+    def _decode_images(self, latents: torch.Tensor,
+                       rows: Sequence[tuple[_ImagesRequest, Sequence[int]]]) -> Iterator[Image.Image]:
+        """The PIL images of one batch of latents, whose rows are the listed images of the
+        listed requests in order (all decoded alike), each with its parameters."""
+        from .images import tensor_to_pil
+
+        first = rows[0][0]
+        pixels = self.decode(latents, first.latent_scale, full_decoder=first.full_decoder)
+        pixels = iter(require_finite(pixels.float().cpu(), "decoding"))
+        del latents  # not held while the caller writes the images
+        for request, indices in rows:
+            for index in indices:
+                image = tensor_to_pil(next(pixels))
+                image.info["parameters"] = json.dumps({**request.params, "index": index})
+                yield image
+
+    def iter_many(self, requests: Sequence[dict], *, wanted: Sequence[Sequence[int]] | None = None,
+                  names: Sequence[str] | None = None, batch_size: int | None = None,
+                  progress: bool = True) -> Iterator[tuple[int, Image.Image]]:
+        """Paints several `iter_images` requests (dicts of its keyword arguments, prompts
+        included), yielding (the request's position, image) as each batch is decoded.
+
+        Requests with a deterministic sampler and the same steps, schedule, size and decoding
+        share batches of `batch_size`: each row of a batch is guided by its own request's
+        prompts and starts from its own seed's noise, so every picture is the one
+        `iter_images` paints for its request alone (float rounding aside). `wanted` lists, per
+        request, the image indices to paint (default all; the others' noise is drawn and
+        skipped). Every request is checked before any painting; `names` say how errors name
+        them (default "request N").
+        """
+        batch_size = IMAGES_PER_CALL.check(
+            "batch_size", self.default_batch_size if batch_size is None else batch_size)
+        names = names or [f"request {i}" for i in range(len(requests))]
+        signature = inspect.signature(self.iter_images)
+        planned = []
+        for name, kwargs in zip(names, requests, strict=True):
+            try:
+                arguments = signature.bind(**{"batch_size": batch_size, **kwargs})
+            except TypeError as e:
+                raise CCLDError(f"{name}: {e}; iter_images takes {', '.join(signature.parameters)}"
+                                ) from None
+            arguments.apply_defaults()
+            for painting_only in ("progress", "callback"):
+                arguments.arguments.pop(painting_only)
+            try:
+                planned.append(self._request(**arguments.arguments))
+            except CCLDError as e:
+                raise CCLDError(f"{name}: {e}") from None
+        if wanted is None:
+            wanted = [range(request.num_images) for request in planned]
+        else:
+            wanted = [sorted(set(indices)) for indices in wanted]
+            for name, request, indices in zip(names, planned, wanted, strict=True):
+                if indices and not 0 <= indices[0] <= indices[-1] < request.num_images:
+                    raise CCLDError(f"{name}: wanted holds {indices}, not image indices from 0 "
+                                    f"to {request.num_images - 1}; pass indices of its images")
+        return self._paint_many(planned, wanted, batch_size, progress)
+
+    def _paint_many(self, planned: list[_ImagesRequest], wanted: list[Sequence[int]],
+                    batch_size: int, progress: bool) -> Iterator[tuple[int, Image.Image]]:
+        from tqdm.auto import tqdm
+
+        groups: dict[tuple, list[int]] = {}  # requests that share batches, in order
+        for number, request in enumerate(planned):
+            if wanted[number]:
+                groups.setdefault(request.shares_batches_with(), []).append(number)
+        work = []  # (a request painted whole, as alone) or (request number, image index) pairs
+        for numbers in groups.values():
+            if planned[numbers[0]].plan.stochastic:
+                work.append(numbers[0])
+                continue
+            items = [(n, i) for n in numbers for i in wanted[n]]
+            work += [items[k:k + batch_size] for k in range(0, len(items), batch_size)]
+
+        def steps(item) -> int:  # sampling steps the item takes, for the progress bar
+            if isinstance(item, list):
+                return len(planned[item[0][0]].plan.timesteps)
+            request = planned[item]
+            return len(request.plan.timesteps) * -(-request.num_images // request.batch_size)
+
+        streams = {}  # request number -> (its seed's generator, images whose noise it has drawn)
+        with tqdm(total=sum(map(steps, work)), desc="sampling", disable=not progress,
+                  leave=False) as bar:
+            for items in work:
+                if not isinstance(items, list):  # a stochastic request: its pictures depend on
+                    # its batches and its step noise on its own stream, so it is painted alone
+                    indices = set(wanted[items])
+                    images = self._paint_batches(planned[items], False)
+                    for index, image in enumerate(itertools.islice(images, max(indices) + 1)):
+                        if index in indices:
+                            yield items, image
+                    bar.update(steps(items))
+                    continue
+                rows, noise = [], []
+                for number, index in items:
+                    plan = planned[number].plan
+                    generator, drawn = streams.get(number) or (torch.Generator().manual_seed(plan.seed), 0)
+                    # the noise of the images before this one is drawn and dropped, in order
+                    noise.append(plan.next_noise(generator, index + 1 - drawn)[-1:])
+                    streams[number] = (generator, index + 1)
+                    if rows and rows[-1][0] == number:
+                        rows[-1][1].append(index)
+                    else:
+                        rows.append((number, [index]))
+                latents = self._sample([(planned[n].plan, len(indices)) for n, indices in rows],
+                                       torch.cat(noise), None, lambda info: bar.update(1))
+                images = self._decode_images(latents, [(planned[n], indices) for n, indices in rows])
+                for number, image in zip([n for n, _ in items], images, strict=True):
+                    yield number, image
 
     def describe(self, prompts: PromptsLike, image_prompts: PromptsLike, *, num_images: int,
                  steps: int, method: str, guidance: float, seed: int, eta: float,

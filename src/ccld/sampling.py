@@ -102,6 +102,28 @@ def guided_model(model: Callable[..., torch.Tensor], embeds: torch.Tensor,
     return fn
 
 
+def stacked_guided_model(model: Callable[..., torch.Tensor],
+                         parts: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> Model:
+    """Several guided models side by side in one forward: `parts` lists (embeds, weights, rows),
+    and the first `rows` rows of x are guided as `guided_model(model, embeds, weights)` guides
+    them, the next rows by the next part, and so on. Requests with different prompts (even
+    different numbers of them) thus share the U-Net's batch."""
+    counts = [rows for _, _, rows in parts]
+    sizes = [embeds.shape[0] for embeds, _, _ in parts]
+    embeds_per_row = torch.cat([embeds.repeat_interleave(rows, 0) for embeds, _, rows in parts])
+
+    def fn(x, t):
+        xs, ts = x.split(counts), t.split(counts)
+        vs = model(torch.cat([xi.repeat(k, 1, 1, 1) for xi, k in zip(xs, sizes)]),
+                   torch.cat([ti.repeat(k) for ti, k in zip(ts, sizes)]), embeds_per_row).float()
+        mixed = []
+        for (_, weights, rows), k, v in zip(parts, sizes, vs.split([k * n for k, n in zip(sizes, counts)])):
+            mixed.append((v.view(k, rows, *x.shape[1:]) * weights.view(k, 1, 1, 1, 1)).sum(0))
+        return torch.cat(mixed)
+
+    return fn
+
+
 def condition_weights(user_weights: Sequence[float], device=None) -> torch.Tensor:
     """Prepends the unconditional weight 1 - sum(w), as the reference demo does."""
     user_weights = [float(w) for w in user_weights]

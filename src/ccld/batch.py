@@ -1,0 +1,408 @@
+"""Prompt files: `ccld generate --prompts-file FILE`, many image sets in one run.
+
+A prompt file holds one row (one image set) a line, either a `PROMPT[:WEIGHT]` text line or a
+JSON object of `iter_images` keyword arguments (`{"prompts": ["a tree:2"], "seed": 7, "n": 4}`);
+blank lines and `#` comments are skipped. The command's options are every row's defaults, and a
+row's seed is its own `seed`, else `--seed` plus the row's position (0, 1, 2, ...).
+
+Every image written is a line of OUT/manifest.jsonl, keyed by (row, the hash of everything that
+shapes the row's pictures, image index). A rerun paints only the images not in the manifest, so
+a run killed at any point resumes where it stopped and a finished one paints nothing; images
+are never overwritten (new files take the next free number). A line is appended in one write and
+fsynced; a torn last line (a crash mid-write) is skipped when read, and the next append starts a
+new line after it.
+
+Under `accelerate launch` or `torchrun` (WORLD_SIZE > 1) the pending images are split between the
+processes without overlap, each on its own device; each process writes its own images and its
+manifest lines into a part file of its own, which the first process merges into manifest.jsonl
+when all are done (a part left by a killed run is read as done, and merged by the next run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CCLDError
+from .limits import IMAGES_PER_RUN, SEED
+from .prompts import parse_weighted
+
+MANIFEST = "manifest.jsonl"
+PART_GLOB = "manifest.rank*.jsonl"  # one process's lines, until the first process merges them
+# the settings that are not numbers (numbers are checked against ccld.limits when planned)
+KINDS = {"init_image": (str, 'a path, e.g. "sketch.png"'), "full_decoder": (bool, "true or false"),
+         "method": (str, 'a sampler\'s name, e.g. "plms"')}
+ALIASES = {"n": "num_images"}  # what a row may call a keyword argument, as the CLI option does
+NOT_ROW_KEYS = {"batch_size", "progress", "callback"}  # the run's, not a row's
+MODEL_FILES = ("model", "unet", "autoencoder", "autoencoder_config", "cloob", "cloob_config")
+MODEL_OPTIONS = (*MODEL_FILES, "decoder", "precision")  # the run's options that shape every picture
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image set of a prompt file."""
+    number: int  # its position among the rows, from 0
+    line: int  # its line in the file, from 1
+    name: str  # "FILE line N", as errors name it
+    request: dict  # `iter_images` keyword arguments, as JSON values
+    stochastic: bool  # its sampler draws step noise: its pictures depend on its batches
+    key: str  # the hash of what shapes its pictures (its number of images left out)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.request.get("num_images", 1))
+
+    def pending(self, done: set[tuple]) -> list[int]:
+        """The indices of its images that `done` does not hold."""
+        return [i for i in range(self.num_images) if (self.number, self.key, i) not in done]
+
+
+def row_keywords() -> list[str]:
+    """What a row may set: the pipeline's `iter_images` keywords (less the run's own)."""
+    import inspect
+
+    from .pipeline import CCLDPipeline
+
+    return [name for name in inspect.signature(CCLDPipeline.iter_images).parameters
+            if name not in NOT_ROW_KEYS and name != "self"]
+
+
+def command_defaults(args, keywords: list[str]) -> dict:
+    """The generate options that are rows' defaults: each named like a row keyword, and
+    --image-prompt and -n; options left unset are left to the pipeline."""
+    given = {name: getattr(args, name) for name in keywords if hasattr(args, name)}
+    given.update(image_prompts=list(args.image_prompt), num_images=args.n)
+    given.pop("prompts", None)
+    given.pop("seed", None)  # a row's seed is its own (see `read_prompts_file`)
+    return {name: value for name, value in given.items() if value not in (None, [])}
+
+
+def read_prompts_file(path: Path, defaults: dict, base_seed: int, run: dict) -> list[Row]:
+    """The rows of a prompt file, each with the command's defaults filled in; `run`: the
+    options that shape every picture, hashed into each row's key."""
+    keywords = row_keywords()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CCLDError(f"--prompts-file {path}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+                        "give a UTF-8 text file of prompts, one a line") from None
+    rows = []
+    for line_number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name = f"{path} line {line_number}"
+        values = parse_json_row(text, name, keywords) if text.startswith("{") else {"prompts": [text]}
+        request = {**defaults, **values}
+        request.setdefault("seed", base_seed + len(rows))
+        check_row(request, name)
+        stochastic = is_stochastic(request, name)
+        rows.append(Row(len(rows), line_number, name, request, stochastic,
+                        row_key(request, run, stochastic)))
+    if not rows:
+        raise CCLDError(f"--prompts-file {path}: no prompts in it; write one PROMPT[:WEIGHT] or "
+                        "JSON object a line")
+    return rows
+
+
+def parse_json_row(text: str, name: str, keywords: list[str]) -> dict:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CCLDError(f"{name}: not JSON ({e.msg} at column {e.colno}); write a JSON object "
+                        'per line, e.g. {"prompts": ["a castle"], "seed": 3}') from None
+    if not isinstance(values, dict):
+        raise CCLDError(f"{name}: a JSON {type(values).__name__}, not an object; write e.g. "
+                        '{"prompts": ["a castle"], "seed": 3}')
+    row = {}
+    for key, value in values.items():
+        keyword = ALIASES.get(key, key)
+        if keyword not in keywords:
+            raise CCLDError(f"{name}: unknown key {key!r}; a row may set "
+                            f"{', '.join(sorted([*keywords, *ALIASES]))}")
+        if keyword in row:
+            raise CCLDError(f"{name}: {key!r} repeats another key's setting; give it once")
+        row[keyword] = value
+    return row
+
+
+def check_row(request: dict, name: str) -> None:
+    """What can be checked before the models load: the number of images, the seed, the
+    prompts' form and weights, and that there is something to paint from. (The other settings
+    are checked when the row is planned.)"""
+    try:
+        IMAGES_PER_RUN.check("n", request.get("num_images", 1))
+        SEED.check("seed", request["seed"])
+    except CCLDError as e:
+        raise CCLDError(f"{name}: {e}") from None
+    for key, (kind, example) in KINDS.items():
+        if key in request and request[key] is not None and not isinstance(request[key], kind):
+            raise CCLDError(f"{name}: {key} is {request[key]!r:.40}; give {example}")
+    for key, is_path in (("prompts", False), ("image_prompts", True)):
+        value = request.get(key, [])
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise CCLDError(f"{name}: {key} is {value!r:.40}; give a string or a list of them")
+        for item in items:
+            if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
+                continue  # [value, weight]: the weight is checked when planned
+            if not isinstance(item, str):
+                raise CCLDError(f"{name}: {key} holds {item!r:.40}; give \"TEXT[:WEIGHT]\" "
+                                "strings or [TEXT, WEIGHT] pairs")
+            try:
+                parse_weighted(item, 1.0, key[:-1].replace("_", " "), is_path=is_path)
+            except CCLDError as e:
+                raise CCLDError(f"{name}: {e}") from None
+    if not (request.get("prompts") or request.get("image_prompts") or request.get("init_image")):
+        raise CCLDError(f"{name}: nothing to paint from; give prompts, image_prompts or init_image")
+
+
+def row_key(request: dict, run: dict, stochastic: bool) -> str:
+    """The hash of what shapes a row's pictures: its settings and the run's models, precision
+    and (for a stochastic sampler, whose pictures depend on it) batch size. The number of
+    images is left out: asking for more paints only the new ones."""
+    shaping = {k: v for k, v in request.items() if k != "num_images"}
+    if not stochastic:
+        run = {k: v for k, v in run.items() if k != "batch_size"}
+    text = json.dumps({"row": shaping, "run": run}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_settings(args, batch_size: int) -> dict:
+    """The run's options that shape every picture, model paths made absolute."""
+    settings = {}
+    for option in MODEL_OPTIONS:
+        value = getattr(args, option, None)
+        if option in MODEL_FILES and value is not None and Path(value).exists():
+            value = os.path.abspath(value)  # the same file, however the command spells it
+        settings[option] = value
+    settings["batch_size"] = batch_size
+    return settings
+
+
+def is_stochastic(request: dict, name: str) -> bool:
+    """Whether the row's sampler draws step noise (its pictures then depend on its batches)."""
+    from . import sampling
+    from .pipeline import DEFAULT_METHOD
+
+    try:
+        sampler = sampling.get_sampler(request.get("method", DEFAULT_METHOD))
+    except CCLDError as e:
+        raise CCLDError(f"{name}: {e}") from None
+    eta = request.get("eta", 0.0)
+    return bool(sampler.eta(eta if isinstance(eta, (int, float)) else 0.0))
+
+
+# The manifest
+
+
+def append_line(path: Path, entry: dict) -> None:
+    """Appends `entry` as one JSON line in a single write, fsynced; after a torn last line (a
+    crash mid-write) it starts a new line."""
+    data = (json.dumps(entry) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The manifest entries of one file; lines that are not whole entries (a torn last line)
+    are skipped."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CCLDError(f"{path}: cannot read the manifest ({e.strerror}); check its permissions") from None
+    entries = []
+    for line in raw.splitlines():
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(entry, dict) and {"row", "key", "index"} <= entry.keys():
+            entries.append(entry)
+    return entries
+
+
+def entry_key(entry: dict) -> tuple:
+    return entry["row"], entry["key"], entry["index"]
+
+
+def done_images(out: Path) -> set[tuple]:
+    """(row, key, index) of every image the manifest and any unmerged part record."""
+    files = [out / MANIFEST, *sorted(out.glob(PART_GLOB))]
+    return {entry_key(entry) for path in files for entry in read_lines(path)}
+
+
+def merge_parts(out: Path) -> None:
+    """Appends the parts' entries that manifest.jsonl lacks to it, then removes the parts."""
+    parts = sorted(out.glob(PART_GLOB))
+    if not parts:
+        return
+    recorded = {entry_key(entry) for entry in read_lines(out / MANIFEST)}
+    for part in parts:
+        for entry in read_lines(part):
+            if entry_key(entry) not in recorded:
+                append_line(out / MANIFEST, entry)
+                recorded.add(entry_key(entry))
+        part.unlink()
+
+
+# Processes
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those a launcher started (WORLD_SIZE, RANK, LOCAL_RANK)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls, environ=os.environ) -> Processes:
+        try:
+            return cls(int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)),
+                       int(environ.get("LOCAL_RANK", 0)))
+        except ValueError:
+            raise CCLDError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers; start the "
+                            "processes with accelerate launch or torchrun") from None
+
+    def start(self) -> None:
+        """Joins the other processes (gloo: only barriers pass between them). A single process
+        imports no torch.distributed."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            try:
+                dist.init_process_group("gloo")
+            except (ValueError, RuntimeError) as e:
+                raise CCLDError(f"could not join the other {self.world - 1} processes "
+                                f"({str(e).splitlines()[0][:120]}); start them with "
+                                "accelerate launch or torchrun") from None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def stop(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def device(self, requested: str) -> str:
+        """With several processes, `--device auto` (where there are GPUs) and `cuda` are this
+        process's own GPU, cuda:LOCAL_RANK."""
+        if self.world == 1 or requested not in ("auto", "cuda"):
+            return requested
+        import torch
+
+        if requested == "auto" and not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{self.local_rank}"
+
+    def manifest(self, out: Path) -> Path:
+        """Where this process appends its lines: manifest.jsonl, or with several its own part."""
+        return out / (MANIFEST if self.world == 1 else f"manifest.rank{self.rank}.jsonl")
+
+
+def shard(rows: list[Row], done: set[tuple], processes: Processes) -> list[tuple[Row, list[int]]]:
+    """This process's share of the images not yet done, as (row, image indices). A
+    deterministic row's images are shared out one by one; a stochastic row's stay together,
+    as its pictures depend on how its images are batched."""
+    units = []
+    for row in rows:
+        pending = row.pending(done)
+        if row.stochastic:
+            units += [(row, pending)] if pending else []
+        else:
+            units += [(row, [i]) for i in pending]
+    mine: dict[int, tuple[Row, list[int]]] = {}
+    for row, indices in units[processes.rank::processes.world]:
+        mine.setdefault(row.number, (row, []))[1].extend(indices)
+    return list(mine.values())
+
+
+def pipeline_arguments(request: dict) -> dict:
+    """A row's JSON values as `iter_images` takes them: [value, weight] pairs as tuples."""
+    arguments = dict(request)
+    for key in ("prompts", "image_prompts"):
+        if isinstance(arguments.get(key), list):
+            arguments[key] = [tuple(p) if isinstance(p, list) else p for p in arguments[key]]
+    return arguments
+
+
+def generate_from_file(args, out: Path) -> int:
+    """`ccld generate --prompts-file`: paints the rows' images not yet in the manifest."""
+    from .training.commands import check_all_processes_started
+
+    processes = Processes.from_environment()
+    check_all_processes_started(processes.world)
+    path = Path(args.prompts_file)
+    defaults = command_defaults(args, row_keywords())
+    batch_size = args.batch_size
+    rows = read_prompts_file(path, defaults, args.seed, run_settings(args, batch_size))
+    processes.start()
+    try:
+        done = done_images(out)
+        processes.barrier()  # everyone has read the manifest before anyone adds to it
+        mine = shard(rows, done, processes)
+        if mine:
+            paint(args, out, mine, processes, batch_size)
+        processes.barrier()
+        if processes.rank == 0:
+            merge_parts(out)
+            if not any(row.pending(done) for row in rows):
+                print(f"ccld: nothing to paint: the {sum(row.num_images for row in rows)} images "
+                      f"of {path} are all in {out / MANIFEST}", file=sys.stderr)
+    finally:
+        processes.stop()
+    return 0
+
+
+def paint(args, out: Path, mine: list[tuple[Row, list[int]]], processes: Processes,
+          batch_size: int | None) -> None:
+    """Paints this process's share, writing each image, then its manifest line, as it is done."""
+    from .images import next_index, save_numbered
+    from .loading import load_pipeline
+
+    args.device = processes.device(args.device)
+    pipe = load_pipeline(args)
+    if args.compile:
+        pipe.compile()
+    images = pipe.iter_many([pipeline_arguments(row.request) for row, _ in mine],
+                            wanted=[indices for _, indices in mine],
+                            names=[row.name for row, _ in mine], batch_size=batch_size,
+                            progress=not args.quiet)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CCLDError(f"--out {out}: cannot create the folder ({e.strerror}); pass another "
+                        "folder") from None
+    manifest = processes.manifest(out)
+    number = next_index(out)
+    for position, image in images:
+        row = mine[position][0]
+        path, number = save_numbered(image, out, number)
+        parameters = json.loads(image.info["parameters"])
+        append_line(manifest, {"file": path.name, "row": row.number, "key": row.key,
+                               "index": parameters["index"], "line": row.line,
+                               "rank": processes.rank, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "parameters": parameters})
+        print(path)
+        number += 1
