@@ -121,3 +121,68 @@ def test_evaluate_reports_the_pair_as_table_and_json(world, tmp_path, capsys):
     assert result["summary"]["seconds_per_image_student"] > 0
     assert [r["prompt"] for r in result["prompts"]] == ["a quiet harbour"]
     assert (tmp_path / "img" / "compare-000.png").is_file()
+
+
+# Guidance-conditioned and step-distilled students: the model and its records
+
+def test_guidance_input_starts_as_the_checkpoint_and_every_format_keeps_the_records(
+        fixtures, tmp_path):
+    from safetensors import safe_open
+
+    from ccld.loading import describe_checkpoint
+    from ccld.models.unet import infer_unet_config, load_unet, with_records
+    from ccld.training.checkpointing import export_weights
+
+    torch.manual_seed(0)
+    teacher = CCLDUNet(8, (1, 1, 1, 1)).eval()
+    teacher.autoencoder_scale.fill_(0.5)
+    student = with_records(teacher, guidance_input=True, guidance_range=(1.0, 8.0),
+                           distilled_steps=4).eval()
+    x, t, embed = torch.randn(3, 4, 8, 8), torch.rand(3), torch.randn(3, 512)
+    with torch.no_grad():  # zero-initialised: exactly the teacher, at any w
+        assert torch.equal(student(x, t, embed, guidance=torch.tensor([1.0, 3.0, 8.0])),
+                           teacher(x, t, embed))
+        assert torch.equal(student(x, t, embed), teacher(x, t, embed))
+    assert teacher.config == {"base_channels": 8, "channel_multipliers": [1, 1, 1, 1],
+                              "embed_dim": 512}  # plain nets keep their config and keys
+    records = {"guidance_input": True, "guidance_range": [1.0, 8.0], "distilled_steps": 4}
+    assert student.config == {**teacher.config, **records}
+    assert torch.equal(student.distilled_timesteps, torch.tensor([1.0, 0.75, 0.5, 0.25]))
+
+    with torch.no_grad():  # trained a little: w now matters, and every format keeps it
+        student.guidance_embed.linear.weight.normal_()
+        v = student(x, t, embed, guidance=torch.tensor(5.0))
+    ckpt, safetensors = export_weights(student, tmp_path, "model_student")
+    lightning = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {f"model_ema.{k}": v for k, v in student.state_dict().items()}},
+               lightning)
+    for path in (ckpt, safetensors, lightning):
+        again = load_unet(path)
+        assert again.config == student.config and float(again.autoencoder_scale) == 0.5
+        with torch.no_grad():
+            assert (again(x, t, embed, guidance=torch.tensor(5.0)) - v).abs().max() < 1e-5
+        info = describe_checkpoint(path)
+        assert info["guidance_input"] is True and info["distilled_steps"] == 4
+        assert "distilled, 4 steps, guidance 3 in 1 row(s)" in info["distilled"]
+    assert infer_unet_config(state(ckpt)) == student.config
+    with safe_open(str(safetensors), "pt") as f:  # for tools that read the metadata
+        assert json.loads(f.metadata()["config"]) == student.config
+    assert main(["info", str(safetensors)]) == 0
+
+
+def test_pipeline_folder_keeps_a_students_records(fixture_pipeline, tmp_path):
+    from ccld import CCLDPipeline
+    from ccld.models.unet import with_records
+
+    student = with_records(fixture_pipeline.unet, guidance_input=True, guidance_range=(2, 6),
+                           distilled_steps=2).eval()
+    pipe = CCLDPipeline(student, fixture_pipeline.autoencoder, fixture_pipeline.cloob)
+    again = CCLDPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m"))
+    assert again.unet.config == student.config
+    assert again.sampling_defaults == {"method": "distilled", "steps": 2, "guidance": 3.0,
+                                       "rows_per_image": 1}
+    config = json.loads((tmp_path / "m" / "unet" / "config.json").read_text())
+    config["distilled_steps"] = "two"
+    (tmp_path / "m" / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="distilled_steps is 'two', not a positive integer"):
+        CCLDPipeline.from_pretrained(tmp_path / "m")
