@@ -9,7 +9,7 @@ import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
-from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_STRENGTH
+from ccld.pipeline import DEFAULT_STEPS, DEFAULT_STRENGTH
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -214,9 +214,10 @@ class FakePipe:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=DEFAULT_STEPS,
-                         method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
+    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=None,
+                         method=None, guidance=None, seed=0, eta=0.0,
                          init_image=None, strength=DEFAULT_STRENGTH, size=256, callback=None):
+        steps = DEFAULT_STEPS if steps is None else steps  # the plain model's defaults
         with self._lock:
             self.running += 1
             self.calls += 1
