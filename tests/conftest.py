@@ -10,14 +10,7 @@ import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
-from ccld.pipeline import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_METHOD,
-    DEFAULT_STEPS,
-    DEFAULT_STRENGTH,
-    DEFAULT_VARIATION_STRENGTH,
-    picture_size,
-)
+from ccld.pipeline import DEFAULT_STEPS, DEFAULT_STRENGTH, DEFAULT_VARIATION_STRENGTH, picture_size
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -252,11 +245,12 @@ class FakePipe:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=DEFAULT_STEPS,
-                         method=DEFAULT_METHOD, guidance=DEFAULT_GUIDANCE, seed=0, eta=0.0,
-                         init_image=None, strength=DEFAULT_STRENGTH, size=None, height=None,
-                         width=None, variation_of=None, variation_index=0,
+    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=None,
+                         method=None, guidance=None, seed=0, eta=0.0, init_image=None,
+                         strength=DEFAULT_STRENGTH, size=None, height=None, width=None,
+                         variation_of=None, variation_index=0,
                          variation_strength=DEFAULT_VARIATION_STRENGTH, callback=None):
+        steps = DEFAULT_STEPS if steps is None else steps  # the plain model's defaults
         with self._lock:
             self.running += 1
             self.calls += 1

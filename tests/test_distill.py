@@ -121,3 +121,221 @@ def test_evaluate_reports_the_pair_as_table_and_json(world, tmp_path, capsys):
     assert result["summary"]["seconds_per_image_student"] > 0
     assert [r["prompt"] for r in result["prompts"]] == ["a quiet harbour"]
     assert (tmp_path / "img" / "compare-000.png").is_file()
+
+
+# Guidance-conditioned and step-distilled students: the model and its records
+
+def test_guidance_input_starts_as_the_checkpoint_and_every_format_keeps_the_records(
+        fixtures, tmp_path):
+    from safetensors import safe_open
+
+    from ccld.loading import describe_checkpoint
+    from ccld.models.unet import infer_unet_config, load_unet, with_records
+    from ccld.training.checkpointing import export_weights
+
+    torch.manual_seed(0)
+    teacher = CCLDUNet(8, (1, 1, 1, 1)).eval()
+    teacher.autoencoder_scale.fill_(0.5)
+    student = with_records(teacher, guidance_input=True, guidance_range=(1.0, 8.0),
+                           distilled_steps=4).eval()
+    x, t, embed = torch.randn(3, 4, 8, 8), torch.rand(3), torch.randn(3, 512)
+    with torch.no_grad():  # zero-initialised: exactly the teacher, at any w
+        assert torch.equal(student(x, t, embed, guidance=torch.tensor([1.0, 3.0, 8.0])),
+                           teacher(x, t, embed))
+        assert torch.equal(student(x, t, embed), teacher(x, t, embed))
+    assert teacher.config == {"base_channels": 8, "channel_multipliers": [1, 1, 1, 1],
+                              "embed_dim": 512}  # plain nets keep their config and keys
+    records = {"guidance_input": True, "guidance_range": [1.0, 8.0], "distilled_steps": 4}
+    assert student.config == {**teacher.config, **records}
+    assert torch.equal(student.distilled_timesteps, torch.tensor([1.0, 0.75, 0.5, 0.25]))
+
+    with torch.no_grad():  # trained a little: w now matters, and every format keeps it
+        student.guidance_embed.linear.weight.normal_()
+        v = student(x, t, embed, guidance=torch.tensor(5.0))
+    ckpt, safetensors = export_weights(student, tmp_path, "model_student")
+    lightning = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {f"model_ema.{k}": v for k, v in student.state_dict().items()}},
+               lightning)
+    for path in (ckpt, safetensors, lightning):
+        again = load_unet(path)
+        assert again.config == student.config and float(again.autoencoder_scale) == 0.5
+        with torch.no_grad():
+            assert (again(x, t, embed, guidance=torch.tensor(5.0)) - v).abs().max() < 1e-5
+        info = describe_checkpoint(path)
+        assert info["guidance_input"] is True and info["distilled_steps"] == 4
+        assert "distilled, 4 steps, guidance 3 in 1 row(s)" in info["distilled"]
+    assert infer_unet_config(state(ckpt)) == student.config
+    with safe_open(str(safetensors), "pt") as f:  # for tools that read the metadata
+        assert json.loads(f.metadata()["config"]) == student.config
+    assert main(["info", str(safetensors)]) == 0
+
+
+def test_pipeline_folder_keeps_a_students_records(fixture_pipeline, tmp_path):
+    from ccld import CCLDPipeline
+    from ccld.models.unet import with_records
+
+    student = with_records(fixture_pipeline.unet, guidance_input=True, guidance_range=(2, 6),
+                           distilled_steps=2).eval()
+    pipe = CCLDPipeline(student, fixture_pipeline.autoencoder, fixture_pipeline.cloob)
+    again = CCLDPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m"))
+    assert again.unet.config == student.config
+    assert again.sampling_defaults == {"method": "distilled", "steps": 2, "guidance": 3.0,
+                                       "rows_per_image": 1}
+    config = json.loads((tmp_path / "m" / "unet" / "config.json").read_text())
+    config["distilled_steps"] = "two"
+    (tmp_path / "m" / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="distilled_steps is 'two', not a positive integer"):
+        CCLDPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_one_progressive_round_lowers_the_two_step_vs_one_step_gap():
+    from ccld.models.unet import with_records
+    from ccld.training.distill import ProgressiveDistillationObjective
+    from ccld.training.objective import LatentBatch, SobolTimesteps
+
+    torch.manual_seed(0)
+    teacher = CCLDUNet(8, (1, 1, 1, 1), embed_dim=16).eval()
+    student = with_records(teacher, distilled_steps=2).train()  # starts as the teacher
+    objective = ProgressiveDistillationObjective(teacher, student_steps=2, cond_drop=0.0)
+    mean, embed = torch.randn(8, 4, 8, 8), torch.randn(8, 16)
+
+    def batch(seed):  # the same images and conditions, new noise and timesteps each step
+        return LatentBatch(mean, torch.full_like(mean, -30.0), embed, torch.tensor(1.0),
+                           torch.Generator().manual_seed(seed), SobolTimesteps(seed))
+
+    held_out = objective.noised(batch(1000))  # noise never trained on
+    assert set(held_out.t.tolist()) == {0.5, 1.0}  # the student's grid points
+
+    def gap():  # |one student DDIM step - two teacher DDIM steps|, in the loss's weighting
+        with torch.no_grad():
+            return objective.match_two_steps(student, held_out)[0].item()
+
+    # the target is the teacher's own two steps: a student jumping one step with the teacher's
+    # velocity misses them by the gap, which training closes
+    before = gap()
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
+    for step in range(30):
+        loss, _ = objective.loss(student, batch(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = gap()
+    assert after < 0.85 * before, (before, after)  # 0.058 -> 0.044
+
+
+def test_guidance_objective_draws_w_and_the_teacher_guides_at_it():
+    from ccld.models.unet import with_records
+    from ccld.training.distill import DistillationObjective, guided_velocity
+
+    torch.manual_seed(0)
+    teacher = CCLDUNet(8, (1, 1, 1, 1), embed_dim=16).eval()
+    x, t, cond = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randn(4, 16)
+    w = torch.tensor([1.0, 2.0, 5.0, 8.0])
+    with torch.no_grad():
+        v_c, v_u = teacher(x, t, cond), teacher(x, t, torch.zeros_like(cond))
+        assert torch.allclose(guided_velocity(teacher, x, t, cond, w),
+                              v_u + w.view(-1, 1, 1, 1) * (v_c - v_u), atol=1e-5)
+        student = with_records(teacher, guidance_input=True, guidance_range=(1, 8)).eval()
+        # a guided teacher of its own (a guidance student) gives it in one forward with w
+        assert torch.equal(guided_velocity(student, x, t, cond, w), student(x, t, cond, guidance=w))
+    objective = DistillationObjective(teacher, cond_drop=0.0, guidance_range=(1, 8),
+                                      student_takes_guidance=True)
+    batch = NoisedBatch(x, t, cond, torch.randn_like(x))
+    loss, parts = objective.match_teacher(student, batch, w)
+    with torch.no_grad():
+        expected = (student(x, t, cond, guidance=w) - guided_velocity(teacher, x, t, cond, w))
+    assert torch.allclose(loss, expected.square().mean(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def students(world, tmp_path_factory):
+    """A guidance student (range 1,8) of the tiny teacher, and a 2-step progressive student of
+    it (one round from 4 steps), both made by `ccld distill`."""
+    out = tmp_path_factory.mktemp("students")
+    common = ["--data", str(world["cache"]), "--batch-size", "4", "--lr", "1e-4",
+              "--max-steps", "2", "--checkpoint-every", "0", *QUIET]
+    assert main(["distill", "--objective", "guidance", "--guidance-range", "1,8",
+                 "--teacher", str(world["teacher"]), "--out", str(out / "guidance"),
+                 *common]) == 0
+    assert main(["distill", "--objective", "progressive", "--start-steps", "4", "--rounds", "1",
+                 "--teacher", str(out / "guidance" / "model_student.safetensors"),
+                 "--out", str(out / "progressive"), *common]) == 0
+    return {"guidance": out / "guidance" / "model_student.safetensors",
+            "progressive": out / "progressive" / "model_student.safetensors"}
+
+
+def test_distill_writes_students_that_say_what_they_are(world, students):
+    from ccld.models.unet import load_unet
+
+    guidance = load_unet(students["guidance"])
+    assert guidance.config == {"base_channels": 16, "channel_multipliers": [1, 1, 2, 2],
+                               "embed_dim": 512, "guidance_input": True,
+                               "guidance_range": [1.0, 8.0]}  # started from the teacher
+    assert float(guidance.autoencoder_scale) == pytest.approx(0.35)
+    progressive = load_unet(students["progressive"])
+    assert progressive.config == {**guidance.config, "distilled_steps": 2}  # inherits the range
+    assert progressive.distilled_timesteps.tolist() == [1.0, 0.5]
+
+
+def test_generate_and_the_pipeline_sample_a_student_as_it_was_distilled(
+        world, students, model_files, tmp_path):
+    from PIL import Image
+
+    from ccld import CCLDPipeline
+
+    files = {**model_files, "autoencoder": world["autoencoder"]}
+    pipe = CCLDPipeline.from_files(**{**files, "unet": students["progressive"]})
+    rows = []
+    pipe.unet.register_forward_hook(lambda m, args, kwargs=None: rows.append(args[0].shape[0]))
+    pipe.generate_latents("a red circle", num_images=2, size=64)
+    assert rows == [2, 2]  # its own 2 steps, one row per image at the default w = 3
+    rows.clear()
+    pipe.generate_latents("a red circle:9", num_images=2, size=64)  # outside its range:
+    assert rows == [4, 4]  # ordinary guidance over its plain velocities, two rows
+    rows.clear()
+    pipe.generate_latents(["a red circle:3", "a blue square:2"], num_images=2, size=64, steps=3,
+                          method="unipc")  # several prompts mix: a row per condition
+    assert rows == [6, 6, 6]
+
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", "--unet", str(students["progressive"]),
+                 "--autoencoder", str(world["autoencoder"]), "--cloob", str(files["cloob"]),
+                 "--cloob-config", str(files["cloob_config"]), "--out", str(out), "-q",
+                 "--device", "cpu", "--precision", "fp32"]) == 0
+    with Image.open(out / "00000.png") as image:
+        params = json.loads(image.text["parameters"])
+    assert (params["method"], params["steps"], params["guidance"]) == ("distilled", 2, 3.0)
+    assert params["distilled"] == {"unet": {"guidance_input": True, "guidance_range": [1.0, 8.0],
+                                            "distilled_steps": 2},
+                                   "one_row_guidance": 3.0, "rows_per_image": 1}
+
+
+def test_evaluate_samples_each_model_as_what_it_is(world, students, tmp_path, capsys):
+    files = encoder_options(world["autoencoder"], world["fixtures"])
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "a quiet harbour", "--teacher", str(world["teacher"]),
+                 "--student", str(students["progressive"]), "-n", "1", "--steps", "3",
+                 "--size", "64", "--json", str(out), *files]) == 0
+    sampled = json.loads(out.read_text())["sampled"]
+    assert sampled["teacher"] == {"method": "plms", "steps": 3, "forwards": 12,
+                                  "rows_per_image": 2, "one_row_guidance": None}
+    assert sampled["student"] == {"method": "distilled", "steps": 2, "forwards": 2,
+                                  "rows_per_image": 1, "one_row_guidance": 3.0}
+    assert "student: distilled 2 steps, 2 forwards x 1 row(s) per image" in capsys.readouterr().out
+
+
+def test_a_progressive_round_resumes_exactly(world, tmp_path):
+    common = ["distill", "--objective", "progressive", "--start-steps", "4", "--rounds", "2",
+              "--data", str(world["cache"]), "--teacher", str(world["teacher"]),
+              "--batch-size", "4", "--lr", "1e-4", "--checkpoint-every", "0", *QUIET]
+    assert main([*common, "--out", str(tmp_path / "whole"), "--max-steps", "2"]) == 0
+    # the same run stopped half way through its first round, then resumed: round 1 continues
+    # from its checkpoint, round 2 starts from its student
+    assert main([*common[:6], "1", *common[7:], "--out", str(tmp_path / "parts"),
+                 "--max-steps", "1"]) == 0
+    assert main([*common, "--out", str(tmp_path / "parts"), "--max-steps", "2"]) == 2  # no --resume
+    assert main([*common, "--out", str(tmp_path / "parts"), "--max-steps", "2", "--resume"]) == 0
+    whole = state(tmp_path / "whole" / "model_student.ckpt")
+    parts = state(tmp_path / "parts" / "model_student.ckpt")
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert whole["distilled_timesteps"].tolist() == [1.0]

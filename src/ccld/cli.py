@@ -54,21 +54,21 @@ def check_writable_folder(folder: Path, option: str) -> None:
 
 def apply_recipe(args) -> None:
     """Fills the sampling options left out: the reference demo's recipe with --reference (plms,
-    15 steps, contiguous fp32; the latent scale is the model's own reference one either way),
-    else the fast defaults. Options given explicitly always win."""
+    15 steps, contiguous fp32; the latent scale is the model's own reference one either way).
+    Method, steps and guidance left out otherwise stay None: the pipeline fills them with the
+    model's own defaults (a distilled student's, else the fast ones). Options given explicitly
+    always win."""
     from .pipeline import (
-        DEFAULT_METHOD,
-        DEFAULT_STEPS,
         REFERENCE_METHOD,
         REFERENCE_PRECISION,
         REFERENCE_STEPS,
     )
 
     reference = getattr(args, "reference", False)
-    if getattr(args, "method", "") is None:
-        args.method = REFERENCE_METHOD if reference else DEFAULT_METHOD
-    if getattr(args, "steps", 0) is None:
-        args.steps = REFERENCE_STEPS if reference else DEFAULT_STEPS
+    if reference and getattr(args, "method", "") is None:
+        args.method = REFERENCE_METHOD
+    if reference and getattr(args, "steps", 0) is None:
+        args.steps = REFERENCE_STEPS
     if args.precision is None:
         args.precision = REFERENCE_PRECISION if reference else "auto"
 
@@ -79,9 +79,11 @@ def check_generate_args(args) -> None:
     IMAGES_PER_RUN.check("-n", args.n)
     if args.batch_size is not None:
         IMAGES_PER_CALL.check("--batch-size", args.batch_size)
-    STEPS.check("--steps", args.steps)
+    if args.steps is not None:
+        STEPS.check("--steps", args.steps)
     SEED.check("--seed", args.seed)
-    WEIGHT.check("--guidance", args.guidance)
+    if args.guidance is not None:
+        WEIGHT.check("--guidance", args.guidance)
     ETA.check("--eta", args.eta)
     if args.latent_scale is not None:
         LATENT_SCALE.check("--latent-scale", args.latent_scale)
@@ -100,8 +102,16 @@ def check_generate_args(args) -> None:
         raise CCLDError('nothing to paint from; give a prompt, e.g. ccld generate "a snowy '
                         'landscape, oil on canvas", or --image-prompt PATH or --init-image PATH')
     for spec in args.image_prompt:
-        parse_weighted(spec, args.guidance, "image prompt", is_path=True)
+        parse_weighted(spec, default_weight(args), "image prompt", is_path=True)
     check_picture_args(args)
+
+
+def default_weight(args) -> float:
+    """The weight of a prompt given without one, for the checks before the model is loaded
+    (which weight it then gets, the model may say: see `CCLDPipeline.sampling_defaults`)."""
+    from .pipeline import DEFAULT_GUIDANCE
+
+    return DEFAULT_GUIDANCE if args.guidance is None else args.guidance
 
 
 def cmd_generate(args) -> int:
@@ -114,7 +124,7 @@ def cmd_generate(args) -> int:
 
         return generate_from_file(args, out)
     for spec in args.prompts:  # also refuses a bad weight before the models load
-        note = how_read(spec, args.guidance)
+        note = how_read(spec, default_weight(args))
         if note:
             print(f"ccld: note: {note}", file=sys.stderr)
     from .loading import load_pipeline
@@ -380,13 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0,
                    help=f"random seed, 0 to {SEED.high} (default 0)")
     g.add_argument("--steps", type=int, default=None,
-                   help=f"sampling steps (default {DEFAULT_STEPS}; {REFERENCE_STEPS} with --reference)")
+                   help=f"sampling steps (default {DEFAULT_STEPS}; {REFERENCE_STEPS} with "
+                        "--reference; a step-distilled student's own count)")
     g.add_argument("--method", default=None, choices=list(sampling.SAMPLERS),
-                   help=f"sampler (default {DEFAULT_METHOD}; {REFERENCE_METHOD} with --reference)")
+                   help=f"sampler (default {DEFAULT_METHOD}; {REFERENCE_METHOD} with --reference; "
+                        "distilled for a step-distilled student)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default 0: deterministic)")
-    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    g.add_argument("--guidance", type=float, default=None,
                    help=f"default prompt weight (classifier-free guidance scale, default "
-                        f"{DEFAULT_GUIDANCE:g})")
+                        f"{DEFAULT_GUIDANCE:g}, or brought into a guidance-distilled student's "
+                        "range)")
     g.add_argument("--latent-scale", type=float, default=None,
                    help="latent scale for decoding (default: 2.55 for the published WikiArt "
                         "models, as their demos decode; else the U-Net's stored autoencoder_scale)")

@@ -149,6 +149,21 @@ def unet_file_latent_scale(path: Path, stored: float | None) -> str:
     return said
 
 
+UNET_RECORDS = ("autoencoder_scale", "guidance_range", "distilled_timesteps")  # buffers, not weights
+
+
+def distillation_summary(config: dict) -> dict:
+    """How a distilled student samples by default, in words, for `ccld info`."""
+    from .pipeline import sampling_defaults
+
+    if not any(k in config for k in ("guidance_input", "guidance_range", "distilled_steps")):
+        return {}
+    defaults = sampling_defaults(config)
+    return {"distilled": f"samples by default with {defaults['method']}, {defaults['steps']} "
+                         f"steps, guidance {defaults['guidance']:g} in "
+                         f"{defaults['rows_per_image']} row(s) per image per step"}
+
+
 def describe_checkpoint(path: str | os.PathLike) -> dict:
     """What a file is: kind, architecture, parameter count and latent scale where it has one."""
     from .checkpoints import describe_foreign_state_dict, load_array_pickle, load_state_file
@@ -161,7 +176,12 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
             scale = index.get("latent_scale")
             why = (f"{scale} (recorded when converted from a published WikiArt model)"
                    if scale is not None else "the U-Net's stored autoencoder_scale")
-            return {"kind": "ccld pipeline folder", "path": str(p), **index, "latent_scale": why}
+            info = {"kind": "ccld pipeline folder", "path": str(p), **index, "latent_scale": why}
+            try:
+                unet_config = json.loads((p / "unet" / "config.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                return info
+            return {**info, "unet": unet_config, **distillation_summary(unet_config)}
         raise CCLDError(f"{p}: a folder without model_index.json; give a checkpoint file or a "
                         "folder written by `ccld convert`")
     if p.suffix == ".pkl":
@@ -179,9 +199,10 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         config = infer_unet_config(sd, p)
         info = {"kind": "CCLD U-Net" + (" (Lightning checkpoint, EMA weights)" if lightning else ""),
                 "path": str(p), **config,
-                "parameters": sum(int(v.numel()) for k, v in sd.items() if k != "autoencoder_scale")}
+                "parameters": sum(int(v.numel()) for k, v in sd.items() if k not in UNET_RECORDS)}
         if "autoencoder_scale" in sd:
             info["autoencoder_scale"] = round(float(sd["autoencoder_scale"]), 6)
+        info.update(distillation_summary(config))
         info["latent_scale"] = unet_file_latent_scale(p, info.get("autoencoder_scale"))
         if lightning and "global_step" in obj:
             info["global_step"] = int(obj["global_step"])

@@ -183,7 +183,37 @@ def folder_unet_architecture(folder: Path, config: dict) -> dict:
             raise CCLDError(f"{folder}/unet/config.json: {key} is {value!r}, not {kind}; convert "
                             "the model again")
         architecture[key] = value
+    # a distilled student's records (see ccld.models.unet), present only when it has them
+    optional = {"guidance_input": (lambda v: v is True, "true"),
+                "guidance_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) for w in v),
+                    "a [low, high] pair of numbers"),
+                "distilled_steps": (positive, "a positive integer")}
+    for key, (fits, kind) in optional.items():
+        if key in config:
+            if not fits(config[key]):
+                raise CCLDError(f"{folder}/unet/config.json: {key} is {config[key]!r}, not "
+                                f"{kind}; convert the model again")
+            architecture[key] = config[key]
     return architecture
+
+
+def sampling_defaults(unet_config: dict) -> dict:
+    """The method, steps and guidance a U-Net samples with unless a call says otherwise, and the
+    U-Net rows each image costs per forward at that guidance.
+
+    A plain model: DEFAULT_METHOD, DEFAULT_STEPS, DEFAULT_GUIDANCE, two rows (conditional and
+    unconditional). A step-distilled student (`distilled_steps`): the `distilled` sampler at
+    its own step count. A guidance-distilled one (`guidance_range`): DEFAULT_GUIDANCE brought
+    into its range, in one row (see `CCLDPipeline.distilled_guidance`).
+    """
+    steps = unet_config.get("distilled_steps")
+    method, steps = ("distilled", steps) if steps else (DEFAULT_METHOD, DEFAULT_STEPS)
+    guidance, rows = DEFAULT_GUIDANCE, 2
+    if unet_config.get("guidance_range"):
+        low, high = unet_config["guidance_range"]
+        guidance, rows = min(max(DEFAULT_GUIDANCE, low), high), 1
+    return {"method": method, "steps": steps, "guidance": guidance, "rows_per_image": rows}
 
 
 def picture_size(size: int | None = None, height: int | None = None,
@@ -261,6 +291,7 @@ class _SamplingPlan:
     width: int
     varied_noise: torch.Tensor | None  # the starting noise a variation moves away from
     variation_strength: float
+    distilled_guidance: float | None = None  # a guidance-distilled student's one-row w
 
     def next_noise(self, generator: torch.Generator, count: int) -> torch.Tensor:
         """The starting noise of the next `count` pictures: the seed's, or with a variation
@@ -276,6 +307,13 @@ class _SamplingPlan:
         pictures depend on how the images are batched."""
         return bool(self.sampler.eta(self.eta))
 
+    @property
+    def painted_alone(self) -> bool:
+        """Whether its batches hold no other request's rows: a stochastic sampler's pictures
+        depend on its own batches, and a guidance-distilled student's one-row forward has no
+        place for other rows' conditions."""
+        return self.stochastic or self.distilled_guidance is not None
+
 
 @dataclass(frozen=True)
 class _ImagesRequest:
@@ -290,8 +328,8 @@ class _ImagesRequest:
     def shares_batches_with(self) -> tuple:
         """Requests with equal keys can be sampled in one batch (each row guided by its own
         request's prompts, from its own seed's noise) and decoded together, painting the
-        pictures each paints alone; a stochastic sampler's request shares with none."""
-        if self.plan.stochastic:
+        pictures each paints alone; some requests share with none (`painted_alone`)."""
+        if self.plan.painted_alone:
             return ("alone", id(self))
         return (self.params["method"], tuple(self.plan.timesteps.tolist()), self.plan.height,
                 self.plan.width, self.latent_scale, self.full_decoder)
@@ -521,6 +559,27 @@ class CCLDPipeline:
         the checkpoint stored), else the U-Net's stored `autoencoder_scale`."""
         return float(self.unet.autoencoder_scale if self.latent_scale is None else self.latent_scale)
 
+    @property
+    def sampling_defaults(self) -> dict:
+        """method, steps, guidance (and rows_per_image) used where a call leaves them out: the
+        U-Net's own for a distilled student (see `sampling_defaults`), else the fast defaults."""
+        return sampling_defaults(self.unet.config)
+
+    def _with_defaults(self, steps, method, guidance) -> tuple[int, str, float]:
+        defaults = self.sampling_defaults
+        return (defaults["steps"] if steps is None else steps,
+                defaults["method"] if method is None else method,
+                defaults["guidance"] if guidance is None else guidance)
+
+    def distilled_guidance(self, prompts: list[Prompt], image_prompts: list[Prompt]) -> float | None:
+        """The guidance weight at which a guidance-distilled student runs one row per image for
+        these prompts, or None for ordinary classifier-free guidance: one prompt (text or
+        image) whose weight lies in the student's range runs at w = that weight; several
+        prompts, a negative weight or one outside the range are ordinary guidance over the
+        student's plain velocities (see `sampling.one_row_guidance`)."""
+        return sampling.one_row_guidance(self.unet.distilled_guidance,
+                                         [p.weight for p in [*prompts, *image_prompts]])
+
     # Conditioning
 
     @_in_autocast
@@ -595,8 +654,12 @@ class CCLDPipeline:
         embeds, weights = self.conditions(prompts, image_prompts, guidance)
         init_latent = (None if init_image is None
                        else self.encode_init_image(init_image, height=height, width=width))
-        return _SamplingPlan(sampler, embeds, weights, sampler.timesteps(steps, start, device=self.device),
-                             init_latent, eta, seed, height, width, varied, variation_strength)
+        timesteps = sampler.timesteps(steps, start, device=self.device)
+        if method == "distilled" and steps == self.unet.distilled_steps and start == 1.0:
+            timesteps = self.unet.distilled_timesteps.float()  # exactly those it was trained on
+        return _SamplingPlan(sampler, embeds, weights, timesteps, init_latent, eta, seed, height,
+                             width, varied, variation_strength,
+                             self.distilled_guidance(prompts, image_prompts))
 
     @_in_autocast
     def _sample(self, parts: Sequence[tuple[_SamplingPlan, int]], noise: torch.Tensor,
@@ -620,19 +683,22 @@ class CCLDPipeline:
             if callback is not None:
                 callback({**info, "steps": steps})
 
-        if len(parts) == 1:
-            model = sampling.guided_model(self.unet, plan.embeds, plan.weights)
-        else:
+        if len(parts) > 1:
             model = sampling.stacked_guided_model(
                 self.unet, [(p.embeds, p.weights, rows) for p, rows in parts])
+        elif plan.distilled_guidance is not None:
+            model = sampling.distilled_guidance_model(self.unet, plan.embeds[1],
+                                                      plan.distilled_guidance)
+        else:
+            model = sampling.guided_model(self.unet, plan.embeds, plan.weights)
         latents = plan.sampler(model, x, plan.timesteps, eta=plan.eta, generator=generator,
                                callback=check_step)
         return require_finite(latents, "the sampled latents")
 
     @_in_autocast
     def generate_latents(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
-                         num_images: int = 1, steps: int = DEFAULT_STEPS,
-                         method: str = DEFAULT_METHOD, guidance: float = DEFAULT_GUIDANCE,
+                         num_images: int = 1, steps: int | None = None,
+                         method: str | None = None, guidance: float | None = None,
                          seed: int = 0, eta: float = 0.0, init_image: ImageLike | None = None,
                          strength: float = DEFAULT_STRENGTH, size: int | None = None,
                          height: int | None = None, width: int | None = None,
@@ -641,6 +707,7 @@ class CCLDPipeline:
                          callback: sampling.Callback = None) -> torch.Tensor:
         """Samples latents (in the U-Net's scaled space); see `__call__` for the arguments."""
         num_images = IMAGES_PER_CALL.check("num_images", num_images)
+        steps, method, guidance = self._with_defaults(steps, method, guidance)
         plan = self._plan(as_prompts(prompts, guidance, "prompt"),
                           as_prompts(image_prompts, guidance, "image prompt"), steps=steps,
                           method=method, guidance=guidance, seed=seed, eta=eta,
@@ -715,8 +782,8 @@ class CCLDPipeline:
         return "full" if full_decoder or self.tiny_decoder is None else self.sources["tiny_decoder"]
 
     def __call__(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
-                 num_images: int = 1, steps: int = DEFAULT_STEPS, method: str = DEFAULT_METHOD,
-                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
+                 num_images: int = 1, steps: int | None = None, method: str | None = None,
+                 guidance: float | None = None, seed: int = 0, eta: float = 0.0,
                  init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
                  latent_scale: float | None = None, size: int | None = None,
                  height: int | None = None, width: int | None = None,
@@ -728,7 +795,9 @@ class CCLDPipeline:
 
         prompts / image_prompts: a string (`"text:weight"`, `"path:weight"`), a (value, weight)
         tuple, or a list of them; a weight left out is `guidance` (the demo's 3). Negative
-        weights steer away. Each image carries its generation parameters in `image.info`.
+        weights steer away. steps, method and guidance left out (None) are the model's own
+        (`sampling_defaults`): DEFAULT_STEPS, DEFAULT_METHOD and DEFAULT_GUIDANCE unless it is
+        a distilled student. Each image carries its generation parameters in `image.info`.
         Every number is checked against `ccld.limits`. `height`, `width`: the picture's size in
         pixels (multiples of 64, default 256, where the published models paint best); `size`
         sets both. `variation_of`: paint variations of the picture that seed painted (picture
@@ -746,8 +815,8 @@ class CCLDPipeline:
 
     def iter_images(self, prompts: PromptsLike = (), image_prompts: PromptsLike = (), *,
                     num_images: int = 1, batch_size: int | None = None,
-                    steps: int = DEFAULT_STEPS, method: str = DEFAULT_METHOD,
-                    guidance: float = DEFAULT_GUIDANCE, seed: int = 0, eta: float = 0.0,
+                    steps: int | None = None, method: str | None = None,
+                    guidance: float | None = None, seed: int = 0, eta: float = 0.0,
                     init_image: ImageLike | None = None, strength: float = DEFAULT_STRENGTH,
                     latent_scale: float | None = None, size: int | None = None,
                     height: int | None = None, width: int | None = None,
@@ -782,6 +851,7 @@ class CCLDPipeline:
                  variation_strength: float, full_decoder: bool) -> _ImagesRequest:
         """`iter_images`' arguments (less `progress` and `callback`), checked and planned."""
         num_images = IMAGES_PER_RUN.check("num_images", num_images)
+        steps, method, guidance = self._with_defaults(steps, method, guidance)
         batch_size = IMAGES_PER_CALL.check(
             "batch_size", self.default_batch_size if batch_size is None else batch_size)
         if latent_scale is not None:
@@ -888,7 +958,7 @@ class CCLDPipeline:
                 groups.setdefault(request.shares_batches_with(), []).append(number)
         work = []  # (a request painted whole, as alone) or (request number, image index) pairs
         for numbers in groups.values():
-            if planned[numbers[0]].plan.stochastic:
+            if planned[numbers[0]].plan.painted_alone:
                 work.append(numbers[0])
                 continue
             items = [(n, i) for n in numbers for i in wanted[n]]
@@ -937,7 +1007,10 @@ class CCLDPipeline:
                  variation_of: int | None = None, variation_index: int = 0,
                  variation_strength: float = DEFAULT_VARIATION_STRENGTH,
                  full_decoder: bool = False) -> dict:
-        """Everything needed to paint the same picture again, as recorded in each PNG."""
+        """Everything needed to paint the same picture again, as recorded in each PNG; for a
+        distilled student also how it ran (`distilled`: the guidance it gave in one row, or
+        None, and its rows per image per step)."""
+        steps, method, guidance = self._with_defaults(steps, method, guidance)
         height, width = picture_size(size, height, width)
         texts = as_prompts(prompts, guidance, "prompt")
         images = as_prompts(image_prompts, guidance, "image prompt")
@@ -952,6 +1025,15 @@ class CCLDPipeline:
             "decoder": self.decoder_name(full_decoder), "models": self.sources,
             "ccld_version": __version__,
         }
+        unet_config = self.unet.config
+        if any(k in unet_config for k in ("guidance_range", "distilled_steps")):
+            one_row = self.distilled_guidance(texts, images)
+            params["distilled"] = {"unet": {k: unet_config[k] for k in (
+                                       "guidance_input", "guidance_range", "distilled_steps")
+                                       if k in unet_config},
+                                   "one_row_guidance": one_row,
+                                   "rows_per_image": 1 if one_row is not None
+                                   else 1 + len(texts) + len(images)}
         if sampler.stochastic:
             params["eta"] = sampler.eta(eta)
         if init_image is not None:

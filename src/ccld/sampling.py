@@ -61,6 +61,13 @@ def get_timesteps(n_steps: int, start: float = 1.0, device=None) -> torch.Tensor
     return spliced_ddpm_cosine_schedule(t)
 
 
+def uniform_timesteps(n_steps: int, start: float = 1.0, device=None) -> torch.Tensor:
+    """`n_steps` times evenly spaced from `start` down to (not including) 0: the grid that
+    progressive distillation halves, on which DDIM's last clean-latent prediction is its step
+    to t = 0 (the schedule of the `distilled` sampler)."""
+    return torch.linspace(start, 0, n_steps + 1, device=device)[:-1]
+
+
 def power_timesteps(n_steps: int, start: float = 1.0, t_min: float = 0.05, rho: float = 1.4,
                     device=None) -> torch.Tensor:
     """`n_steps` points from the demo schedule's first timestep down to `t_min`, spaced as
@@ -122,6 +129,38 @@ def stacked_guided_model(model: Callable[..., torch.Tensor],
         return torch.cat(mixed)
 
     return fn
+
+
+def distilled_guidance_model(model: Callable[..., torch.Tensor], embed: torch.Tensor,
+                             guidance: float) -> Model:
+    """v = model(x, t, embed, guidance): a guidance-distilled student gives the guided velocity
+    in one row per image, where `guided_model` needs a row per condition."""
+    embeds_for_batch = {}
+
+    def fn(x, t):
+        n = x.shape[0]
+        if n not in embeds_for_batch:
+            embeds_for_batch[n] = embed.reshape(1, -1).expand(n, -1)
+        w = torch.full([n], float(guidance), device=x.device)
+        return model(x, t, embeds_for_batch[n], guidance=w).float()
+
+    return fn
+
+
+def one_row_guidance(guidance_range: tuple[float, float] | None,
+                     weights: Sequence[float]) -> float | None:
+    """The w at which a guidance-distilled student (distilled for `guidance_range`) gives the
+    guided velocity of conditions with user `weights` in one row, or None where it cannot.
+
+    One condition whose weight lies in the range: that weight. Anything else (several
+    conditions, which mix; a negative weight or one outside the range; no condition) needs
+    ordinary guidance over the student's plain velocities (at w = 1, its conditional and
+    unconditional ones), a row per condition as for any model.
+    """
+    if guidance_range is None or len(weights) != 1:
+        return None
+    low, high = guidance_range
+    return float(weights[0]) if low <= float(weights[0]) <= high else None
 
 
 def condition_weights(user_weights: Sequence[float], device=None) -> torch.Tensor:
@@ -390,6 +429,8 @@ register_sampler("plms2", plms2, forwards=lambda n: 2 * min(1, n) + max(0, n - 1
 register_sampler("iplms", iplms)
 register_sampler("dpm++2m", dpmpp_2m)
 register_sampler("unipc", unipc, schedule=power_timesteps)
+# a step-distilled student's own sampler: DDIM on the uniform grid it was distilled on
+register_sampler("distilled", ddim, schedule=uniform_timesteps)
 
 
 def get_sampler(method: str) -> Sampler:

@@ -567,8 +567,26 @@ def _size_inputs(size: int):
     return width, height
 
 
-def _input_column(num_images: int, size: int) -> _Form:
-    """Prompts and the Generate button, the sampler's settings, then the folded uploads."""
+def model_defaults(pipe) -> dict:
+    """The form's method, steps and guidance: the model's own (a distilled student's, see
+    `CCLDPipeline.sampling_defaults`), else the fast defaults (also for stand-in pipelines)."""
+    plain = {"method": DEFAULT_METHOD, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
+    return {**plain, **{k: v for k, v in (getattr(pipe, "sampling_defaults", None) or {}).items()
+                        if k in plain}}
+
+
+def examples_for(examples: list, defaults: dict) -> list:
+    """The example rows, with a distilled student's own method, steps and guidance instead of
+    theirs (those would run it as the plain model it no longer is)."""
+    if defaults["method"] == DEFAULT_METHOD and defaults["guidance"] == DEFAULT_GUIDANCE:
+        return examples
+    return [[prompts, defaults["method"], defaults["steps"], defaults["guidance"], n, seed]
+            for prompts, _, _, _, n, seed in examples]
+
+
+def _input_column(num_images: int, size: int, defaults: dict) -> _Form:
+    """Prompts and the Generate button, the sampler's settings (at the model's `defaults`),
+    then the folded uploads."""
     import gradio as gr
 
     from . import sampling
@@ -579,12 +597,12 @@ def _input_column(num_images: int, size: int) -> _Form:
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             # The samplers registered now, when the app is built, including any added at run time.
-            method = gr.Dropdown(list(sampling.SAMPLERS), value=DEFAULT_METHOD, label="Method",
+            method = gr.Dropdown(list(sampling.SAMPLERS), value=defaults["method"], label="Method",
                                  elem_id="method")
             steps = _named_range_checks(gr.Slider(
-                1, WEB_STEPS.high, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps"))
+                1, WEB_STEPS.high, value=defaults["steps"], step=1, label="Steps", elem_id="steps"))
         with gr.Row():
-            guidance = gr.Number(DEFAULT_GUIDANCE, label="Guidance",
+            guidance = gr.Number(defaults["guidance"], label="Guidance",
                                  info="weight of prompts given without one", elem_id="guidance")
             count = _named_range_checks(gr.Slider(
                 1, WEB_IMAGES.high, value=num_images, step=1, label="Number of images",
@@ -717,10 +735,12 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(min(600, age), age)) as demo:
         gr.Markdown(INTRO, elem_id="ccld-title")
         with gr.Row(equal_height=False):
-            form = _input_column(num_images, size)
+            defaults = model_defaults(pipe)
+            form = _input_column(num_images, size, defaults)
             results = _results_column()
         if examples:
-            gr.Examples(examples=examples, inputs=form.example_inputs(), label="Example prompts",
+            gr.Examples(examples=examples_for(examples, defaults),
+                        inputs=form.example_inputs(), label="Example prompts",
                         cache_examples=False)
         with gr.Accordion("API", open=False):
             gr.Markdown(API_DOC.format(url="http://127.0.0.1:7860/"))

@@ -10,6 +10,14 @@ Layout at 32x32 latents (cs = base_channels * channel_multipliers):
     -> [4x4: 8 x (conv, attn)] -> 4 x (conv, attn)] -> 4 x (conv, attn)] -> 4 conv blocks
 Every conv block is modulated (scale and shift) by a 1024-wide vector that a small mapping
 network computes from the CLOOB embedding and the timestep.
+
+Distilled students (`ccld distill --objective guidance|progressive`) may carry three optional
+records, each present only when the feature is on, so that plain checkpoints keep their keys:
+a guidance-weight input (`guidance_embed.*`: Fourier features of w, zero-initialised, added to
+the mapping network's input), the guidance range they were distilled for (`guidance_range`
+buffer) and the timesteps they were step-distilled to (`distilled_timesteps` buffer). Buffers
+travel in every format (bare `.ckpt`, Lightning, safetensors, pipeline folders) like
+`autoencoder_scale`, and the architecture inference reads all three back from the keys.
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CCLDError
+from ..sampling import uniform_timesteps
 from . import meta_aware_randn
 
 MAPPING_WIDTH = 1024
 MAPPING_FOURIER = 128
 PLANE_FOURIER = 16
+GUIDANCE_FOURIER = 64
+GUIDANCE_FOURIER_STD = 0.2
 
 
 class FourierFeatures(nn.Module):
@@ -42,6 +53,25 @@ class FourierFeatures(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         f = 2 * math.pi * t @ self.weight.T
         return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class GuidanceEmbedding(nn.Module):
+    """The guidance weight w as a vector to add to the mapping network's input (Meng et al. 2023).
+
+    Fourier features of w (fixed, random, low frequencies: w spans about 1 to 10) and a linear
+    layer initialised to zero, so that a student given this input starts out computing exactly
+    what the checkpoint it was made from computes, whatever w.
+    """
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.fourier = FourierFeatures(1, GUIDANCE_FOURIER, std=GUIDANCE_FOURIER_STD)
+        self.linear = nn.Linear(GUIDANCE_FOURIER, out_features)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.fourier(w[:, None]))
 
 
 class ResLinearBlock(nn.Module):
@@ -155,10 +185,19 @@ class CCLDUNet(nn.Module):
     `forward(x, t, embed)`: x [n, 4, H, W] noised latents, t [n] in [0, 1] with
     alpha = cos(pi t / 2), sigma = sin(pi t / 2), embed [n, embed_dim] (zeros = unconditional).
     `autoencoder_scale` is the latent scale the net was trained with (latents = z / scale).
+
+    A distilled student may also have (see the module docstring): `guidance_input`, a
+    guidance-weight input (`forward(..., guidance=w)`, w = 1 when left out: the plain
+    conditional velocity); `guidance_range` (lo, hi; read as `distilled_guidance`), the
+    weights it was guidance-distilled for, its output being the teacher's guided velocity
+    there; `distilled_steps`, the number of DDIM steps it was step-distilled to (its timesteps
+    in the `distilled_timesteps` buffer).
     """
 
     def __init__(self, base_channels: int = 192, channel_multipliers=(1, 1, 2, 2),
-                 embed_dim: int = 512, autoencoder_scale: float = 1.0):
+                 embed_dim: int = 512, autoencoder_scale: float = 1.0,
+                 guidance_input: bool = False, guidance_range=None,
+                 distilled_steps: int | None = None):
         super().__init__()
         self.base_channels = int(base_channels)
         self.channel_multipliers = tuple(int(m) for m in channel_multipliers)
@@ -172,6 +211,10 @@ class CCLDUNet(nn.Module):
             ResLinearBlock(embed_dim + MAPPING_FOURIER, MAPPING_WIDTH, MAPPING_WIDTH),
             ResLinearBlock(MAPPING_WIDTH, MAPPING_WIDTH, MAPPING_WIDTH, is_last=True))
         self.register_buffer("autoencoder_scale", torch.tensor(float(autoencoder_scale)))
+        if guidance_range is not None:
+            self.register_buffer("guidance_range", torch.tensor([float(w) for w in guidance_range]))
+        if distilled_steps is not None:
+            self.register_buffer("distilled_timesteps", uniform_timesteps(int(distilled_steps)))
         self.timestep_embed = FourierFeatures(1, PLANE_FOURIER)
 
         def conv(c_in, c_mid, c_out, is_last=False):
@@ -203,23 +246,78 @@ class CCLDUNet(nn.Module):
         with torch.no_grad():
             for p in [*self.mapping.parameters(), *self.net.parameters()]:
                 p.mul_(0.5 ** 0.5)
+        # made last, so that the other weights of a seeded new net are those it has without it
+        self.guidance_embed = GuidanceEmbedding(embed_dim + MAPPING_FOURIER) if guidance_input else None
+
+    @property
+    def guidance_input(self) -> bool:
+        return self.guidance_embed is not None
+
+    @property
+    def distilled_guidance(self) -> tuple[float, float] | None:
+        """(lo, hi): the guidance weights this student was distilled to give in one row."""
+        buffer = self._buffers.get("guidance_range")
+        return None if buffer is None else (float(buffer[0]), float(buffer[1]))
+
+    @property
+    def distilled_steps(self) -> int | None:
+        buffer = self._buffers.get("distilled_timesteps")
+        return None if buffer is None else int(buffer.shape[0])
 
     @property
     def config(self) -> dict:
-        return {"base_channels": self.base_channels,
-                "channel_multipliers": list(self.channel_multipliers),
-                "embed_dim": self.embed_dim}
+        """The constructor's arguments but the latent scale; the distillation records only when
+        present, so that a plain net's config is what it always was."""
+        config = {"base_channels": self.base_channels,
+                  "channel_multipliers": list(self.channel_multipliers),
+                  "embed_dim": self.embed_dim}
+        if self.guidance_input:
+            config["guidance_input"] = True
+        if self.distilled_guidance is not None:
+            config["guidance_range"] = list(self.distilled_guidance)
+        if self.distilled_steps is not None:
+            config["distilled_steps"] = self.distilled_steps
+        return config
 
-    def mapping_cond(self, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    def mapping_cond(self, t: torch.Tensor, embed: torch.Tensor,
+                     guidance: torch.Tensor | None = None) -> torch.Tensor:
         """The 1024-wide vector that modulates every conv block."""
         embed = F.normalize(embed, dim=-1) * embed.shape[-1] ** 0.5
-        return self.mapping(torch.cat([embed, self.mapping_timestep_embed(t[:, None])], dim=1))
+        inputs = torch.cat([embed, self.mapping_timestep_embed(t[:, None])], dim=1)
+        if self.guidance_embed is not None:
+            w = torch.ones_like(t) if guidance is None else torch.as_tensor(guidance).to(t).expand_as(t)
+            inputs = inputs + self.guidance_embed(w)
+        return self.mapping(inputs)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-        cond = self.mapping_cond(t, embed)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, embed: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """v for noised latents x at times t under embeddings embed; `guidance` (one weight per
+        row, or one for all) reaches only a net with a guidance input, which reads None as 1."""
+        cond = self.mapping_cond(t, embed, guidance)
         planes = self.timestep_embed(t[:, None])[..., None, None].expand(
             -1, -1, x.shape[2], x.shape[3])
         return self.net(torch.cat([x, planes.to(x.dtype)], dim=1), cond)
+
+
+RECORDS = ("guidance_range", "distilled_timesteps")  # buffers that say what a student is
+
+
+def with_records(unet: CCLDUNet, **changes) -> CCLDUNet:
+    """A copy of `unet` with its config changed by `changes` (`guidance_input`,
+    `guidance_range`, `distilled_steps`; None removes one): the weights are `unet`'s, a new
+    guidance input starts at zero, so the copy computes exactly what `unet` does until it is
+    trained. What a student starts from in `ccld distill`."""
+    config = {**unet.config, "autoencoder_scale": float(unet.autoencoder_scale)}
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None and v is not False}
+    new = CCLDUNet(**config).to(unet.autoencoder_scale.device)
+    weights = {k: v for k, v in unet.state_dict().items() if k not in RECORDS}
+    if not new.guidance_input:
+        weights = {k: v for k, v in weights.items() if not k.startswith("guidance_embed.")}
+    missing, unexpected = new.load_state_dict(weights, strict=False)
+    assert not unexpected, unexpected
+    assert all(k in RECORDS or k.startswith("guidance_embed.") for k in missing), missing
+    return new.train(unet.training)
 
 
 # Loading: bare state dicts, Lightning training checkpoints, safetensors
@@ -238,6 +336,7 @@ _WIDTH_KEYS = (  # the first conv of each resolution level gives that level's wi
     "net.4.main.9.main.9.main.1.main.0.weight",
 )
 _EMBED_KEY = "mapping.0.main.0.weight"
+_GUIDANCE_KEY = "guidance_embed.linear.weight"
 
 
 def is_unet_state_dict(sd: dict) -> bool:
@@ -257,7 +356,8 @@ def unet_state_dict(obj: dict) -> dict:
 
 
 def infer_unet_config(sd: dict, source: str | os.PathLike = "checkpoint") -> dict:
-    """base_channels, channel_multipliers and embed_dim from the tensor shapes alone."""
+    """base_channels, channel_multipliers and embed_dim from the tensor shapes alone, and the
+    distillation records (guidance input, guidance range, distilled steps) where present."""
     from ..checkpoints import describe_foreign_state_dict
 
     missing = [k for k in (*_WIDTH_KEYS, _EMBED_KEY) if k not in sd]
@@ -273,7 +373,14 @@ def infer_unet_config(sd: dict, source: str | os.PathLike = "checkpoint") -> dic
     else:
         base = math.gcd(*widths)
         mults = tuple(w // base for w in widths)
-    return {"base_channels": base, "channel_multipliers": list(mults), "embed_dim": embed_dim}
+    config = {"base_channels": base, "channel_multipliers": list(mults), "embed_dim": embed_dim}
+    if _GUIDANCE_KEY in sd:
+        config["guidance_input"] = True
+    if "guidance_range" in sd:
+        config["guidance_range"] = [float(w) for w in sd["guidance_range"].float().tolist()]
+    if "distilled_timesteps" in sd:
+        config["distilled_steps"] = int(sd["distilled_timesteps"].shape[0])
+    return config
 
 
 def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",

@@ -114,7 +114,12 @@ def weights_with_prefix(state_dict: dict, prefix: str) -> dict:
 
 def export_weights(unet: torch.nn.Module, folder: Path, stem: str) -> list[Path]:
     """The U-Net as released: a bare `torch.save` state dict (`.ckpt`) and `.safetensors`."""
+    import json
+
     state = cpu_state(unet)
     folder.mkdir(parents=True, exist_ok=True)
+    # the buffers already carry everything the loaders need; the metadata says it to other tools
+    metadata = {"format": "ccld-unet", "config": json.dumps(unet.config),
+                "autoencoder_scale": str(float(unet.autoencoder_scale))}
     return [save_torch(state, folder / f"{stem}.ckpt"),
-            save_safetensors(state, folder / f"{stem}.safetensors")]
+            save_safetensors(state, folder / f"{stem}.safetensors", metadata)]

@@ -25,6 +25,7 @@ from ..loading import (
 
 TEACHER_ARCHITECTURE = (192, "4,4,8,8")  # the WikiArt teacher
 STUDENT_ARCHITECTURE = (192, "1,1,2,2")  # the distilled WikiArt student
+DEFAULT_GUIDANCE_RANGE = "1,8"  # Meng et al.'s range, and around the demo's 3
 
 logger = logging.getLogger(__name__)
 
@@ -258,39 +259,149 @@ def cmd_train(args) -> int:
     return 130 if summary["interrupted"] else 0
 
 
-def cmd_distill(args) -> int:
+def parse_guidance_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in str(text).split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not 0 <= low <= high < float("inf"):
+        raise CCLDError(f"--guidance-range {text!r}: give two weights LOW,HIGH with "
+                        "0 <= LOW <= HIGH, e.g. 1,8")
+    return low, high
+
+
+def distill_guidance_range(args, teacher) -> tuple[float, float] | None:
+    """The guidance weights the student learns to give in one row: --guidance-range,
+    --distill-guidance S (the range S,S), --objective guidance's default 1,8, or for
+    progressive distillation of a guidance-distilled teacher the teacher's own range."""
+    if args.guidance_range is not None and args.distill_guidance is not None:
+        raise CCLDError("give --guidance-range LOW,HIGH or --distill-guidance SCALE, not both")
+    if args.guidance_range is not None:
+        return parse_guidance_range(args.guidance_range)
+    if args.distill_guidance is not None:
+        return (args.distill_guidance, args.distill_guidance)
+    if args.objective == "guidance":
+        return parse_guidance_range(DEFAULT_GUIDANCE_RANGE)
+    if args.objective == "progressive" and teacher.guidance_input:
+        return teacher.distilled_guidance
+    return None
+
+
+def new_student(args, teacher):
+    """The student before distillation: --student-init's weights, a new net of
+    --base-channels/--channel-multipliers, or by default a new released-size student
+    (`velocity`) or the teacher itself (`guidance`, `progressive`: Meng et al. and Salimans &
+    Ho start from it)."""
     import torch
 
     from ..models.unet import CCLDUNet
-    from .distill import DistillationObjective
+
+    if args.student_init:
+        model, _ = load_unet_weights(args.student_init, "student checkpoint")
+    elif (args.objective == "velocity" or args.base_channels is not None
+          or args.channel_multipliers is not None):
+        base = args.base_channels or STUDENT_ARCHITECTURE[0]
+        mults = parse_multipliers(args.channel_multipliers or STUDENT_ARCHITECTURE[1])
+        torch.manual_seed(args.seed)
+        model = CCLDUNet(base, mults, embed_dim=teacher.embed_dim)
+    else:
+        model = teacher
+    if model.embed_dim != teacher.embed_dim:
+        raise CCLDError(f"the student takes {model.embed_dim}-dimensional embeddings, the "
+                        f"teacher {teacher.embed_dim}; they must match")
+    return model
+
+
+def distill_round(args, teacher_path, student_steps: int | None):
+    """One `ccld distill` training run: the objective's student learns from the teacher in
+    `teacher_path`; `student_steps` is the progressive round's step count (None otherwise)."""
+    from ..models.unet import with_records
+    from .distill import DistillationObjective, ProgressiveDistillationObjective
+
+    def build(args, accelerator, resume, resume_path, embed_dim):
+        teacher, teacher_scale = load_unet_weights(teacher_path, "teacher checkpoint")
+        guidance_range = distill_guidance_range(args, teacher)
+        # a guidance input only where w varies: a fixed scale is in the weights already
+        takes_guidance = guidance_range is not None and guidance_range[0] < guidance_range[1]
+        if resume is not None:
+            model, ema = unets_from_resume(resume, resume_path, accelerator.is_main_process)
+        else:
+            records = {"guidance_input": takes_guidance or None, "guidance_range": guidance_range}
+            if student_steps is not None:
+                records["distilled_steps"] = student_steps
+            model, ema = with_records(new_student(args, teacher), **records), None
+            model.autoencoder_scale.copy_(teacher.autoencoder_scale)
+        if student_steps is None:
+            objective = DistillationObjective(
+                teacher, args.true_v_weight, None, args.cond_drop, accelerator.autocast,
+                guidance_range=guidance_range, student_takes_guidance=takes_guidance)
+        else:
+            objective = ProgressiveDistillationObjective(
+                teacher, student_steps, args.cond_drop, accelerator.autocast,
+                guidance_range=guidance_range, student_takes_guidance=takes_guidance)
+        return model, ema, objective, resume is not None or teacher_scale
+
+    summary = run_training(args, "distill", build)
+    return summary
+
+
+def progressive_rounds(args) -> list[tuple[int, int, int]]:
+    """(round, teacher steps, student steps) of each round: --start-steps halved --rounds times."""
+    rounds, steps = [], args.start_steps
+    for k in range(1, args.rounds + 1):
+        if steps < 2 or steps % 2:
+            raise CCLDError(f"--start-steps {args.start_steps} cannot be halved {args.rounds} "
+                            "times into whole steps; start from a power of two, e.g. 64")
+        rounds.append((k, steps, steps // 2))
+        steps //= 2
+    return rounds
+
+
+def cmd_distill(args) -> int:
+    import argparse as _argparse
+    import shutil
 
     if args.distill_guidance is not None and args.distill_guidance < 0:
         raise CCLDError(f"--distill-guidance must be at least 0 (got {args.distill_guidance})")
     if args.true_v_weight < 0:
         raise CCLDError(f"--true-v-weight must be at least 0 (got {args.true_v_weight})")
+    if args.guidance_range is not None:
+        parse_guidance_range(args.guidance_range)
+    if args.objective != "progressive":
+        summary = distill_round(args, args.teacher, None)
+        return 130 if summary["interrupted"] else 0
 
-    def build(args, accelerator, resume, resume_path, embed_dim):
-        teacher, teacher_scale = load_unet_weights(args.teacher, "teacher checkpoint")
-        objective = DistillationObjective(teacher, args.true_v_weight, args.distill_guidance,
-                                          args.cond_drop, accelerator.autocast)
-        if resume is not None:
-            model, ema = unets_from_resume(resume, resume_path, accelerator.is_main_process)
-            return model, ema, objective, True
-        if args.student_init:
-            model, _ = load_unet_weights(args.student_init, "student checkpoint")
-        else:
-            base = args.base_channels or STUDENT_ARCHITECTURE[0]
-            mults = parse_multipliers(args.channel_multipliers or STUDENT_ARCHITECTURE[1])
-            torch.manual_seed(args.seed)
-            model = CCLDUNet(base, mults, embed_dim=teacher.embed_dim)
-        if model.embed_dim != teacher.embed_dim:
-            raise CCLDError(f"the student takes {model.embed_dim}-dimensional embeddings, the "
-                            f"teacher {teacher.embed_dim}; they must match")
-        model.autoencoder_scale.copy_(teacher.autoencoder_scale)
-        return model, None, objective, teacher_scale
-
-    summary = run_training(args, "distill", build)
-    return 130 if summary["interrupted"] else 0
+    if args.max_steps is None:
+        raise CCLDError("--objective progressive needs --max-steps (the optimizer steps of each "
+                        "round)")
+    if args.rounds < 1:
+        raise CCLDError(f"--rounds must be at least 1 (got {args.rounds})")
+    if args.true_v_weight:
+        raise CCLDError("--true-v-weight is for --objective velocity or guidance")
+    if args.resume not in (None, "last"):
+        raise CCLDError("--objective progressive resumes with a bare --resume: it continues the "
+                        "first unfinished round in --out")
+    out, teacher = Path(args.out), args.teacher
+    for k, teacher_steps, student_steps in progressive_rounds(args):
+        folder = out / f"round-{k:02d}"
+        started = (folder / "checkpoints" / "last.ckpt").is_file()
+        round_args = _argparse.Namespace(**{**vars(args), "out": str(folder), "teacher": teacher,
+                                            "resume": "last" if started and args.resume else None,
+                                            # later rounds start from their teacher
+                                            **({} if k == 1 else {"student_init": None,
+                                                                  "base_channels": None,
+                                                                  "channel_multipliers": None})})
+        logger.info(f"ccld: progressive distillation round {k} of {args.rounds}: "
+                    f"{teacher_steps} teacher steps -> {student_steps} student steps")
+        summary = distill_round(round_args, teacher, student_steps)
+        if summary["interrupted"]:
+            return 130
+        teacher = str(folder / "model_student.safetensors")  # the EMA student teaches the next
+    for suffix in (".ckpt", ".safetensors"):
+        shutil.copyfile(out / f"round-{args.rounds:02d}" / f"model_student{suffix}",
+                        out / f"model_student{suffix}")
+    logger.info(f"ccld: the {student_steps}-step student is {out / 'model_student.safetensors'}")
+    return 0
 
 
 def cmd_distill_decoder(args) -> int:
@@ -532,7 +643,9 @@ def add_distill_command(sub) -> None:
     p = sub.add_parser("distill", formatter_class=HELP_FORMAT,
                        help="distil a fast student from a teacher U-Net",
                        description="Train a student U-Net to match a frozen teacher's velocity "
-                       "on noised latents of your data.")
+                       "on noised latents of your data (--objective velocity), its guided "
+                       "velocity in one forward (guidance), or two of its DDIM steps in one "
+                       "(progressive).")
     add_data_options(p)
     m = p.add_argument_group("models")
     m.add_argument("--teacher", required=True, metavar="CKPT", help="the teacher U-Net")
@@ -543,9 +656,24 @@ def add_distill_command(sub) -> None:
                    help=f"student multipliers (default {STUDENT_ARCHITECTURE[1]})")
     m.add_argument("--true-v-weight", type=float, default=0.0,
                    help="add this times the true-v loss to the teacher-matching loss")
+    m.add_argument("--objective", choices=["velocity", "guidance", "progressive"],
+                   default="velocity",
+                   help="velocity: the teacher's velocity (a smaller student); guidance: its "
+                        "guided velocity at a weight w drawn from --guidance-range, which the "
+                        "student takes as an input (one row per image instead of two); "
+                        "progressive: halve the sampling steps --rounds times from "
+                        "--start-steps (each round's teacher is the previous student)")
+    m.add_argument("--guidance-range", metavar="LOW,HIGH", default=None,
+                   help=f"guidance weights to distil (default {DEFAULT_GUIDANCE_RANGE} for "
+                        "--objective guidance; progressive: the teacher's own, if it has one)")
     m.add_argument("--distill-guidance", type=float, default=None, metavar="SCALE",
-                   help="match the teacher's guided velocity at this scale (sample the student "
-                        "with guidance 1 then)")
+                   help="match the teacher's guided velocity at this one scale (the range "
+                        "SCALE,SCALE; no guidance input)")
+    m.add_argument("--start-steps", type=int, default=64,
+                   help="progressive: the teacher's DDIM steps in the first round")
+    m.add_argument("--rounds", type=int, default=4,
+                   help="progressive: rounds, each halving the steps (64 and 4 rounds: 4 steps); "
+                        "--max-steps is per round, each round in OUT/round-NN")
     add_run_options(p, 1e-4, "latent scale (default: the teacher's)")
     add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
     p.set_defaults(func=cmd_distill)

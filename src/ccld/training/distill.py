@@ -1,10 +1,19 @@
-"""Knowledge distillation: a student U-Net learns the frozen teacher's velocity.
+"""Knowledge distillation: a student U-Net learns what a frozen teacher computes.
 
-On the same noised latents, timesteps and (possibly dropped) conditions as teacher training, the
-student's v is pulled towards the teacher's. Options: mix in the true-v loss (`true_v_weight`),
-and distil the teacher's classifier-free-guided velocity `v_u + g (v_c - v_u)` instead of its
-conditional one (`guidance`); a student distilled that way already guides, and is sampled with
-guidance 1.
+`DistillationObjective` (`ccld distill`, `--objective velocity|guidance`): on the same noised
+latents, timesteps and (possibly dropped) conditions as teacher training, the student's v is
+pulled towards the teacher's. Options: mix in the true-v loss (`true_v_weight`), and distil the
+teacher's classifier-free-guided velocity `v_u + w (v_c - v_u)` instead of its conditional one,
+at one fixed w (`--distill-guidance`: the student is then sampled with guidance 1) or with w
+drawn per item from a range (`--guidance-range`, Meng et al. 2023): the student takes w as an
+input and gives the guided velocity in one forward instead of two.
+
+`ProgressiveDistillationObjective` (`--objective progressive`, Salimans & Ho 2022): a student
+of N DDIM steps learns to land in one step where its teacher lands in two half steps, on the
+uniform time grid of this codebase's cosine schedule (alpha = cos(pi t / 2), sigma = sin(pi t
+/ 2)). Each round halves N and the student of one round teaches the next. With a guidance range
+the student also takes w, and the teacher's velocity is the guided one (Meng et al.'s second
+stage).
 """
 
 from __future__ import annotations
@@ -14,7 +23,40 @@ import contextlib
 import torch
 from torch.nn import functional as F
 
-from .objective import LatentBatch, NoisedBatch, noised_latents
+from ..sampling import t_to_alpha_sigma
+from .objective import LatentBatch, NoisedBatch, noised_batch, noised_latents
+
+
+def guided_velocity(teacher: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                    cond: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's velocity at guidance `guidance` (one weight per row; None: conditional).
+
+    A teacher with a guidance input (a guidance-distilled student) gives it in one forward; any
+    other runs classifier-free guidance, v_u + w (v_c - v_u), in one batched forward of twice
+    the rows. A dropped (zero) condition gives v_c = v_u, so those rows get v_u at any w.
+    """
+    if guidance is None:
+        return teacher(x, t, cond).float()
+    if getattr(teacher, "guidance_input", False):
+        return teacher(x, t, cond, guidance=guidance).float()
+    v_uncond, v_cond = teacher(torch.cat([x, x]), torch.cat([t, t]),
+                               torch.cat([torch.zeros_like(cond), cond])).float().chunk(2)
+    return v_uncond + guidance.view(-1, 1, 1, 1) * (v_cond - v_uncond)
+
+
+def draw_guidance(guidance_range, n: int, generator: torch.Generator, device) -> torch.Tensor | None:
+    """n guidance weights, uniform in `guidance_range` (lo, hi), drawn from the run's generator;
+    None without a range."""
+    if guidance_range is None:
+        return None
+    low, high = guidance_range
+    return (low + (high - low) * torch.rand(n, generator=generator)).to(device)
+
+
+def student_velocity(model, x, t, cond, guidance, takes_guidance: bool) -> torch.Tensor:
+    if takes_guidance:
+        return model(x, t, cond, guidance=guidance).float()
+    return model(x, t, cond).float()
 
 
 class DistillationObjective:
@@ -23,10 +65,13 @@ class DistillationObjective:
 
     def __init__(self, teacher: torch.nn.Module, true_v_weight: float = 0.0,
                  guidance: float | None = None, cond_drop: float = 0.2,
-                 autocast=contextlib.nullcontext):
+                 autocast=contextlib.nullcontext, guidance_range=None,
+                 student_takes_guidance: bool = False):
         self.teacher = teacher.eval().requires_grad_(False)
         self.true_v_weight = float(true_v_weight)
-        self.guidance = guidance
+        # a fixed scale is the range [scale, scale]
+        self.guidance_range = (guidance, guidance) if guidance is not None else guidance_range
+        self.student_takes_guidance = student_takes_guidance
         self.cond_drop = cond_drop
         self.autocast = autocast
 
@@ -34,30 +79,117 @@ class DistillationObjective:
         self.teacher.to(device)
         return self
 
+    def fixed_guidance(self, n: int, device) -> torch.Tensor | None:
+        if self.guidance_range is None:
+            return None
+        low, high = self.guidance_range
+        assert low == high, "a guidance range needs the weights drawn for the batch"
+        return torch.full([n], float(low), device=device)
+
     @torch.no_grad()
-    def teacher_velocity(self, batch: NoisedBatch) -> torch.Tensor:
+    def teacher_velocity(self, batch: NoisedBatch, guidance: torch.Tensor | None = None):
+        """The target: the teacher's velocity, guided at `guidance` (default: the fixed scale)."""
+        if guidance is None:
+            guidance = self.fixed_guidance(batch.x.shape[0], batch.x.device)
         with self.autocast():
-            if self.guidance is None:
-                return self.teacher(batch.x, batch.t, batch.cond).float()
-            # a dropped (zero) condition gives v_c = v_u, so those rows learn v_u as they should
-            x, t = torch.cat([batch.x, batch.x]), torch.cat([batch.t, batch.t])
-            cond = torch.cat([torch.zeros_like(batch.cond), batch.cond])
-            v_uncond, v_cond = self.teacher(x, t, cond).float().chunk(2)
-        return v_uncond + self.guidance * (v_cond - v_uncond)
+            return guided_velocity(self.teacher, batch.x, batch.t, batch.cond, guidance)
 
     def loss(self, model, batch: LatentBatch):
-        return self.match_teacher(model, noised_latents(batch, self.cond_drop))
+        noised = noised_latents(batch, self.cond_drop)
+        guidance = draw_guidance(self.guidance_range, noised.x.shape[0], batch.generator,
+                                 noised.x.device)
+        return self.match_teacher(model, noised, guidance)
 
-    def match_teacher(self, model, batch: NoisedBatch):
+    def match_teacher(self, model, batch: NoisedBatch, guidance: torch.Tensor | None = None):
         """The loss on given noised inputs: the student's v against the teacher's."""
-        target = self.teacher_velocity(batch)
-        v = model(batch.x, batch.t, batch.cond).float()
+        if guidance is None:
+            guidance = self.fixed_guidance(batch.x.shape[0], batch.x.device)
+        target = self.teacher_velocity(batch, guidance)
+        v = student_velocity(model, batch.x, batch.t, batch.cond, guidance,
+                             self.student_takes_guidance)
         teacher_mse = F.mse_loss(v, target)
         if not self.true_v_weight:
             return teacher_mse, {"teacher_mse": teacher_mse}
         true_mse = F.mse_loss(v, batch.v)
         return (teacher_mse + self.true_v_weight * true_mse,
                 {"teacher_mse": teacher_mse, "true_v_mse": true_mse})
+
+    def demo_rows(self, ema):
+        return [("teacher", self.teacher), ("student EMA", ema)]
+
+
+class ProgressiveDistillationObjective:
+    """One round of progressive distillation: the student takes `student_steps` DDIM steps on
+    the uniform grid t = i / N, and learns to jump from t to t - 1/N where the teacher gets in
+    two DDIM steps (through t - 1/(2N)).
+
+    For each item the trainer's Sobol timestep u picks the grid point i = floor(u N) + 1. From
+    the teacher's x'' the student's target clean latent is the one a single DDIM step from x_t
+    must predict to land on x'':
+        x~ = (x'' - (sigma''/sigma) x_t) / (alpha'' - (sigma''/sigma) alpha),
+    and its target velocity v~ = (alpha x_t - x~) / sigma. The loss is the paper's truncated-SNR
+    weighting, max(SNR, 1) |x^ - x~|^2, which in v is max(alpha^2, sigma^2) |v^ - v~|^2.
+    """
+
+    kind = "distill"
+    export_stem = "model_student"
+
+    def __init__(self, teacher: torch.nn.Module, student_steps: int, cond_drop: float = 0.2,
+                 autocast=contextlib.nullcontext, guidance_range=None,
+                 student_takes_guidance: bool = False):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student_steps = int(student_steps)
+        self.guidance_range = guidance_range
+        self.student_takes_guidance = student_takes_guidance
+        self.cond_drop = cond_drop
+        self.autocast = autocast
+
+    def to(self, device):
+        self.teacher.to(device)
+        return self
+
+    def noised(self, batch: LatentBatch) -> NoisedBatch:
+        """The inputs: clean latents noised at grid points of the student's schedule."""
+        n = self.student_steps
+        i = (batch.timesteps.draw(batch.mean.shape[0]) * n).floor().clamp(max=n - 1) + 1
+        return noised_batch(batch.mean, batch.logvar, batch.embed, batch.autoencoder_scale,
+                            i / n, batch.generator, self.cond_drop)
+
+    @torch.no_grad()
+    def target(self, batch: NoisedBatch, guidance: torch.Tensor | None) -> torch.Tensor:
+        """v~: the velocity whose one DDIM step from t lands where two teacher steps do."""
+        x, t = batch.x, batch.t
+        half = 0.5 / self.student_steps
+        with self.autocast():
+            x_mid = self.ddim_step(x, t, t - half, batch.cond, guidance)
+            x_end = self.ddim_step(x_mid, t - half, t - 2 * half, batch.cond, guidance)
+        alpha, sigma = (a[:, None, None, None] for a in t_to_alpha_sigma(t))
+        alpha_end, sigma_end = (a[:, None, None, None] for a in t_to_alpha_sigma(t - 2 * half))
+        ratio = sigma_end / sigma
+        x0 = (x_end - ratio * x) / (alpha_end - ratio * alpha)
+        return (alpha * x - x0) / sigma
+
+    def ddim_step(self, x, t, t_next, cond, guidance):
+        v = guided_velocity(self.teacher, x, t, cond, guidance)
+        alpha, sigma = (a[:, None, None, None] for a in t_to_alpha_sigma(t))
+        alpha_next, sigma_next = (a[:, None, None, None] for a in t_to_alpha_sigma(t_next))
+        pred, eps = x * alpha - v * sigma, x * sigma + v * alpha
+        return pred * alpha_next + eps * sigma_next
+
+    def loss(self, model, batch: LatentBatch):
+        noised = self.noised(batch)
+        guidance = draw_guidance(self.guidance_range, noised.x.shape[0], batch.generator,
+                                 noised.x.device)
+        return self.match_two_steps(model, noised, guidance)
+
+    def match_two_steps(self, model, batch: NoisedBatch, guidance: torch.Tensor | None = None):
+        target = self.target(batch, guidance)
+        v = student_velocity(model, batch.x, batch.t, batch.cond, guidance,
+                             self.student_takes_guidance)
+        alpha, sigma = t_to_alpha_sigma(batch.t)
+        weight = torch.maximum(alpha, sigma).square()[:, None, None, None]
+        loss = (weight * (v - target).square()).mean()
+        return loss, {"v_mse": F.mse_loss(v, target)}
 
     def demo_rows(self, ema):
         return [("teacher", self.teacher), ("student EMA", ema)]

@@ -5,17 +5,57 @@ Reported: the v-MSE between the student's and the teacher's guided velocity at e
 teacher saw along its own trajectory; the PSNR of the student's image against the teacher's;
 the CLOOB similarity of each model's images to the prompt; and seconds per image (sampling and
 decoding) for each.
+
+Each model is sampled as what it is: a guidance-distilled student gives the guided velocity at
+the requested guidance in one row per image (guiding it again, as for a plain model, would
+apply guidance twice), and a step-distilled student runs its own `distilled` sampler at its own
+step count, whatever --method and --steps say for the teacher. The table shows each model's
+forwards and rows per image.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from .. import sampling
 from .data import cloob_input
+
+
+@dataclass
+class HowSampled:
+    """How `evaluate_student` samples one model."""
+    method: str
+    steps: int
+    guidance: float | None  # the one-row w of a guidance-distilled student, else None
+    forwards: int
+    rows_per_image: int
+
+    @classmethod
+    def of(cls, unet, method: str, steps: int, guidance: float) -> HowSampled:
+        if unet.distilled_steps is not None:
+            method, steps = "distilled", unet.distilled_steps
+        one_row = sampling.one_row_guidance(unet.distilled_guidance, [guidance])
+        return cls(method, steps, one_row, sampling.get_sampler(method).forwards(steps),
+                   1 if one_row is not None else 2)
+
+    def model(self, unet, conditions, weights):
+        """model(x, t) -> the guided v, as this model gives it."""
+        if self.guidance is not None:
+            return sampling.distilled_guidance_model(unet, conditions[1], self.guidance)
+        return sampling.guided_model(unet, conditions, weights)
+
+    def timesteps(self, unet, device):
+        if self.method == "distilled" and self.steps == unet.distilled_steps:
+            return unet.distilled_timesteps.float().to(device)
+        return sampling.get_sampler(self.method).timesteps(self.steps, device=device)
+
+    def describe(self) -> dict:
+        return {"method": self.method, "steps": self.steps, "forwards": self.forwards,
+                "rows_per_image": self.rows_per_image, "one_row_guidance": self.guidance}
 
 
 def _synchronize(device):
@@ -24,11 +64,11 @@ def _synchronize(device):
 
 
 @torch.no_grad()
-def _sample_images(unet, autoencoder, conditions, weights, noise, timesteps, method, record=None):
-    """(pixels in [-1, 1], seconds) for one guided sampling run and its decoding."""
+def _sample_images(unet, how: HowSampled, autoencoder, conditions, weights, noise, record=None):
+    """(pixels in [-1, 1], seconds) for one sampling run and its decoding."""
     from ..models.autoencoder import decode_latents
 
-    guided = sampling.guided_model(unet, conditions, weights)
+    guided = how.model(unet, conditions, weights)
     if record is not None:
         model = guided
 
@@ -39,7 +79,7 @@ def _sample_images(unet, autoencoder, conditions, weights, noise, timesteps, met
     device = noise.device
     _synchronize(device)
     start = time.perf_counter()
-    latents = sampling.sample(method, guided, noise, timesteps)
+    latents = sampling.sample(how.method, guided, noise, how.timesteps(unet, device))
     pixels = decode_latents(autoencoder, latents.float() * unet.autoencoder_scale).float()
     _synchronize(device)
     return pixels.clamp(-1, 1), time.perf_counter() - start
@@ -65,7 +105,8 @@ def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], n
                      steps: int = 15, method: str = "plms", guidance: float = 3.0, seed: int = 0,
                      size: int = 256, images_folder=None) -> dict:
     device = next(teacher.parameters()).device
-    timesteps = sampling.get_sampler(method).timesteps(steps, device=device)
+    how = {"teacher": HowSampled.of(teacher, method, steps, guidance),
+           "student": HowSampled.of(student, method, steps, guidance)}
     weights = sampling.condition_weights([guidance], device)
     rows = []
     totals = {"teacher_seconds": 0.0, "student_seconds": 0.0}
@@ -75,12 +116,12 @@ def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], n
         generator = torch.Generator().manual_seed(seed + j)
         noise = torch.randn([num_images, 4, size // 8, size // 8], generator=generator).to(device)
         record = []
-        teacher_pixels, teacher_seconds = _sample_images(teacher, autoencoder, conditions, weights,
-                                                         noise, timesteps, method, record)
-        student_pixels, student_seconds = _sample_images(student, autoencoder, conditions, weights,
-                                                         noise, timesteps, method)
-        teacher_guided = sampling.guided_model(teacher, conditions, weights)
-        student_guided = sampling.guided_model(student, conditions, weights)
+        teacher_pixels, teacher_seconds = _sample_images(teacher, how["teacher"], autoencoder,
+                                                         conditions, weights, noise, record)
+        student_pixels, student_seconds = _sample_images(student, how["student"], autoencoder,
+                                                         conditions, weights, noise)
+        teacher_guided = how["teacher"].model(teacher, conditions, weights)
+        student_guided = how["student"].model(student, conditions, weights)
         v_mse = sum(torch.nn.functional.mse_loss(student_guided(x, t).float(),
                                                  teacher_guided(x, t).float()).item()
                     for x, t in record) / len(record)
@@ -103,6 +144,7 @@ def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], n
     return {"settings": {"num_images": num_images, "steps": steps, "method": method,
                          "guidance": guidance, "seed": seed, "size": size,
                          "device": str(device)},
+            "sampled": {name: h.describe() for name, h in how.items()},
             "prompts": rows, "summary": summary}
 
 
@@ -130,6 +172,11 @@ def format_table(result: dict) -> str:
     lines.append("-" * len(header))
     lines.append(f"{'mean':<40} {s['v_mse']:>10.5f} {s['psnr_db']:>8.2f} "
                  f"{s['cloob_similarity_teacher']:>8.4f} {s['cloob_similarity_student']:>8.4f}")
+    for name, how in result.get("sampled", {}).items():
+        lines.append(f"{name}: {how['method']} {how['steps']} steps, {how['forwards']} forwards "
+                     f"x {how['rows_per_image']} row(s) per image"
+                     + (f" (guidance {how['one_row_guidance']:g} distilled into one row)"
+                        if how["one_row_guidance"] is not None else ""))
     speed = s["speedup"]
     lines.append(f"seconds per image: teacher {s['seconds_per_image_teacher']:.3f}, student "
                  f"{s['seconds_per_image_student']:.3f} "
