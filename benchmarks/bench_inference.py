@@ -14,8 +14,10 @@ process, as a user's would. Sections:
            reference recipe: plms-15, contiguous fp32, from the release files, no converted cache)
            against the default on a first run (empty cache) and a second run (cache filled);
            wall time, peak RSS, the ratio to the baseline, and the PSNR of
-           the default image against the baseline's for the same seed. Then the same runs
-           instrumented stage by stage (import, load, text encode, U-Net, decode).
+           the default image against the baseline's for the same seed; and the second run again
+           with a tiny decoder (`--decoder tiny:PATH`, a random-weight AutoencoderTiny decoder
+           of TAESD's size). Then the same runs instrumented stage by stage (import, load cold
+           or from the cache, text encode, U-Net per forward and in all, decode full or tiny).
 Only ratios are meaningful on a shared machine; absolute times only on a dedicated one.
 """
 
@@ -119,10 +121,11 @@ def bench_forward():
 
 # Painting end to end
 
-RUNS = [  # name, extra options, converted cache (None: off)
+RUNS = [  # name, extra options ({tiny}: the tiny decoder's folder), converted cache (None: off)
     ("baseline: --reference, no cache", ["--reference"], None),
     ("default, first run (empty cache)", [], "cache"),
     ("default, second run", [], "cache"),
+    ("default + tiny decoder, second run", ["--decoder", "tiny:{tiny}"], "cache"),
 ]
 
 STAGES_CHILD = r"""
@@ -146,7 +149,7 @@ t_text = time.perf_counter()
 latents = pipe.generate_latents(args.prompts, args.image_prompt, steps=args.steps,
                                 method=args.method, seed=args.seed)
 t_sample = time.perf_counter()
-pipe.decode(latents)
+pipe.decode(latents)  # the tiny decoder where --decoder gives one
 t_decode = time.perf_counter()
 print(json.dumps({"import": t_import - t0, "load": t_load - t_import, "text": t_text - t_load,
                   "unet": t_sample - t_text, "forwards": len(forwards),
@@ -184,10 +187,20 @@ def psnr(a: Path, b: Path) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
+def write_tiny_decoder(folder: Path) -> Path:
+    """A random-weight tiny decoder of TAESD's default size (speed does not depend on weights)."""
+    from ccld.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
+
+    torch.manual_seed(0)
+    return TinyDecoder(TinyDecoderConfig()).save_pretrained(folder)
+
+
 def bench_paint(files: dict, work: Path):
     model = [arg for option, path in files.items() for arg in (option, path)]
+    tiny = write_tiny_decoder(work / "tiny_decoder")
     rows, stages = [], []
     for name, extra, cache in RUNS:
+        extra = [arg.format(tiny=tiny) for arg in extra]
         out = work / "out" / str(len(rows))
         args = [PROMPT, "--seed", "0", "-q", "--device", "cpu", "--out", str(out), *extra, *model]
         # the real command, timed from outside: interpreter start to PNG on disk
@@ -204,7 +217,7 @@ def bench_paint(files: dict, work: Path):
     print("| run | wall s | x baseline | peak RSS MB | PSNR vs baseline dB |")
     print("| --- | --- | --- | --- | --- |")
     for name, wall, rss, png in rows:
-        quality = "-" if png == rows[0][3] else f"{psnr(png, rows[0][3]):.1f}"
+        quality = "-" if png == rows[0][3] or "tiny" in name else f"{psnr(png, rows[0][3]):.1f}"
         print(f"| {name} | {wall:.1f} | {base / wall:.2f} | {rss:.0f} | {quality} |")
     print("\n### the same runs, stage by stage (seconds; instrumented, in fresh processes)")
     print("| run | import | load | text encode | U-Net total | forwards | s/forward | decode |")

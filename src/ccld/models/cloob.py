@@ -388,6 +388,16 @@ _MODULES = {
 _BASES = {"vi_t_image_encoder": "image_encoder", "text_encoder": "text_encoder"}
 
 
+def _as_float_tensor(array, relayout) -> torch.Tensor:
+    """A contiguous float32 tensor of a pickled array in PyTorch's layout, copied at most once
+    (600 MB of them: a copy more is a second of a first run and a peak of memory)."""
+    if array.dtype == numpy.float32 and array.flags.writeable and array.dtype.isnative:
+        t = torch.from_numpy(array)  # the array's own memory, freed with the tensor
+    else:
+        t = torch.tensor(array, dtype=torch.float32)
+    return (relayout(t) if relayout else t).contiguous()
+
+
 def convert_haiku_params(image_params: dict, text_params: dict,
                          source: str = "CLOOB checkpoint", release: bool = False) -> dict:
     """The PyTorch state dict of the released Haiku parameter trees (module path -> {name: array}).
@@ -418,8 +428,7 @@ def convert_haiku_params(image_params: dict, text_params: dict,
                     raise CCLDError(f"{source}: {module_path}/{name} is a {type(array).__name__}, "
                                     "not an array of numbers; this is not a CLOOB checkpoint "
                                     "ccld knows")
-                t = torch.tensor(array, dtype=torch.float32)
-                state[f"{prefix}.{key}"] = (relayout(t) if relayout else t).contiguous()
+                state[f"{prefix}.{key}"] = _as_float_tensor(array, relayout)
     return state
 
 
