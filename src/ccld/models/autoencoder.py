@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from ..checkpoints import load_state_file
 from ..errors import CCLDError
+from . import empty_weights
 from .latent_preview import LatentPreview
 
 # The network: diffusers' AutoencoderKL (DownEncoderBlock2D / UpDecoderBlock2D, SiLU, GroupNorm),
@@ -286,7 +287,7 @@ def autoencoder_from_state_dict(config: AutoencoderConfig, state_dict: dict,
     """A frozen autoencoder holding diffusers-named weights; built on the meta device, so no
     random initialisation is spent on weights the file replaces."""
     try:
-        with torch.device("meta"):
+        with empty_weights():
             ae = KLAutoencoder(config)
     except ValueError as e:  # e.g. channels not divisible by the number of groups
         raise CCLDError(f"{source}: the config does not make an autoencoder ({str(e).strip()[:160]}); "

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CCLDError
-from . import meta_aware_randn, tokenizer
+from . import empty_weights, meta_aware_randn, tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "cloob_configs"
 _URL_BASE = "https://the-eye.eu/public/AI/models/cloob/"
@@ -441,7 +441,7 @@ def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB c
         raise CCLDError(f"{source}: not a CLOOB checkpoint ({describe_foreign_state_dict(state_dict)}); "
                         "pass the CLOOB release (.pkl) or its conversion with --cloob")
     require_tensors(state_dict, source, "CLOOB checkpoint")
-    with torch.device("meta"):  # no wasted random init: the weights come from the file
+    with empty_weights():  # no wasted random init: the weights come from the file
         model = CLOOB(config)
     expected = model.state_dict()
     name = model.config.get("name", "given")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import CCLDError
+from . import empty_weights
 
 TAESD_INPUT_SCALE = 0.18215  # Stable Diffusion's latent scale, which TAESD's inputs carry
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name, also ours
@@ -166,7 +167,7 @@ def tiny_decoder_from_state_dict(config: TinyDecoderConfig, state_dict: dict,
                         "diffusers' AutoencoderTiny layout; pass a folder written by "
                         "AutoencoderTiny.save_pretrained or `ccld distill-decoder`")
     try:
-        with torch.device("meta"):
+        with empty_weights():
             decoder = TinyDecoder(config)
         decoder.load_state_dict(weights, strict=True, assign=True)
     except (RuntimeError, ValueError) as e:

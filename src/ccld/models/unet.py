@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ..errors import CCLDError
 from ..sampling import uniform_timesteps
-from . import meta_aware_randn
+from . import empty_weights, meta_aware_randn
 
 MAPPING_WIDTH = 1024
 MAPPING_FOURIER = 128
@@ -391,7 +391,7 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
 
     require_tensors(sd, source, "U-Net checkpoint")
     config = infer_unet_config(sd, source) if config is None else config
-    with torch.device("meta"):  # no wasted random init: every weight comes from the file
+    with empty_weights():  # no wasted random init: every weight comes from the file
         unet = CCLDUNet(**config)
     sd = dict(sd)
     sd.setdefault("autoencoder_scale", torch.tensor(1.0))  # absent from some exports
