@@ -89,38 +89,45 @@ def source(tmp_path) -> Path:
 
 
 @on_linux
-def test_a_zip_unet_checkpoint_is_mapped_in_place_not_copied(fixtures, cache, monkeypatch):
+def test_second_unet_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache, monkeypatch):
     monkeypatch.setenv("CCLD_CACHE_DIR", "off")
     reference = load_unet(fixtures / "unet.ckpt").state_dict()
     monkeypatch.setenv("CCLD_CACHE_DIR", str(cache))
-    unet = load_unet(fixtures / "unet.ckpt")
-    assert entries(cache) == []  # torch maps the release file itself: a copy would gain nothing
-    assert float(unet.autoencoder_scale) == 3.25
-    assert equal_state_dicts(unet.state_dict(), reference)
-    assert all(mapped_file(t) == str(fixtures / "unet.ckpt") for t in unet.state_dict().values()
-               if t.numel() > 1)
-
-
-@on_linux
-def test_a_legacy_unet_checkpoint_is_converted_once_then_mapped(fixtures, cache, monkeypatch,
-                                                                 tmp_path):
-    legacy = tmp_path / "legacy.ckpt"  # the pre-1.6 format, which torch cannot map
-    torch.save(torch.load(fixtures / "unet.ckpt", weights_only=True), legacy,
-               _use_new_zipfile_serialization=False)
-    reference = load_unet(fixtures / "unet.ckpt").state_dict()
-    first = load_unet(legacy)
-    weights_cache.finish_writes()
+    first = load_unet(fixtures / "unet.ckpt")
     (entry,) = entries(cache)
     import ccld.checkpoints
     reads = []
     monkeypatch.setattr(ccld.checkpoints, "load_torch_file", lambda *a: reads.append(a))
-    second = load_unet(legacy)
+    second = load_unet(fixtures / "unet.ckpt", stored_layout=True)  # as the pipeline loads it
     assert reads == []  # the release file is not read again
     assert second.config == first.config and float(second.autoencoder_scale) == 3.25
     assert equal_state_dicts(second.state_dict(), reference)
     assert equal_state_dicts(first.state_dict(), reference)
     weights = str(entry / "weights.safetensors")
     assert all(mapped_file(t) == weights for t in second.state_dict().values())
+    # the kernels come channels-last, the fast path's layout, with no copy made
+    kernels = [t for t in second.state_dict().values() if t.dim() == 4]
+    assert kernels and all(t.is_contiguous(memory_format=torch.channels_last) for t in kernels)
+    # and a plain load_unet gives the reference's layout, whose arithmetic is the reference's
+    assert all(t.is_contiguous() for t in load_unet(fixtures / "unet.ckpt").state_dict().values())
+
+
+def test_channels_last_tensors_round_trip_through_an_entry(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"kernel": torch.randn(6, 5, 3, 3), "cl": torch.randn(4, 3, 2, 2).contiguous(
+        memory_format=torch.channels_last), "bias": torch.randn(6)}
+    with open(tmp_path / "w.safetensors", "wb") as f:
+        weights_cache.write_safetensors(f, tensors, channels_last=["kernel", "cl"])
+    mapped = map_safetensors(tmp_path / "w.safetensors")
+    assert equal_state_dicts(mapped, tensors)
+    assert mapped["kernel"].is_contiguous(memory_format=torch.channels_last)
+    assert mapped["cl"].is_contiguous(memory_format=torch.channels_last)
+    assert mapped["bias"].is_contiguous()
+    # a standard file to other readers: the channels-last ones as [N, H, W, C], so named
+    assert load_file(tmp_path / "w.safetensors")["kernel"].shape == (6, 3, 3, 5)
+    with pytest.raises(ValueError, match="only 4-d"):
+        with open(tmp_path / "x.safetensors", "wb") as f:
+            weights_cache.write_safetensors(f, tensors, channels_last=["bias"])
 
 
 @on_linux
@@ -141,9 +148,9 @@ def test_second_cloob_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache,
 
 @on_linux
 def test_cached_weights_stay_out_of_anonymous_memory(fixtures, cache):
-    load_unet(fixtures / "unet.ckpt")  # (96 MB of weights, mapped from the file itself)
+    load_unet(fixtures / "unet.ckpt")  # converts and stores (96 MB of weights)
     before = anonymous_mb()
-    unet = load_unet(fixtures / "unet.ckpt")
+    unet = load_unet(fixtures / "unet.ckpt", stored_layout=True)
     with torch.no_grad():
         for p in unet.parameters():
             p.sum()  # every page read

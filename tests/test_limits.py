@@ -127,9 +127,15 @@ class _NaNAfterFirstCall(torch.nn.Module):
         self.unet, self.calls = unet, 0
         self.config, self.autoencoder_scale = unet.config, unet.autoencoder_scale
 
-    def forward(self, *args):
+    def __getattr__(self, name):  # what a pipeline reads of its U-Net, the wrapped one's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("unet"), name)
+
+    def forward(self, *args, **kwargs):
         self.calls += 1
-        v = self.unet(*args)
+        v = self.unet(*args, **kwargs)
         return v if self.calls == 1 else v * float("nan")
 
 

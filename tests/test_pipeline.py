@@ -169,7 +169,7 @@ def test_defaults_are_the_fast_recipe_and_reference_is_the_demos(files, referenc
     args = [f"{PROMPT}:3", "-n", "2", "--seed", "42", "-q", "--device", "cpu", *cli_files(files)]
     assert main(["generate", *args, "--out", str(tmp_path / "fast")]) == 0
     params = read_png_parameters(tmp_path / "fast" / "00000.png")
-    assert (params["method"], params["steps"]) == (DEFAULT_METHOD, DEFAULT_STEPS) == ("unipc", 13)
+    assert (params["method"], params["steps"]) == (DEFAULT_METHOD, DEFAULT_STEPS) == ("unipc", 11)
     assert params["precision"] in ("fp32", "bf16") and params["channels_last"]
     # --reference is the demo's recipe; explicit options still win over it
     assert main(["generate", *args, "--out", str(tmp_path / "ref"), "--reference",

@@ -60,15 +60,6 @@ def require_tensors(state_dict: dict, source, what: str) -> None:
                             f"tensor; this is not a {what} ccld can use")
 
 
-def is_zip_file(path: str | os.PathLike) -> bool:
-    """Whether `path` is a zip archive (a `torch.save` file PyTorch can memory-map); False for
-    anything else, a missing file included."""
-    try:
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
 def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> dict:
     """Loads a `torch.save` file with `weights_only=True`: tensors and containers, never code.
 

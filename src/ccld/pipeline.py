@@ -47,11 +47,11 @@ if TYPE_CHECKING:
     from PIL import Image
 
 # The default sampler: the fastest setting of the solver table whose error against a 500-step
-# solution is no worse than the demo's plms-15 on random AND on trained weights: 13 guided
-# forwards instead of 24. (unipc-10 passes on random weights, 0.87x plms-15's error, but not on
-# a small trained model, 1.15x; unipc-13 is 0.86x there.)
+# solution is no worse than the demo's plms-15 on random AND on trained weights: 11 guided
+# forwards instead of 24 (benchmarks/bench_solvers.py; unipc-10 misses on the small trained
+# model whatever its schedule).
 DEFAULT_METHOD = "unipc"
-DEFAULT_STEPS = 13
+DEFAULT_STEPS = 11
 # The reference demo's recipe (`--reference`): plms, 15 steps, contiguous float32.
 REFERENCE_METHOD = "plms"
 REFERENCE_STEPS = 15
@@ -370,7 +370,10 @@ class CCLDPipeline:
         self.device = torch.device("cpu")
         self.precision = "fp32"  # the reference's numerics until `to(..., precision=)` says else
         self.channels_last = False
-        self._kl_decoder_layout_set = True  # False: `channels_last` not yet applied to it
+        # The U-Net's and the KL decoder's memory layout follows `channels_last` when they are
+        # first used (see `_laid_out`): weights come channels-last from the converted cache, so
+        # the fast path takes them as they are and only the exact one copies them.
+        self._layout_pending = {"unet", "decoder"}
         self._layout_lock = threading.Lock()  # the web app may paint from several threads
         # the decoding scale; None: the U-Net's stored autoencoder_scale (see `default_latent_scale`)
         self.latent_scale = latent_scale
@@ -396,10 +399,13 @@ class CCLDPipeline:
 
         # part -> (the files given, or None; the default's files; how to load the files)
         parts = {
-            "unet": (None if unet is None else (unet,), lambda: (hub.default_unet(),), load_unet),
+            # (the weights as stored: the pipeline lays them out for its precision when used)
+            "unet": (None if unet is None else (unet,), lambda: (hub.default_unet(),),
+                     lambda path: load_unet(path, stored_layout=True)),
             "autoencoder": (None if autoencoder is None else (autoencoder, None),
                             hub.default_autoencoder,
-                            lambda ckpt, yaml: load_autoencoder(ckpt, autoencoder_config or yaml)),
+                            lambda ckpt, yaml: load_autoencoder(ckpt, autoencoder_config or yaml,
+                                                                stored_layout=True)),
             "cloob": (None if cloob is None else (cloob,),
                       lambda: (hub.download_cloob(hub.builtin_cloob_name(cloob_config)),),
                       lambda path: load_cloob(path, cloob_config)),
@@ -526,11 +532,11 @@ class CCLDPipeline:
             # for bit.
             self.channels_last = precision != "fp32"
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-            self.unet.to(memory_format=memory_format)
-            # The KL decoder follows when it first paints (`_kl_decoder`): a pipeline with a
-            # tiny decoder may never use it. The encoder (init images only) is left as it is
-            # loaded, so its memory-mapped weights are not even read for a plain painting.
-            self._kl_decoder_layout_set = False
+            # The KL decoder follows when it first paints (`_laid_out`): a pipeline with a tiny
+            # decoder may never use it. The encoder (init images only) is left as it is loaded,
+            # so its memory-mapped weights are not even read for a plain painting.
+            self._layout_pending = {"unet", "decoder"}
+            self._laid_out("unet")
             if self.tiny_decoder is not None:
                 self.tiny_decoder.to(memory_format=memory_format)
         return self
@@ -538,6 +544,7 @@ class CCLDPipeline:
     def compile(self, **options) -> CCLDPipeline:
         """torch.compile the U-Net in place (its state dict keeps its keys); the next sampling
         pays the compilation, later ones with the same shapes run the compiled graph."""
+        self._laid_out("unet")  # compiled for the layout it will run in
         self.unet.compile(**options)
         return self
 
@@ -670,6 +677,7 @@ class CCLDPipeline:
         the next under the next; plans sampled together must share their timesteps and sampler
         (see `_ImagesRequest.shares_batches_with`)."""
         plan = parts[0][0]
+        self._laid_out("unet")
         x = noise.to(self.device)
         if any(p.init_latent is not None for p, _ in parts):
             alpha, sigma = sampling.t_to_alpha_sigma(plan.timesteps[0])
@@ -741,20 +749,29 @@ class CCLDPipeline:
         from .models.autoencoder import decode_latents
 
         scale = self.default_latent_scale if latent_scale is None else float(latent_scale)
-        decoder = self._kl_decoder() if full_decoder or self.tiny_decoder is None else self.tiny_decoder
+        if full_decoder or self.tiny_decoder is None:
+            self._laid_out("decoder")
+            decoder = self.autoencoder
+        else:
+            decoder = self.tiny_decoder
         return decode_latents(decoder, latents * scale).float()
 
-    def _kl_decoder(self):
-        """The autoencoder, its decoder laid out for the current precision (see `to`)."""
-        if not self._kl_decoder_layout_set:
-            with self._layout_lock:
-                if not self._kl_decoder_layout_set:
-                    decoder = self.autoencoder.decoder
-                    decoder.to(memory_format=torch.channels_last if self.channels_last
-                               else torch.contiguous_format)
-                    decoder.fold_upsampling(self.channels_last)
-                    self._kl_decoder_layout_set = True
-        return self.autoencoder
+    def _laid_out(self, part: str) -> None:
+        """Puts the U-Net or the KL decoder into the current precision's memory layout, if that
+        is still to do: channels-last on the fast path, contiguous (and the reference's
+        upsampling arithmetic) for exact fp32."""
+        if part not in self._layout_pending:
+            return
+        with self._layout_lock:
+            if part not in self._layout_pending:
+                return
+            memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+            if part == "unet":
+                self.unet.to(memory_format=memory_format)
+            else:
+                self.autoencoder.decoder.to(memory_format=memory_format)
+                self.autoencoder.decoder.fold_upsampling(self.channels_last)
+            self._layout_pending.discard(part)
 
     @property
     def latent_preview(self):

@@ -41,7 +41,7 @@ import torch
 from ._version import __version__
 from .files import TEMP_SUFFIX, fsync_folder, temporary_name
 
-CONVERTER_VERSION = 1  # bump when any converter's output changes: every entry is then rebuilt
+CONVERTER_VERSION = 2  # bump when any converter's output changes: every entry is then rebuilt
 
 ENV_VAR = "CCLD_CACHE_DIR"
 OFF = "off"
@@ -93,17 +93,31 @@ def converted_dir() -> Path | None:
 # Safetensors files, written and memory-mapped without a copy in memory
 
 
-def write_safetensors(f: BinaryIO, tensors: StateDict) -> None:
+CHANNELS_LAST_KEY = "ccld_channels_last"  # __metadata__: the tensors stored channels-last
+
+
+def write_safetensors(f: BinaryIO, tensors: StateDict, channels_last: Sequence[str] = ()) -> None:
     """Writes `tensors` in the safetensors format, straight from their memory.
 
     The safetensors library would first turn every tensor into a bytes object (a second copy of
     the whole model). Larger elements come first, so every tensor starts at a multiple of its
-    element size: `map_safetensors` can then view each in place.
+    element size: `map_safetensors` can then view each in place. The 4-d tensors named in
+    `channels_last` are stored in that memory order (as [N, H, W, C], listed in the header's
+    metadata), so that `map_safetensors` gives them back as channels-last views: a net that runs
+    channels-last then needs no copy of them.
     """
-    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    channels_last = sorted(set(channels_last))
+    stored = {k: v.detach().cpu() for k, v in tensors.items()}
+    for name in channels_last:
+        if stored[name].dim() != 4:
+            raise ValueError(f"{name}: only 4-d tensors can be stored channels-last")
+        stored[name] = stored[name].permute(0, 2, 3, 1)  # a view: copied, if at all, as written
+    names = sorted(stored, key=lambda k: (-stored[k].element_size(), k))
     header, offset = {}, 0
+    if channels_last:
+        header["__metadata__"] = {CHANNELS_LAST_KEY: ",".join(channels_last)}
     for name in names:
-        t = tensors[name]
+        t = stored[name]
         if t.dtype not in _DTYPE_NAMES:
             raise TypeError(f"{name}: safetensors has no {t.dtype}")
         nbytes = t.numel() * t.element_size()
@@ -115,13 +129,14 @@ def write_safetensors(f: BinaryIO, tensors: StateDict) -> None:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for name in names:
-        t = tensors[name].detach().cpu().contiguous()
+        t = stored[name].contiguous()
         f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """(tensor name -> {dtype, shape, data_offsets}, where the data starts) of a safetensors
-    file, checked against the file's size; ValueError saying what is wrong otherwise."""
+    file, checked against the file's size; ValueError saying what is wrong otherwise. The
+    file's metadata, if any, is under "__metadata__"."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -136,9 +151,13 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise ValueError(f"header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise ValueError("its __metadata__ is not a JSON object")
     spans = []
     for name, info in header.items():
+        if name == "__metadata__":
+            continue
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape = [int(n) for n in info["shape"]]
@@ -164,6 +183,8 @@ def map_safetensors(path: str | os.PathLike) -> StateDict:
     used, and writing to a tensor never changes the file. ValueError for a malformed file."""
     path = Path(path)
     header, data_start = read_safetensors_header(path)
+    metadata = header.pop("__metadata__", {})
+    channels_last = set(filter(None, str(metadata.get(CHANNELS_LAST_KEY, "")).split(",")))
     size = path.stat().st_size
     try:
         storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
@@ -177,7 +198,10 @@ def map_safetensors(path: str | os.PathLike) -> StateDict:
         raw = data[data_start + begin:data_start + end]
         if (data_start + begin) % dtype.itemsize:  # only files written by other tools
             raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
+        tensor = raw.view(dtype).reshape(info["shape"])
+        if name in channels_last and tensor.dim() == 4:  # stored as [N, H, W, C]
+            tensor = tensor.permute(0, 3, 1, 2)
+        tensors[name] = tensor
     return tensors
 
 
@@ -250,13 +274,13 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _write_entry(folder: Path, state: StateDict, entry: dict) -> None:
+def _write_entry(folder: Path, state: StateDict, entry: dict, channels_last: Sequence[str]) -> None:
     """Writes the entry into `folder`, a new private temporary folder: renaming that folder is
     what publishes the entry (atomic_write's per-file renames would add nothing)."""
     folder.mkdir()
     weights = folder / WEIGHTS_FILE
     with open(weights, "wb") as f:
-        write_safetensors(f, state)
+        write_safetensors(f, state, channels_last)
         f.flush()
         os.fsync(f.fileno())
     size = weights.stat().st_size
@@ -268,13 +292,14 @@ def _write_entry(folder: Path, state: StateDict, entry: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _store(converted: Path, name: str, state: StateDict, entry: dict) -> None:
+def _store(converted: Path, name: str, state: StateDict, entry: dict,
+           channels_last: Sequence[str] = ()) -> None:
     """Publishes an entry as converted/name in one rename; OSError if the folder is unwritable."""
     converted.mkdir(parents=True, exist_ok=True)
     _remove_outdated(converted, entry)
     tmp = temporary_name(converted / name)
     try:
-        _write_entry(tmp, state, entry)
+        _write_entry(tmp, state, entry, channels_last)
         os.rename(tmp, converted / name)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -326,7 +351,8 @@ _writers_lock = threading.Lock()
 
 def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | bytes],
                    convert: Callable[[], tuple[StateDict, dict]],
-                   on_stored: Callable[[StateDict], None] | None = None
+                   on_stored: Callable[[StateDict], None] | None = None,
+                   channels_last: Callable[[str, torch.Tensor], bool] | None = None
                    ) -> tuple[StateDict, dict]:
     """(state dict, JSON-able metadata): from the cache (memory-mapped) when an entry for exactly
     these sources and configs exists, else convert() and store the result.
@@ -341,6 +367,10 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
     published, `on_stored` receives its memory-mapped tensors, e.g. to hand them to parts of a
     model not yet built, so that the converted ones can be freed. With `BACKGROUND_WRITES` off
     the entry is written first and the stored copy is what comes back.
+
+    `channels_last(name, tensor)` picks the 4-d tensors to store in channels-last order: later
+    loads map them as channels-last views, which a net running channels-last uses without a
+    copy (what the converter returns keeps its own layout).
     """
     if not kind.isidentifier() or not kind.islower():
         raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
@@ -366,8 +396,9 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
              "converter_version": CONVERTER_VERSION, "ccld_version": __version__,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": fingerprints,
              "metadata": metadata}
+    layout = [k for k, v in state.items() if channels_last and v.dim() == 4 and channels_last(k, v)]
     if not BACKGROUND_WRITES:
-        stored = _publish(converted, name, dict(state), entry, None)
+        stored = _publish(converted, name, dict(state), entry, None, layout)
         if stored is None:
             return state, metadata
         del state  # the stored copy replaces the converted tensors
@@ -375,7 +406,7 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
         return stored, metadata
     # The writer gets its own dict: the caller may change its own (pop keys, add defaults).
     writer = threading.Thread(target=_publish_in_background,
-                              args=(converted, name, dict(state), entry, on_stored),
+                              args=(converted, name, dict(state), entry, on_stored, layout),
                               name=f"ccld cache writer {name}")  # not a daemon: exit waits for it
     with _writers_lock:
         _writers[converted / name] = writer
@@ -384,11 +415,12 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
 
 
 def _publish(converted: Path, name: str, state: StateDict, entry: dict,
-             on_stored: Callable[[StateDict], None] | None) -> StateDict | None:
+             on_stored: Callable[[StateDict], None] | None,
+             channels_last: Sequence[str] = ()) -> StateDict | None:
     """Stores the entry and returns its memory-mapped tensors (None if it could not be stored,
     after one warning line): the work of a writer thread, or of the caller."""
     try:
-        _store(converted, name, state, entry)
+        _store(converted, name, state, entry, channels_last)
     except OSError as e:
         _warn_unwritable(converted, e)
         return None

@@ -428,9 +428,12 @@ def autoencoder_from_ldm(state_dict: dict, ae_config: dict,
     return autoencoder_from_state_dict(config, weights, source)
 
 
-def load_autoencoder(path: str | os.PathLike,
-                     config_path: str | os.PathLike | None = None) -> KLAutoencoder:
-    """The KL autoencoder, eval mode, frozen.
+def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | None = None, *,
+                     stored_layout: bool = False) -> KLAutoencoder:
+    """The KL autoencoder, eval mode, frozen, its weights contiguous as the reference's (its
+    arithmetic the reference's, bit for bit); `stored_layout` leaves them as loaded (the
+    decoder channels-last from the converted cache), for a caller that lays the decoder out
+    itself, as `CCLDPipeline` does.
 
     `path`: an LDM `.ckpt` (or `.safetensors`) with its yaml beside it (`model.ckpt` ->
     `model.yaml`) unless `config_path` is given; or a folder written by `save_pretrained` or
@@ -464,8 +467,12 @@ def load_autoencoder(path: str | os.PathLike,
     # The latent preview map is not fitted here: it costs seconds (encoding and decoding its
     # pictures) that a painting without previews should not pay; `CCLDPipeline.latent_preview`
     # fits it when first asked, and saved folders keep it.
-    weights, metadata = load_converted("autoencoder", [path], [config_path.read_bytes()], convert)
-    return autoencoder_from_state_dict(AutoencoderConfig.from_dict(metadata["config"]), weights, path)
+    # The decoder's kernels are stored channels-last, the fast path's layout (the encoder's as
+    # the reference runs them: init images are encoded in fp32 exactly as it encodes them).
+    weights, metadata = load_converted("autoencoder", [path], [config_path.read_bytes()], convert,
+                                       channels_last=lambda name, t: name.startswith("decoder."))
+    ae = autoencoder_from_state_dict(AutoencoderConfig.from_dict(metadata["config"]), weights, path)
+    return ae if stored_layout else ae.to(memory_format=torch.contiguous_format)
 
 
 def _load_folder(folder: Path) -> KLAutoencoder:

@@ -405,33 +405,34 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
 
 
 def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint") -> tuple[dict, dict]:
-    """(state dict, architecture) of any U-Net file, memory-mapped: a `.safetensors` or a
-    zip-format `.ckpt`/`.pt` (every `torch.save` since PyTorch 1.6, the releases included) as it
-    is; an older `.ckpt` is converted once into the converted-weights cache and mapped from
-    there."""
-    from ..checkpoints import SAFETENSORS_SUFFIXES, is_zip_file, load_torch_file, map_safetensors_file
+    """(state dict, architecture) of any U-Net file. A `.ckpt`/`.pt` is converted once into the
+    converted-weights cache, its convolution kernels stored channels-last (the fast path's
+    layout, which they then take without a copy), and memory-mapped from there; a
+    `.safetensors` is mapped as it is."""
+    from ..checkpoints import SAFETENSORS_SUFFIXES, load_torch_file, map_safetensors_file
     from ..weights_cache import load_converted
 
     if str(path).endswith(SAFETENSORS_SUFFIXES):  # already a fast format: mapped as it is
         sd = map_safetensors_file(path, what)
         return sd, infer_unet_config(sd, path)
-    if is_zip_file(path):
-        # A copy would gain nothing: torch maps the file's tensors in place, and picking a
-        # Lightning checkpoint's EMA weights is a renaming. (A first run skips writing 400 MB.)
-        sd = unet_state_dict(load_torch_file(path, what, mmap=True))
-        return sd, infer_unet_config(sd, path)
 
     def convert():
-        sd = unet_state_dict(load_torch_file(path, what))
+        sd = unet_state_dict(load_torch_file(path, what, mmap=True))
         config = infer_unet_config(sd, path)
         unet_from_state_dict(sd, path, config)  # cheap (no copies); a misfit is never stored
         return sd, {"config": config}
 
-    sd, metadata = load_converted("unet", [Path(path)], [], convert)
+    sd, metadata = load_converted("unet", [Path(path)], [], convert,
+                                  channels_last=lambda name, t: True)
     return sd, metadata["config"]
 
 
-def load_unet(path: str | os.PathLike, what: str = "U-Net checkpoint") -> CCLDUNet:
-    """A CCLD U-Net from a bare state dict, a Lightning checkpoint or a safetensors file."""
+def load_unet(path: str | os.PathLike, what: str = "U-Net checkpoint", *,
+              stored_layout: bool = False) -> CCLDUNet:
+    """A CCLD U-Net from a bare state dict, a Lightning checkpoint or a safetensors file, its
+    weights contiguous as the reference's (so its arithmetic is the reference's, bit for bit);
+    `stored_layout` leaves them as loaded (channels-last from the converted cache), for a
+    caller that lays the net out itself, as `CCLDPipeline` does."""
     sd, config = unet_weights(path, what)
-    return unet_from_state_dict(sd, path, config)
+    unet = unet_from_state_dict(sd, path, config)
+    return unet if stored_layout else unet.to(memory_format=torch.contiguous_format)
