@@ -99,3 +99,19 @@ def test_checkpoint_with_code_is_refused_and_runs_nothing(tmp_path, monkeypatch)
     with pytest.raises(CCLDError, match="refused to load.*posix.system|refused to load.*os.system"):
         load_array_pickle(tmp_path / "evil.pkl")
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_empty_weights_builds_skeletons_and_restores_initialisation():
+    from torch import nn
+
+    from ccld.models import empty_weights
+
+    torch.manual_seed(0)
+    expected = nn.Conv2d(3, 4, 3).weight.detach().clone()
+    state = torch.get_rng_state()
+    with empty_weights():
+        skeleton = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 4), nn.GroupNorm(2, 4))
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert torch.equal(torch.get_rng_state(), state)  # no initialiser ran
+    torch.manual_seed(0)
+    assert torch.equal(nn.Conv2d(3, 4, 3).weight, expected)  # layers built later initialise
