@@ -143,11 +143,12 @@ forwards = []
 def timed(module, inputs, output):
     forwards.append(time.perf_counter())
 pipe.unet.register_forward_hook(timed)
+guidance = pipe.sampling_defaults["guidance"] if args.guidance is None else args.guidance
 with pipe.autocast():
-    embeds, weights = pipe.conditions(args.prompts, args.image_prompt, args.guidance)
+    embeds, weights = pipe.conditions(args.prompts, args.image_prompt, guidance)
 t_text = time.perf_counter()
 latents = pipe.generate_latents(args.prompts, args.image_prompt, steps=args.steps,
-                                method=args.method, seed=args.seed)
+                                method=args.method, guidance=guidance, seed=args.seed)
 t_sample = time.perf_counter()
 pipe.decode(latents)  # the tiny decoder where --decoder gives one
 t_decode = time.perf_counter()

@@ -129,11 +129,12 @@ def map_safetensors_file(path: str | os.PathLike, what: str = "checkpoint") -> d
                         "convert or download it again") from None
 
 
-def load_state_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
-    """Loads a safetensors or torch file by its suffix (torch for anything else)."""
+def load_state_file(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> dict:
+    """Loads a safetensors or torch file by its suffix (torch for anything else; `mmap`: see
+    `load_torch_file`)."""
     if str(path).endswith(SAFETENSORS_SUFFIXES):
         return load_safetensors_file(path, what)
-    return load_torch_file(path, what)
+    return load_torch_file(path, what, mmap=mmap)
 
 
 class _PayloadFreeMemo(dict):

@@ -63,18 +63,21 @@ def load_pipeline(args) -> CCLDPipeline:
     """The pipeline the model options name, on their device and precision."""
     import torch
 
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.precision or "auto"
+    # built in its precision on the CPU, so that the weights are laid out once for it
+    built_in = precision if device == "cpu" else "fp32"
     if args.model:
-        pipe = CCLDPipeline.from_pretrained(args.model, decoder=args.decoder)
+        pipe = CCLDPipeline.from_pretrained(args.model, decoder=args.decoder, precision=built_in)
     else:
         pipe = CCLDPipeline.from_files(unet=args.unet, autoencoder=args.autoencoder,
                                        autoencoder_config=args.autoencoder_config,
                                        cloob=args.cloob, cloob_config=args.cloob_config,
-                                       decoder=args.decoder)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+                                       decoder=args.decoder, precision=built_in)
     try:
-        return pipe.to(device, precision=args.precision or "auto")
+        return pipe.to(device, precision=precision)
     except (RuntimeError, AssertionError) as e:
         raise CCLDError(f"cannot use device {device!r} ({str(e).splitlines()[0][:120]}); "
                         "pass --device cpu or an available device") from None

@@ -17,7 +17,6 @@ import inspect
 import itertools
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence, Union
@@ -356,7 +355,7 @@ class CCLDPipeline:
     """
 
     def __init__(self, unet, autoencoder, cloob, sources: dict | None = None,
-                 latent_scale: float | None = None, decoder=None):
+                 latent_scale: float | None = None, decoder=None, precision: str = "fp32"):
         self.unet = unet.eval().requires_grad_(False)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.cloob = cloob.eval().requires_grad_(False)
@@ -370,13 +369,9 @@ class CCLDPipeline:
         self.device = torch.device("cpu")
         self.precision = "fp32"  # the reference's numerics until `to(..., precision=)` says else
         self.channels_last = False
-        # The U-Net's and the KL decoder's memory layout follows `channels_last` when they are
-        # first used (see `_laid_out`): weights come channels-last from the converted cache, so
-        # the fast path takes them as they are and only the exact one copies them.
-        self._layout_pending = {"unet", "decoder"}
-        self._layout_lock = threading.Lock()  # the web app may paint from several threads
         # the decoding scale; None: the U-Net's stored autoencoder_scale (see `default_latent_scale`)
         self.latent_scale = latent_scale
+        self.to(precision=precision)  # lays the nets out for it (fp32: the reference's layout)
 
     # Loading and saving
 
@@ -386,10 +381,11 @@ class CCLDPipeline:
     def from_files(cls, unet: PathLike | None = None, autoencoder: PathLike | None = None,
                    autoencoder_config: PathLike | None = None, cloob: PathLike | None = None,
                    cloob_config: PathLike | dict | None = None,
-                   decoder: str | None = None) -> CCLDPipeline:
+                   decoder: str | None = None, precision: str = "fp32") -> CCLDPipeline:
         """Builds from release files; any part left out is the published default (downloaded
         once). Parts given as files load first, so a bad path is reported before any download.
-        `decoder`: full (None), taesd or tiny:PATH, as `ccld generate --decoder` takes it."""
+        `decoder`: full (None), taesd or tiny:PATH, as `ccld generate --decoder` takes it;
+        `precision` as `to` takes it (given here, the weights are laid out for it once)."""
         from .models.autoencoder import load_autoencoder
         from .models.cloob import load_cloob
         from .models.tiny_decoder import DecoderOption
@@ -421,7 +417,8 @@ class CCLDPipeline:
         tiny = decoder_option.load()
         if tiny is not None:
             sources["tiny_decoder"] = decoder_option.label
-        return cls(**loaded, sources=sources, latent_scale=latent_scale, decoder=tiny)
+        return cls(**loaded, sources=sources, latent_scale=latent_scale, decoder=tiny,
+                   precision=precision)
 
     @classmethod
     def from_pretrained(cls, source: PathLike | None = None, device: str | torch.device | None = None,
@@ -432,16 +429,16 @@ class CCLDPipeline:
         `decoder` (full, taesd, tiny:PATH) replaces a folder's own choice (its `tiny_decoder/`
         if it has one)."""
         if source is not None and Path(source).is_dir():
-            pipe = cls._from_folder(Path(source), decoder)
+            pipe = cls._from_folder(Path(source), decoder, precision or "fp32")
         elif source is None or str(source) == hub.DEFAULT_UNET[0]:
-            pipe = cls.from_files(decoder=decoder, **files)
+            pipe = cls.from_files(decoder=decoder, precision=precision or "fp32", **files)
         elif str(source) == hub.TEACHER_REPO:
             names = [f for f in hub.hub_list_files(source)
                      if f.endswith((".ckpt", ".safetensors")) and not f.startswith("ae_model")]
             if not names:
                 raise CCLDError(f"the hub repo {source} holds no U-Net checkpoint")
             pipe = cls.from_files(unet=hub.hub_download(source, names[0]), decoder=decoder,
-                                  **files)
+                                  precision=precision or "fp32", **files)
             pipe.latent_scale = hub.PUBLISHED_LATENT_SCALE  # the teacher's cfg_sample.py decodes so
         else:
             raise CCLDError(f"{source}: not a pipeline folder (no {MODEL_INDEX}) nor a known hub "
@@ -450,7 +447,8 @@ class CCLDPipeline:
         return pipe.to(device, precision)
 
     @classmethod
-    def _from_folder(cls, folder: Path, decoder: str | None = None) -> CCLDPipeline:
+    def _from_folder(cls, folder: Path, decoder: str | None = None,
+                     precision: str = "fp32") -> CCLDPipeline:
         from .models.autoencoder import load_autoencoder
         from .models.cloob import cloob_from_state_dict
         from .models.tiny_decoder import PIPELINE_SUBFOLDER, DecoderOption, load_tiny_decoder
@@ -479,7 +477,7 @@ class CCLDPipeline:
         else:
             tiny = None
         return cls(unet, load_autoencoder(folder / "vae"), cloob_from_state_dict(cloob_config, cloob_sd),
-                   sources, index.get("latent_scale"), decoder=tiny)
+                   sources, index.get("latent_scale"), decoder=tiny, precision=precision)
 
     def save_pretrained(self, folder: PathLike) -> Path:
         """Writes a self-contained folder of safetensors and JSON configs."""
@@ -532,11 +530,12 @@ class CCLDPipeline:
             # for bit.
             self.channels_last = precision != "fp32"
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-            # The KL decoder follows when it first paints (`_laid_out`): a pipeline with a tiny
-            # decoder may never use it. The encoder (init images only) is left as it is loaded,
-            # so its memory-mapped weights are not even read for a plain painting.
-            self._layout_pending = {"unet", "decoder"}
-            self._laid_out("unet")
+            # Weights come channels-last from the converted cache: the fast path takes them as
+            # they are, only the exact one copies them. The encoder (init images only) is left
+            # as it is loaded, so its memory-mapped weights are not even read for a painting.
+            self.unet.to(memory_format=memory_format)
+            self.autoencoder.decoder.to(memory_format=memory_format)
+            self.autoencoder.decoder.fold_upsampling(self.channels_last)
             if self.tiny_decoder is not None:
                 self.tiny_decoder.to(memory_format=memory_format)
         return self
@@ -544,7 +543,6 @@ class CCLDPipeline:
     def compile(self, **options) -> CCLDPipeline:
         """torch.compile the U-Net in place (its state dict keeps its keys); the next sampling
         pays the compilation, later ones with the same shapes run the compiled graph."""
-        self._laid_out("unet")  # compiled for the layout it will run in
         self.unet.compile(**options)
         return self
 
@@ -677,7 +675,6 @@ class CCLDPipeline:
         the next under the next; plans sampled together must share their timesteps and sampler
         (see `_ImagesRequest.shares_batches_with`)."""
         plan = parts[0][0]
-        self._laid_out("unet")
         x = noise.to(self.device)
         if any(p.init_latent is not None for p, _ in parts):
             alpha, sigma = sampling.t_to_alpha_sigma(plan.timesteps[0])
@@ -749,29 +746,8 @@ class CCLDPipeline:
         from .models.autoencoder import decode_latents
 
         scale = self.default_latent_scale if latent_scale is None else float(latent_scale)
-        if full_decoder or self.tiny_decoder is None:
-            self._laid_out("decoder")
-            decoder = self.autoencoder
-        else:
-            decoder = self.tiny_decoder
+        decoder = self.autoencoder if full_decoder or self.tiny_decoder is None else self.tiny_decoder
         return decode_latents(decoder, latents * scale).float()
-
-    def _laid_out(self, part: str) -> None:
-        """Puts the U-Net or the KL decoder into the current precision's memory layout, if that
-        is still to do: channels-last on the fast path, contiguous (and the reference's
-        upsampling arithmetic) for exact fp32."""
-        if part not in self._layout_pending:
-            return
-        with self._layout_lock:
-            if part not in self._layout_pending:
-                return
-            memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-            if part == "unet":
-                self.unet.to(memory_format=memory_format)
-            else:
-                self.autoencoder.decoder.to(memory_format=memory_format)
-                self.autoencoder.decoder.fold_upsampling(self.channels_last)
-            self._layout_pending.discard(part)
 
     @property
     def latent_preview(self):

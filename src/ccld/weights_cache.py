@@ -370,7 +370,8 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
 
     `channels_last(name, tensor)` picks the 4-d tensors to store in channels-last order: later
     loads map them as channels-last views, which a net running channels-last uses without a
-    copy (what the converter returns keeps its own layout).
+    copy; a first load returns them channels-last too (with the cache off, they keep the
+    converter's layout).
     """
     if not kind.isidentifier() or not kind.islower():
         raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
@@ -397,6 +398,10 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": fingerprints,
              "metadata": metadata}
     layout = [k for k, v in state.items() if channels_last and v.dim() == 4 and channels_last(k, v)]
+    # Laid out now as a later load maps them: the copy a channels-last net would make anyway,
+    # and the writer then streams them out without another.
+    state = {k: v.contiguous(memory_format=torch.channels_last) if k in layout else v
+             for k, v in state.items()}
     if not BACKGROUND_WRITES:
         stored = _publish(converted, name, dict(state), entry, None, layout)
         if stored is None:
