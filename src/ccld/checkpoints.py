@@ -233,7 +233,12 @@ def load_array_pickle(path: str | os.PathLike, what: str = "CLOOB checkpoint") -
         raise CCLDError(f"{path}: {kind}, not a pickle; give the {what} (.pkl release file)")
     try:
         with open(path, "rb") as f:
-            obj = _ArraysOnlyUnpickler(f).load()
+            unpickler = _ArraysOnlyUnpickler(f)
+            obj = unpickler.load()
+            # Its memo holds every array: an unpickler caught in a reference cycle (a C
+            # unpickler with Python hooks can be) would keep them all until the garbage
+            # collector runs, after the caller has converted and dropped them.
+            unpickler.memo.clear()
     except pickle.UnpicklingError as e:
         if "forbidden array type" in str(e):
             raise CCLDError(f"{path}: refused to load: the pickle holds an array of type "

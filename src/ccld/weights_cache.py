@@ -352,8 +352,8 @@ _writers_lock = threading.Lock()
 def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | bytes],
                    convert: Callable[[], tuple[StateDict, dict]],
                    on_stored: Callable[[StateDict], None] | None = None,
-                   channels_last: Callable[[str, torch.Tensor], bool] | None = None
-                   ) -> tuple[StateDict, dict]:
+                   channels_last: Callable[[str, torch.Tensor], bool] | None = None,
+                   maps_sources: bool = False) -> tuple[StateDict, dict]:
     """(state dict, JSON-able metadata): from the cache (memory-mapped) when an entry for exactly
     these sources and configs exists, else convert() and store the result.
 
@@ -371,7 +371,9 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
     `channels_last(name, tensor)` picks the 4-d tensors to store in channels-last order: later
     loads map them as channels-last views, which a net running channels-last uses without a
     copy; a first load returns them channels-last too (with the cache off, they keep the
-    converter's layout).
+    converter's layout). `maps_sources`: the converter returns views of memory-mapped source
+    files; a first load then copies the tensors out, since one view left would keep a whole
+    release file resident (the stored copy is what later loads map instead).
     """
     if not kind.isidentifier() or not kind.islower():
         raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
@@ -400,18 +402,19 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
     layout = [k for k, v in state.items() if channels_last and v.dim() == 4 and channels_last(k, v)]
     # Laid out now as a later load maps them: the copy a channels-last net would make anyway,
     # and the writer then streams them out without another.
-    state = {k: v.contiguous(memory_format=torch.channels_last) if k in layout else v
-             for k, v in state.items()}
+    copy = torch.Tensor.clone if maps_sources else torch.Tensor.contiguous  # (clone: always)
+    state = {k: copy(v, memory_format=torch.channels_last) if k in layout
+             else v.clone() if maps_sources else v for k, v in state.items()}
     if not BACKGROUND_WRITES:
-        stored = _publish(converted, name, dict(state), entry, None, layout)
+        stored = _publish(converted, name, [dict(state)], entry, None, layout)
         if stored is None:
             return state, metadata
         del state  # the stored copy replaces the converted tensors
         _return_freed_memory()
         return stored, metadata
-    # The writer gets its own dict: the caller may change its own (pop keys, add defaults).
+    # The writer gets its own dict (the caller may change its own: pop keys, add defaults).
     writer = threading.Thread(target=_publish_in_background,
-                              args=(converted, name, dict(state), entry, on_stored, layout),
+                              args=(converted, name, [dict(state)], entry, on_stored, layout),
                               name=f"ccld cache writer {name}")  # not a daemon: exit waits for it
     with _writers_lock:
         _writers[converted / name] = writer
@@ -419,11 +422,14 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
     return state, metadata
 
 
-def _publish(converted: Path, name: str, state: StateDict, entry: dict,
+def _publish(converted: Path, name: str, box: list[StateDict], entry: dict,
              on_stored: Callable[[StateDict], None] | None,
              channels_last: Sequence[str] = ()) -> StateDict | None:
     """Stores the entry and returns its memory-mapped tensors (None if it could not be stored,
-    after one warning line): the work of a writer thread, or of the caller."""
+    after one warning line): the work of a writer thread, or of the caller. The state dict
+    comes in a one-item list that this empties: held by nothing of the writer's once written
+    (a thread's arguments live as long as the thread), its memory can be returned."""
+    state = box.pop()
     try:
         _store(converted, name, state, entry, channels_last)
     except OSError as e:

@@ -479,7 +479,8 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
     # The decoder's kernels are stored channels-last, the fast path's layout (the encoder's as
     # the reference runs them: init images are encoded in fp32 exactly as it encodes them).
     weights, metadata = load_converted("autoencoder", [path], [config_path.read_bytes()], convert,
-                                       channels_last=lambda name, t: name.startswith("decoder."))
+                                       channels_last=lambda name, t: name.startswith("decoder."),
+                                       maps_sources=True)
     ae = autoencoder_from_state_dict(AutoencoderConfig.from_dict(metadata["config"]), weights, path)
     return ae if stored_layout else ae.to(memory_format=torch.contiguous_format)
 

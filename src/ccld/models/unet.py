@@ -423,7 +423,7 @@ def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint") -> tup
         return sd, {"config": config}
 
     sd, metadata = load_converted("unet", [Path(path)], [], convert,
-                                  channels_last=lambda name, t: True)
+                                  channels_last=lambda name, t: True, maps_sources=True)
     return sd, metadata["config"]
 
 
