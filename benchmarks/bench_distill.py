@@ -10,10 +10,16 @@ Everything runs through ccld's own commands (`ccld train`, `ccld distill --objec
    condition per image: a fixed random projection of its 2 x 2 colour layout (a lossy summary,
    as a CLOOB embedding is). No autoencoder, no CLOOB: the latent cache is written directly.
 2. a small teacher trained on them (U-Net 16 x 1,1,2,2, condition dropped 20% of the time);
-3. a guidance-distilled student (`--objective guidance --guidance-range 1,8`, started from the
-   teacher): the guided velocity at any w in one forward of one row;
-4. progressive distillation of that student, `--start-steps` halved `--rounds` times to 4 steps
-   (each round's teacher the previous student, w drawn from the same range).
+3. the teacher's own guided (w = 3, unipc-10) paintings of the training conditions, from new
+   noise: the latents the students learn on (`--students-learn-on images` for the training
+   images instead). Guidance pushes a painting off the data set, so the latents a guided
+   trajectory passes through at low noise are unlike any noised training image;
+4. a guidance-distilled student (started from the teacher): by default the fixed-w case,
+   `--distill-guidance 3`, since everything is evaluated at w = 3 (`--guidance-range 1,8` for
+   a student taking w as an input);
+5. progressive distillation of that student, `--start-steps` (64) halved `--rounds` (4) times
+   to 4 steps, each round's teacher the previous student. Every distillation run decays its
+   learning rate to 0 (`--lr-schedule cosine`).
 
 Then, on held-out conditions (images never trained on) and held-out noise, each setting's
 relative RMS error of the final clean latent against the teacher's 500-step guided solution
@@ -198,6 +204,10 @@ def main():
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started = time.perf_counter()
+    stages = {}  # seconds of each stage: where the time goes
+
+    def stage_done(name):
+        stages[name] = round(time.perf_counter() - started - sum(stages.values()), 1)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
         latents, embeds = shape_latents(args.seed, 0, TRAIN_ITEMS)
@@ -206,9 +216,11 @@ def main():
              "--channel-multipliers", "1,1,2,2",
              *run_options(args, args.teacher_steps, 1e-3, args.teacher_batch_size, "constant"))
         teacher_file = work / "teacher" / "model_ema.safetensors"
+        stage_done("teacher")
         if args.students_learn_on == "paintings":
             cache = write_latent_cache(work / "paintings",
                                        teacher_paintings(teacher_file, embeds, args.seed), embeds)
+            stage_done("teacher_paintings")
         guidance = (["--guidance-range", args.guidance_range] if args.guidance_range
                     else ["--distill-guidance", GUIDANCE])
         ccld("distill", "--objective", "guidance", *guidance, "--data", cache,
@@ -216,12 +228,14 @@ def main():
              *run_options(args, args.guidance_steps, args.guidance_lr, args.batch_size,
                          args.lr_schedule))
         guidance_file = work / "guidance" / "model_student.safetensors"
+        stage_done("guidance_distillation")
         ccld("distill", "--objective", "progressive", "--data", cache, "--out",
              work / "progressive", "--teacher", guidance_file, "--start-steps", args.start_steps,
              "--rounds", args.rounds,
              *run_options(args, args.round_steps, args.round_lr, args.batch_size,
                           args.lr_schedule))
         trained = time.perf_counter() - started
+        stage_done("progressive_rounds")
 
         from ccld.models.unet import load_unet
 
@@ -243,11 +257,13 @@ def main():
     for name, r in rows.items():
         print(f"| {name} ({r['method']}-{r['steps']}) | {r['forwards']} | {r['rows_per_image']} "
               f"| {r['forwards'] * r['rows_per_image']} | {r['error']:.4f} | {r['worst']:.4f} |")
+    stage_done("evaluation")  # the 500-step references and every setting's sampling
+    print("seconds per stage:", ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
     result = {f"{name}_error": r["error"] for name, r in rows.items()}
     result.update(student_forwards=rows["student"]["forwards"],
                   student_rows_per_image=rows["student"]["rows_per_image"],
                   seed=args.seed, settings=rows, train_seconds=round(trained, 1),
-                  total_seconds=round(time.perf_counter() - started, 1),
+                  total_seconds=round(time.perf_counter() - started, 1), stage_seconds=stages,
                   options={k: v for k, v in vars(args).items() if k not in ("json", "work")},
                   threads=torch.get_num_threads())
     ok = (result["student_error"] <= result["teacher_unipc10_error"]
