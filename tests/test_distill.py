@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from ccld import sampling
 from ccld.cli import main
 from ccld.models.unet import CCLDUNet
 from ccld.training.distill import DistillationObjective
@@ -147,7 +148,8 @@ def test_guidance_input_starts_as_the_checkpoint_and_every_format_keeps_the_reco
                               "embed_dim": 512}  # plain nets keep their config and keys
     records = {"guidance_input": True, "guidance_range": [1.0, 8.0], "distilled_steps": 4}
     assert student.config == {**teacher.config, **records}
-    assert torch.equal(student.distilled_timesteps, torch.tensor([1.0, 0.75, 0.5, 0.25]))
+    start = float(sampling.get_timesteps(1)[0])  # 0.9957: where every sampler starts
+    assert torch.allclose(student.distilled_timesteps, start * torch.tensor([1, 0.75, 0.5, 0.25]))
 
     with torch.no_grad():  # trained a little: w now matters, and every format keeps it
         student.guidance_embed.linear.weight.normal_()
@@ -204,7 +206,8 @@ def test_one_progressive_round_lowers_the_two_step_vs_one_step_gap():
                            torch.Generator().manual_seed(seed), SobolTimesteps(seed))
 
     held_out = objective.noised(batch(1000))  # noise never trained on
-    assert set(held_out.t.tolist()) == {0.5, 1.0}  # the student's grid points
+    start = float(sampling.get_timesteps(1)[0])  # 0.9957, where every sampler starts
+    assert held_out.t.unique().tolist() == pytest.approx([start / 2, start])  # the grid points
 
     def gap():  # |one student DDIM step - two teacher DDIM steps|, in the loss's weighting
         with torch.no_grad():
@@ -238,6 +241,20 @@ def test_guidance_objective_draws_w_and_the_teacher_guides_at_it():
         student = with_records(teacher, guidance_input=True, guidance_range=(1, 8)).eval()
         # a guided teacher of its own (a guidance student) gives it in one forward with w
         assert torch.equal(guided_velocity(student, x, t, cond, w), student(x, t, cond, guidance=w))
+        # and a student distilled at one fixed w (--distill-guidance 3) in its plain forward:
+        # guiding it again would apply the guidance twice
+        fixed = with_records(teacher, guidance_range=(3, 3)).eval()
+        assert torch.equal(guided_velocity(fixed, x, t, cond, torch.full([4], 3.0)),
+                           fixed(x, t, cond))
+    # progressive distillation of either keeps the range it gives the guided velocity for
+    from argparse import Namespace
+
+    from ccld.training.commands import distill_guidance_range
+
+    progressive = Namespace(guidance_range=None, distill_guidance=None, objective="progressive")
+    assert distill_guidance_range(progressive, fixed) == (3.0, 3.0)
+    assert distill_guidance_range(progressive, student) == (1.0, 8.0)
+    assert distill_guidance_range(progressive, teacher) is None
     objective = DistillationObjective(teacher, cond_drop=0.0, guidance_range=(1, 8),
                                       student_takes_guidance=True)
     batch = NoisedBatch(x, t, cond, torch.randn_like(x))
@@ -274,7 +291,8 @@ def test_distill_writes_students_that_say_what_they_are(world, students):
     assert float(guidance.autoencoder_scale) == pytest.approx(0.35)
     progressive = load_unet(students["progressive"])
     assert progressive.config == {**guidance.config, "distilled_steps": 2}  # inherits the range
-    assert progressive.distilled_timesteps.tolist() == [1.0, 0.5]
+    start = float(sampling.get_timesteps(1)[0])  # where every other sampler starts too
+    assert progressive.distilled_timesteps.tolist() == pytest.approx([start, start / 2])
 
 
 def test_generate_and_the_pipeline_sample_a_student_as_it_was_distilled(
@@ -338,4 +356,4 @@ def test_a_progressive_round_resumes_exactly(world, tmp_path):
     whole = state(tmp_path / "whole" / "model_student.ckpt")
     parts = state(tmp_path / "parts" / "model_student.ckpt")
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
-    assert whole["distilled_timesteps"].tolist() == [1.0]
+    assert whole["distilled_timesteps"].tolist() == pytest.approx([0.9957], abs=1e-4)

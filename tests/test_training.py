@@ -44,6 +44,15 @@ def test_ema_decay_schedule_is_the_reference():
                                                                    0.9999, 0.9999]
 
 
+def test_lr_schedules_decay_from_the_lr_towards_zero_at_the_last_step():
+    from ccld.training.engine import lr_factor
+
+    assert [lr_factor("constant", k, None) for k in (0, 10**6)] == [1.0, 1.0]
+    assert [lr_factor("linear", k, 4) for k in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [round(lr_factor("cosine", k, 4), 4) for k in range(5)] == \
+        [1.0, 0.8536, 0.5, 0.1464, 0.0]
+
+
 def test_ema_update_averages_parameters_and_copies_buffers():
     model, averaged = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
     with torch.no_grad():
@@ -155,6 +164,13 @@ def test_training_halves_the_loss_and_writes_loadable_checkpoints(world, tmp_pat
                                    cloob_config=world["fixtures"] / "cloob.json")
     images = pipe("a painting", num_images=1, steps=2, size=64, progress=False)
     assert images[0].size == (64, 64)
+
+
+def test_a_decaying_learning_rate_reaches_every_update(world, tmp_path):
+    assert train(world, tmp_path, "--batch-size", "4", "--max-steps", "4", "--lr", "1e-3",
+                 "--lr-schedule", "linear", "--log-every", "1", "--autoencoder-scale", "0.35") == 0
+    assert [m["lr"] for m in metrics(tmp_path) if "lr" in m] == \
+        pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
 def test_resume_equals_an_uninterrupted_run_and_ema_follows_the_schedule(world, tmp_path):
@@ -313,6 +329,8 @@ def test_user_errors_are_one_line_and_lose_nothing(world, tmp_path, capsys):
         assert train(world, target, "--batch-size", "4", "--max-steps", "2", *extra) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert train(world, fresh, "--batch-size", "4", "--lr-schedule", "cosine") == 2
+    assert "decays over the run: give --max-steps" in capsys.readouterr().err
     assert main(["distill", "--data", str(world["cache"]), "--out", str(out), "--teacher",
                  str(out / "model_ema.ckpt"), *QUIET, "--resume"]) == 2
     assert "written by `ccld train`" in capsys.readouterr().err

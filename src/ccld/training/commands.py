@@ -137,7 +137,8 @@ def settings_from_args(args):
 
     return Settings(
         out=Path(args.out), batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
+        max_steps=args.max_steps, lr=args.lr, lr_schedule=args.lr_schedule,
+        weight_decay=args.weight_decay,
         ema_decay_at=args.ema_decay_at,
         ema_warmup_steps=args.ema_warmup_steps, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -273,7 +274,8 @@ def parse_guidance_range(text: str) -> tuple[float, float]:
 def distill_guidance_range(args, teacher) -> tuple[float, float] | None:
     """The guidance weights the student learns to give in one row: --guidance-range,
     --distill-guidance S (the range S,S), --objective guidance's default 1,8, or for
-    progressive distillation of a guidance-distilled teacher the teacher's own range."""
+    progressive distillation of a guidance-distilled teacher the teacher's own range (S,S for
+    one distilled at a fixed w, whose plain velocity is the guided one)."""
     if args.guidance_range is not None and args.distill_guidance is not None:
         raise CCLDError("give --guidance-range LOW,HIGH or --distill-guidance SCALE, not both")
     if args.guidance_range is not None:
@@ -282,7 +284,7 @@ def distill_guidance_range(args, teacher) -> tuple[float, float] | None:
         return (args.distill_guidance, args.distill_guidance)
     if args.objective == "guidance":
         return parse_guidance_range(DEFAULT_GUIDANCE_RANGE)
-    if args.objective == "progressive" and teacher.guidance_input:
+    if args.objective == "progressive" and teacher.distilled_guidance is not None:
         return teacher.distilled_guidance
     return None
 
@@ -540,6 +542,9 @@ def add_run_options(p: argparse.ArgumentParser, lr: float, scale_help: str | Non
                    help="stop after this many optimizer steps (default: until interrupted; "
                         "Ctrl-C saves a checkpoint first)")
     g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
+                   help="constant, or decayed from --lr towards 0 at --max-steps (cosine, "
+                        "linear): short runs such as distillation rounds end nearer their optimum")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     if diffusion:
         g.add_argument("--cond-drop", type=float, default=0.2,

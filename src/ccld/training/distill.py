@@ -11,9 +11,10 @@ input and gives the guided velocity in one forward instead of two.
 `ProgressiveDistillationObjective` (`--objective progressive`, Salimans & Ho 2022): a student
 of N DDIM steps learns to land in one step where its teacher lands in two half steps, on the
 uniform time grid of this codebase's cosine schedule (alpha = cos(pi t / 2), sigma = sin(pi t
-/ 2)). Each round halves N and the student of one round teaches the next. With a guidance range
-the student also takes w, and the teacher's velocity is the guided one (Meng et al.'s second
-stage).
+/ 2)) from the first timestep every sampler starts at (`sampling.uniform_timesteps`). Each
+round halves N and the student of one round teaches the next. With a guidance range the student
+also takes w, and the teacher's velocity is the guided one (Meng et al.'s second stage); a
+student distilled at one fixed w is already guided, and its step-distilled students with it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import contextlib
 import torch
 from torch.nn import functional as F
 
-from ..sampling import t_to_alpha_sigma
+from ..sampling import t_to_alpha_sigma, uniform_timesteps
 from .objective import LatentBatch, NoisedBatch, noised_batch, noised_latents
 
 
@@ -31,14 +32,20 @@ def guided_velocity(teacher: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
                     cond: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
     """The teacher's velocity at guidance `guidance` (one weight per row; None: conditional).
 
-    A teacher with a guidance input (a guidance-distilled student) gives it in one forward; any
-    other runs classifier-free guidance, v_u + w (v_c - v_u), in one batched forward of twice
-    the rows. A dropped (zero) condition gives v_c = v_u, so those rows get v_u at any w.
+    A teacher with a guidance input (a guidance-distilled student) gives it in one forward, and
+    so does a student distilled for one fixed w (`--distill-guidance`), whose plain velocity is
+    the guided one at that w; any other runs classifier-free guidance, v_u + w (v_c - v_u), in
+    one batched forward of twice the rows. A dropped (zero) condition gives v_c = v_u, so those
+    rows get v_u at any w.
     """
     if guidance is None:
         return teacher(x, t, cond).float()
     if getattr(teacher, "guidance_input", False):
         return teacher(x, t, cond, guidance=guidance).float()
+    fixed = getattr(teacher, "distilled_guidance", None)
+    if fixed is not None:
+        assert bool((guidance == fixed[0]).all()), "a fixed-w student guides at its w only"
+        return teacher(x, t, cond).float()
     v_uncond, v_cond = teacher(torch.cat([x, x]), torch.cat([t, t]),
                                torch.cat([torch.zeros_like(cond), cond])).float().chunk(2)
     return v_uncond + guidance.view(-1, 1, 1, 1) * (v_cond - v_uncond)
@@ -120,8 +127,8 @@ class DistillationObjective:
 
 class ProgressiveDistillationObjective:
     """One round of progressive distillation: the student takes `student_steps` DDIM steps on
-    the uniform grid t = i / N, and learns to jump from t to t - 1/N where the teacher gets in
-    two DDIM steps (through t - 1/(2N)).
+    the uniform grid t = T i / N (T = 0.9957, the first timestep of every sampler), and learns
+    to jump from t to t - T/N where the teacher gets in two DDIM steps (through t - T/(2N)).
 
     For each item the trainer's Sobol timestep u picks the grid point i = floor(u N) + 1. From
     the teacher's x'' the student's target clean latent is the one a single DDIM step from x_t
@@ -139,6 +146,7 @@ class ProgressiveDistillationObjective:
                  student_takes_guidance: bool = False):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student_steps = int(student_steps)
+        self.step_size = float(uniform_timesteps(self.student_steps)[0]) / self.student_steps
         self.guidance_range = guidance_range
         self.student_takes_guidance = student_takes_guidance
         self.cond_drop = cond_drop
@@ -153,13 +161,13 @@ class ProgressiveDistillationObjective:
         n = self.student_steps
         i = (batch.timesteps.draw(batch.mean.shape[0]) * n).floor().clamp(max=n - 1) + 1
         return noised_batch(batch.mean, batch.logvar, batch.embed, batch.autoencoder_scale,
-                            i / n, batch.generator, self.cond_drop)
+                            i * self.step_size, batch.generator, self.cond_drop)
 
     @torch.no_grad()
     def target(self, batch: NoisedBatch, guidance: torch.Tensor | None) -> torch.Tensor:
         """v~: the velocity whose one DDIM step from t lands where two teacher steps do."""
         x, t = batch.x, batch.t
-        half = 0.5 / self.student_steps
+        half = 0.5 * self.step_size
         with self.autocast():
             x_mid = self.ddim_step(x, t, t - half, batch.cond, guidance)
             x_end = self.ddim_step(x_mid, t - half, t - 2 * half, batch.cond, guidance)

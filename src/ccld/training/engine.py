@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -51,6 +52,7 @@ class Settings:
     grad_accum: int = 1
     max_steps: int | None = None  # None: until interrupted
     lr: float = 3e-5
+    lr_schedule: str = "constant"  # or "cosine", "linear": decayed towards 0 at max_steps
     weight_decay: float = 0.01
     ema_decay_at: int = 200_000
     ema_warmup_steps: int = WARMUP_STEPS
@@ -72,6 +74,21 @@ def derive_seed(*numbers: int) -> int:
     """A well-mixed 63-bit seed from several integers (nearby inputs give unrelated streams)."""
     return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(
         1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(schedule: str, step: int, max_steps: int | None) -> float:
+    """The fraction of --lr for the update after `step` optimizer steps: 1 throughout, or a
+    cosine or linear decay from 1 at the first step towards 0 after the last (a short run,
+    such as a distillation round, ends closer to its optimum than at a constant rate)."""
+    if schedule == "constant":
+        return 1.0
+    progress = min(step / max_steps, 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1 - progress
 
 
 def make_trainable(unet: torch.nn.Module) -> torch.nn.Module:
@@ -223,6 +240,12 @@ class Trainer:
         s, acc = self.s, self.acc
         if s.batch_size < 1 or s.grad_accum < 1:
             raise CCLDError("--batch-size and --grad-accum must be at least 1")
+        if s.lr_schedule not in LR_SCHEDULES:
+            raise CCLDError(f"--lr-schedule {s.lr_schedule!r}: choose one of "
+                            f"{', '.join(LR_SCHEDULES)}")
+        if s.lr_schedule != "constant" and s.max_steps is None:
+            raise CCLDError(f"--lr-schedule {s.lr_schedule} decays over the run: give "
+                            "--max-steps")
         if s.wandb_project:
             import_wandb()  # a missing wandb fails the run here, before its folder is made
         if s.batch_size > self.data.num_items // acc.num_processes:
@@ -317,6 +340,8 @@ class Trainer:
                 acc.backward(loss / s.grad_accum)
             self.meter.add_micro_batch(loss, parts, batch, s.grad_accum)
         self.samples += s.batch_size * s.grad_accum
+        for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
+            group["lr"] = s.lr * lr_factor(s.lr_schedule, self.step, s.max_steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
