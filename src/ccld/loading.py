@@ -125,11 +125,15 @@ def load_encoders(files: dict, need_autoencoder: bool = True, need_cloob: bool =
 
 
 def load_unet_weights(path, what: str):
-    """(U-Net, whether the file stored its latent scale) from any file the loaders read."""
+    """(U-Net, whether the file stored its latent scale) from any file the loaders read, its
+    weights in the reference's contiguous layout (training starts from them)."""
+    import torch
+
     from .models.unet import unet_from_state_dict, unet_weights
 
     sd, config = unet_weights(path, what)
-    return unet_from_state_dict(sd, path, config), "autoencoder_scale" in sd
+    unet = unet_from_state_dict(sd, path, config).to(memory_format=torch.contiguous_format)
+    return unet, "autoencoder_scale" in sd
 
 
 def download_defaults(cloob_name: str | None = None) -> list[Path]:

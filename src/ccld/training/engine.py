@@ -123,7 +123,9 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(module.named_parameters()):
         h.update(name.encode())
-        h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        # reshape(-1), not contiguous(): a [n, c, 1, 1] kernel laid out channels-last counts
+        # as contiguous with a last stride of c, which a byte view refuses
+        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
