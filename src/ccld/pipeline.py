@@ -525,7 +525,7 @@ class CCLDPipeline:
         if precision is not None:
             self.precision = resolve_precision(precision, self.device)
             # Channels-last convolutions measure faster in every precision, on CPUs with or
-            # without bf16 and on GPUs (fp32 student 1.12x on an AVX2 EPYC), and stay within
+            # without bf16 and on GPUs (fp32 student 1.17x on an AVX2 EPYC), and stay within
             # 1e-5 of contiguous fp32; only an explicit fp32 keeps the reference's layout, bit
             # for bit.
             self.channels_last = precision != "fp32"

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 FILE_NAME = "latent_preview.json"
-# How the map is fitted; part of the converted-weights cache key, so changing it refits.
+# How the map is fitted, recorded with every saved map (latent_preview.json).
 FIT_RECIPE = ("latent preview 1: 4 pictures of 64 px, random 16 px colour blocks (seed 0), "
               "encoded, decoded; least squares from each latent pixel to its 8x8 block's mean")
 FIT_PICTURES, FIT_SIZE, FIT_BLOCK, FIT_SEED = 4, 64, 16, 0

@@ -66,18 +66,18 @@ def student_velocity(model, x, t, cond, guidance, takes_guidance: bool) -> torch
     return model(x, t, cond).float()
 
 
-class DistillationObjective:
+class _TeacherObjective:
+    """What the distillation objectives share: a frozen teacher (guided over `guidance_range`,
+    if any), the student's optional guidance input, the condition dropout and the autocast the
+    teacher runs in."""
+
     kind = "distill"
     export_stem = "model_student"  # named like the released student
 
-    def __init__(self, teacher: torch.nn.Module, true_v_weight: float = 0.0,
-                 guidance: float | None = None, cond_drop: float = 0.2,
-                 autocast=contextlib.nullcontext, guidance_range=None,
-                 student_takes_guidance: bool = False):
+    def __init__(self, teacher: torch.nn.Module, cond_drop: float, autocast, guidance_range,
+                 student_takes_guidance: bool):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.true_v_weight = float(true_v_weight)
-        # a fixed scale is the range [scale, scale]
-        self.guidance_range = (guidance, guidance) if guidance is not None else guidance_range
+        self.guidance_range = guidance_range
         self.student_takes_guidance = student_takes_guidance
         self.cond_drop = cond_drop
         self.autocast = autocast
@@ -85,6 +85,23 @@ class DistillationObjective:
     def to(self, device):
         self.teacher.to(device)
         return self
+
+    def demo_rows(self, ema):
+        return [("teacher", self.teacher), ("student EMA", ema)]
+
+
+class DistillationObjective(_TeacherObjective):
+    """The student's v against the teacher's (guided) v at the same noised inputs."""
+
+    def __init__(self, teacher: torch.nn.Module, true_v_weight: float = 0.0,
+                 guidance: float | None = None, cond_drop: float = 0.2,
+                 autocast=contextlib.nullcontext, guidance_range=None,
+                 student_takes_guidance: bool = False):
+        # a fixed scale is the range [scale, scale]
+        super().__init__(teacher, cond_drop, autocast,
+                         (guidance, guidance) if guidance is not None else guidance_range,
+                         student_takes_guidance)
+        self.true_v_weight = float(true_v_weight)
 
     def fixed_guidance(self, n: int, device) -> torch.Tensor | None:
         if self.guidance_range is None:
@@ -121,11 +138,8 @@ class DistillationObjective:
         return (teacher_mse + self.true_v_weight * true_mse,
                 {"teacher_mse": teacher_mse, "true_v_mse": true_mse})
 
-    def demo_rows(self, ema):
-        return [("teacher", self.teacher), ("student EMA", ema)]
 
-
-class ProgressiveDistillationObjective:
+class ProgressiveDistillationObjective(_TeacherObjective):
     """One round of progressive distillation: the student takes `student_steps` DDIM steps on
     the uniform grid t = T i / N (T = 0.9957, the first timestep of every sampler), and learns
     to jump from t to t - T/N where the teacher gets in two DDIM steps (through t - T/(2N)).
@@ -138,23 +152,12 @@ class ProgressiveDistillationObjective:
     weighting, max(SNR, 1) |x^ - x~|^2, which in v is max(alpha^2, sigma^2) |v^ - v~|^2.
     """
 
-    kind = "distill"
-    export_stem = "model_student"
-
     def __init__(self, teacher: torch.nn.Module, student_steps: int, cond_drop: float = 0.2,
                  autocast=contextlib.nullcontext, guidance_range=None,
                  student_takes_guidance: bool = False):
-        self.teacher = teacher.eval().requires_grad_(False)
+        super().__init__(teacher, cond_drop, autocast, guidance_range, student_takes_guidance)
         self.student_steps = int(student_steps)
         self.step_size = float(uniform_timesteps(self.student_steps)[0]) / self.student_steps
-        self.guidance_range = guidance_range
-        self.student_takes_guidance = student_takes_guidance
-        self.cond_drop = cond_drop
-        self.autocast = autocast
-
-    def to(self, device):
-        self.teacher.to(device)
-        return self
 
     def noised(self, batch: LatentBatch) -> NoisedBatch:
         """The inputs: clean latents noised at grid points of the student's schedule."""
@@ -198,6 +201,3 @@ class ProgressiveDistillationObjective:
         weight = torch.maximum(alpha, sigma).square()[:, None, None, None]
         loss = (weight * (v - target).square()).mean()
         return loss, {"v_mse": F.mse_loss(v, target)}
-
-    def demo_rows(self, ema):
-        return [("teacher", self.teacher), ("student EMA", ema)]
