@@ -452,47 +452,53 @@ def test_loading_draws_no_random_numbers(fixtures, cache, monkeypatch):
     assert drawn == []
 
 
-# The background writer: a first run goes on while its conversions are written
+# The background publisher: a first run goes on while its conversions are synced and published
 
 
 @pytest.fixture
 def slow_writer(cache, monkeypatch):
-    """Background writes on, each waiting for `release.set()` before it stores anything."""
+    """Background publishing on, each waiting for `release.set()` before it publishes."""
     import threading
 
     monkeypatch.setattr(weights_cache, "BACKGROUND_WRITES", True)
     release = threading.Event()
-    store = weights_cache._store
+    publish = weights_cache._publish
 
-    def waiting_store(*args):
+    def waiting_publish(*args):
         assert release.wait(30)
-        store(*args)
+        publish(*args)
 
-    monkeypatch.setattr(weights_cache, "_store", waiting_store)
+    monkeypatch.setattr(weights_cache, "_publish", waiting_publish)
     yield release
     release.set()
     weights_cache.finish_writes()
 
 
-def test_the_converted_tensors_come_back_before_the_entry_is_written(source, cache, slow_writer):
+@on_linux
+def test_a_first_load_gets_the_written_copy_before_the_entry_is_published(source, cache,
+                                                                           slow_writer):
     convert = CountingConvert()
     state, metadata = load_converted("thing", [source], ["a: 1"], convert)
     assert equal_state_dicts(state, convert()[0]) and metadata == {"config": [1, 2], "name": "x"}
-    assert entries(cache) == []  # still being written
+    assert entries(cache) == []  # not yet published
+    (tmp,) = temporaries(cache)
+    assert all(mapped_file(t) == str(tmp / "weights.safetensors") for t in state.values()
+               if t.numel())  # the converted tensors are not kept: the written copy serves
     slow_writer.set()
     weights_cache.finish_writes()
     (entry,) = entries(cache)
     assert equal_state_dicts(map_safetensors(entry / "weights.safetensors"), state)
     assert temporaries(cache) == []
+    assert equal_state_dicts(state, convert()[0])  # the mapping outlives the rename
 
 
-def test_a_load_of_an_entry_being_written_waits_for_it(source, cache, slow_writer):
+def test_a_load_of_an_entry_being_published_waits_for_it(source, cache, slow_writer):
     import threading
 
     convert = CountingConvert()
     first, _ = load_converted("thing", [source], [], convert)
     threading.Timer(0.2, slow_writer.set).start()
-    second, _ = load_converted("thing", [source], [], convert)  # joins the writer, then maps
+    second, _ = load_converted("thing", [source], [], convert)  # joins the publisher, then maps
     assert convert.calls == 1 and equal_state_dicts(first, second)
     (entry,) = entries(cache)
     assert all(mapped_file(t) == str(entry / "weights.safetensors") for t in second.values()
@@ -500,16 +506,17 @@ def test_a_load_of_an_entry_being_written_waits_for_it(source, cache, slow_write
 
 
 @on_linux
-def test_an_unused_cloob_tower_takes_the_written_copy(fixtures, cache, slow_writer, cloob_io):
-    """A text-only first run frees the converted image tower once the entry is written."""
+def test_a_first_cloob_load_holds_only_the_written_copy(fixtures, cache, slow_writer, cloob_io):
+    """A text-only first run never keeps the converted image tower in memory."""
     cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
     with torch.no_grad():
-        cloob.encode_text(["a castle"])  # the text tower takes the converted weights
-    slow_writer.set()
-    weights_cache.finish_writes()
-    (entry,) = entries(cache)
+        cloob.encode_text(["a castle"])
+    (tmp,) = temporaries(cache)
     waiting = cloob.image_encoder._deferred[0]
-    assert waiting and all(mapped_file(t) == str(entry / "weights.safetensors")
+    assert waiting and all(mapped_file(t) == str(tmp / "weights.safetensors")
                            for t in waiting.values())
     assert cloob.text_encoder._deferred is None
+    slow_writer.set()
+    weights_cache.finish_writes()
+    assert len(entries(cache)) == 1
     assert equal_state_dicts(cloob.state_dict(), haiku_pickle_state_dict(fixtures / "cloob.pkl"))

@@ -12,8 +12,9 @@ first and last MiB, and the given config texts, so a changed file or config neve
 entry. The JSON records the weights file's size and a hash of its head and tail; an entry that
 does not match (a half-written, truncated or overwritten one) is thrown away and rebuilt, never
 trusted. Writers build an entry under a unique temporary name and publish it with one rename, so
-concurrent processes never see a partial one. A new entry is written by a background thread
-while the first run goes on painting with the converted tensors in memory.
+concurrent processes never see a partial one. A first run writes a new entry's weights at
+once and goes on with them memory-mapped from there; a background thread waits for the disk and
+publishes the entry while the run paints.
 
 Where: `CCLD_CACHE_DIR`, by default a `ccld` folder beside the Hugging Face hub cache (where the
 CLOOB pickle is downloaded too). `CCLD_CACHE_DIR=off` turns the converted cache off (downloads
@@ -274,32 +275,38 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _write_entry(folder: Path, state: StateDict, entry: dict, channels_last: Sequence[str]) -> None:
-    """Writes the entry into `folder`, a new private temporary folder: renaming that folder is
-    what publishes the entry (atomic_write's per-file renames would add nothing)."""
-    folder.mkdir()
-    weights = folder / WEIGHTS_FILE
-    with open(weights, "wb") as f:
-        write_safetensors(f, state, channels_last)
-        f.flush()
-        os.fsync(f.fileno())
-    size = weights.stat().st_size
-    entry = {**entry, "weights": {"file": WEIGHTS_FILE, "size": size,
-                                  "head_tail_sha256": _head_tail_sha256(weights, size)}}
-    with open(folder / ENTRY_FILE, "w") as f:
-        json.dump(entry, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _store(converted: Path, name: str, state: StateDict, entry: dict,
-           channels_last: Sequence[str] = ()) -> None:
-    """Publishes an entry as converted/name in one rename; OSError if the folder is unwritable."""
+def _write_weights(converted: Path, name: str, state: StateDict,
+                   channels_last: Sequence[str]) -> Path:
+    """Writes the weights of a new entry into a new private temporary folder (returned), with no
+    syncing: the bytes reach the page cache, which is all this run's mapping of them needs.
+    Renaming that folder later is what publishes the entry (`_publish`)."""
     converted.mkdir(parents=True, exist_ok=True)
-    _remove_outdated(converted, entry)
     tmp = temporary_name(converted / name)
     try:
-        _write_entry(tmp, state, entry, channels_last)
+        tmp.mkdir()
+        with open(tmp / WEIGHTS_FILE, "wb") as f:
+            write_safetensors(f, state, channels_last)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _publish(converted: Path, name: str, tmp: Path, entry: dict) -> None:
+    """Makes the written weights in `tmp` durable, adds entry.json, and publishes the entry as
+    converted/name in one rename; OSError if that fails (the temporary is then removed)."""
+    try:
+        weights = tmp / WEIGHTS_FILE
+        with open(weights, "rb+") as f:
+            os.fsync(f.fileno())  # before the rename: a published entry is never half on disk
+        size = weights.stat().st_size
+        entry = {**entry, "weights": {"file": WEIGHTS_FILE, "size": size,
+                                      "head_tail_sha256": _head_tail_sha256(weights, size)}}
+        with open(tmp / ENTRY_FILE, "w") as f:
+            json.dump(entry, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _remove_outdated(converted, entry)
         os.rename(tmp, converted / name)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -342,16 +349,15 @@ def _warn_unwritable(converted: Path, error: OSError) -> None:
               f"a writable folder, or to {OFF})", file=sys.stderr)
 
 
-# Whether a new entry is written by a background thread while the caller goes on (the default:
-# a first run paints while its conversions are written; see `load_converted`).
+# Whether a new entry is made durable and published by a background thread while the caller goes
+# on (the default; see `load_converted`).
 BACKGROUND_WRITES = True
-_writers: dict[Path, threading.Thread] = {}  # entry folder -> the thread writing it
+_writers: dict[Path, threading.Thread] = {}  # entry folder -> the thread publishing it
 _writers_lock = threading.Lock()
 
 
 def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | bytes],
                    convert: Callable[[], tuple[StateDict, dict]],
-                   on_stored: Callable[[StateDict], None] | None = None,
                    channels_last: Callable[[str, torch.Tensor], bool] | None = None,
                    maps_sources: bool = False) -> tuple[StateDict, dict]:
     """(state dict, JSON-able metadata): from the cache (memory-mapped) when an entry for exactly
@@ -361,19 +367,21 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
     the conversion depends on. Errors from `convert` (the user's CCLDErrors) pass through, and
     nothing is stored for them.
 
-    A new entry is written while the caller goes on with the converted tensors (writing and
-    syncing a GB costs seconds a first run need not wait for): `finish_writes` waits for it, as
-    does the interpreter before it exits, and so does a later load of the same entry. Once it is
-    published, `on_stored` receives its memory-mapped tensors, e.g. to hand them to parts of a
-    model not yet built, so that the converted ones can be freed. With `BACKGROUND_WRITES` off
-    the entry is written first and the stored copy is what comes back.
+    A new entry's weights are written at once, straight from the converted tensors, and what
+    comes back is already the memory-mapped written copy: the converted tensors are freed, and
+    a first run holds its weights as a second run does. Waiting for the disk (fsync) and
+    publishing the entry (entry.json, one rename) happen in a background thread
+    (`BACKGROUND_WRITES`), which needs no CPU to speak of, so the caller's computing goes on at
+    full speed: `finish_writes` waits for it, as does the interpreter before it exits, and so
+    does a later load of the same entry. (Copying a GB is CPU work: done in a thread it would
+    compete with the painting for the cores, which costs more on a small machine than it
+    saves.)
 
-    `channels_last(name, tensor)` picks the 4-d tensors to store in channels-last order: later
-    loads map them as channels-last views, which a net running channels-last uses without a
-    copy; a first load returns them channels-last too (with the cache off, they keep the
-    converter's layout). `maps_sources`: the converter returns views of memory-mapped source
-    files; a first load then copies the tensors out, since one view left would keep a whole
-    release file resident (the stored copy is what later loads map instead).
+    `channels_last(name, tensor)` picks the 4-d tensors to store in channels-last order: loads
+    map them as channels-last views, which a net running channels-last uses without a copy
+    (with the cache off, they keep the converter's layout). `maps_sources`: the converter
+    returns views of memory-mapped source files; should the cache be unwritable, they are then
+    copied out, since one view left would keep a whole release file resident.
     """
     if not kind.isidentifier() or not kind.islower():
         raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
@@ -400,55 +408,38 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": fingerprints,
              "metadata": metadata}
     layout = [k for k, v in state.items() if channels_last and v.dim() == 4 and channels_last(k, v)]
-    # Laid out now as a later load maps them: the copy a channels-last net would make anyway,
-    # and the writer then streams them out without another.
-    copy = torch.Tensor.clone if maps_sources else torch.Tensor.contiguous  # (clone: always)
-    state = {k: copy(v, memory_format=torch.channels_last) if k in layout
-             else v.clone() if maps_sources else v for k, v in state.items()}
-    if not BACKGROUND_WRITES:
-        stored = _publish(converted, name, [dict(state)], entry, None, layout)
-        if stored is None:
-            return state, metadata
-        del state  # the stored copy replaces the converted tensors
-        _return_freed_memory()
-        return stored, metadata
-    # The writer gets its own dict (the caller may change its own: pop keys, add defaults).
-    writer = threading.Thread(target=_publish_in_background,
-                              args=(converted, name, [dict(state)], entry, on_stored, layout),
-                              name=f"ccld cache writer {name}")  # not a daemon: exit waits for it
-    with _writers_lock:
-        _writers[converted / name] = writer
-    writer.start()
-    return state, metadata
-
-
-def _publish(converted: Path, name: str, box: list[StateDict], entry: dict,
-             on_stored: Callable[[StateDict], None] | None,
-             channels_last: Sequence[str] = ()) -> StateDict | None:
-    """Stores the entry and returns its memory-mapped tensors (None if it could not be stored,
-    after one warning line): the work of a writer thread, or of the caller. The state dict
-    comes in a one-item list that this empties: held by nothing of the writer's once written
-    (a thread's arguments live as long as the thread), its memory can be returned."""
-    state = box.pop()
     try:
-        _store(converted, name, state, entry, channels_last)
+        tmp = _write_weights(converted, name, state, layout)
+        written = map_safetensors(tmp / WEIGHTS_FILE)
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError):
+            _warn_unwritable(converted, e)
+        # used from memory, laid out as a stored copy would be
+        copy = torch.Tensor.clone if maps_sources else torch.Tensor.contiguous
+        return {k: copy(v, memory_format=torch.channels_last) if k in layout
+                else v.clone() if maps_sources else v for k, v in state.items()}, metadata
+    del state
+    _return_freed_memory()
+    if not BACKGROUND_WRITES:
+        _publish_or_warn(converted, name, tmp, entry)
+        return written, metadata
+    publisher = threading.Thread(target=_publish_or_warn, args=(converted, name, tmp, entry),
+                                 name=f"ccld cache publisher {name}")  # exit waits for it
+    with _writers_lock:
+        _writers[converted / name] = publisher
+    publisher.start()
+    return written, metadata
+
+
+def _publish_or_warn(converted: Path, name: str, tmp: Path, entry: dict) -> None:
+    """`_publish`, one warning line if it fails: the caller has its weights either way (mapped
+    from the temporary, which stays readable while mapped), so a cache that fails costs speed
+    only."""
+    try:
+        _publish(converted, name, tmp, entry)
     except OSError as e:
         _warn_unwritable(converted, e)
-        return None
-    del state
-    stored = _open_entry(converted / name, entry["key"])
-    if stored is None:  # (only if the entry was damaged the moment it was written)
-        return None
-    if on_stored is not None:
-        on_stored(stored[0])
-    _return_freed_memory()
-    return stored[0]
-
-
-def _publish_in_background(*args) -> None:
-    try:
-        _publish(*args)
-    except Exception as e:  # the caller has its weights; a cache that fails costs speed only
+    except Exception as e:
         print(f"ccld: warning: could not write the converted-weights cache ({type(e).__name__}: "
               f"{str(e)[:160]}); converting on every load instead", file=sys.stderr)
 

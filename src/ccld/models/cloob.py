@@ -128,13 +128,6 @@ class Encoder(nn.Module):
                  self.register_load_state_dict_pre_hook(_load_weights_first)]
         self._deferred = (weights, [], hooks)
 
-    def replace_deferred_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """If the tower has not taken up its weights yet, it will take these (equal ones, e.g.
-        the cache's memory-mapped copy of what it was given) instead."""
-        with _WEIGHTS_LOCK:
-            if self._deferred is not None:
-                self._deferred = (weights, *self._deferred[1:])
-
     def load_weights(self) -> Encoder:
         """Takes up the deferred weights now, if any; returns the tower."""
         if self._deferred is None:
@@ -235,13 +228,6 @@ class CLOOB(nn.Module):
             getattr(self, name).defer_weights(
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
         self._placement = torch.empty(0, device=next(iter(state_dict.values())).device)
-
-    def replace_deferred_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Towers still waiting for their weights will take these (equal) ones instead."""
-        for name in ("image_encoder", "text_encoder"):
-            prefix = f"{name}."
-            getattr(self, name).replace_deferred_weights(
-                {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to the per-channel standardised input of the image encoder."""
@@ -491,18 +477,10 @@ def load_cloob(path: str | os.PathLike, config: str | os.PathLike | dict | None 
             cloob_from_state_dict(config, state_dict, source)  # cheap: a misfit is never stored
             return state_dict, {}
 
-        built = []
-
-        def use_stored(mapped):  # towers not yet loaded take the mapped copy, so a text-only
-            for model in built:  # run frees the converted image tower once it is written
-                model.replace_deferred_weights(mapped)
-
         # Keyed by the config too: an entry holds weights checked against exactly this config.
         state_dict, _ = load_converted("cloob", [Path(path)], [json.dumps(config, sort_keys=True)],
-                                       convert, on_stored=use_stored)
-        model = cloob_from_state_dict(config, state_dict, source)
-        built.append(model)
-        return model
+                                       convert)
+        return cloob_from_state_dict(config, state_dict, source)
     elif source.endswith(SAFETENSORS_SUFFIXES):
         state_dict = map_safetensors_file(path, "CLOOB checkpoint")
     else:
