@@ -134,16 +134,40 @@ def test_channels_last_tensors_round_trip_through_an_entry(tmp_path):
 def test_second_cloob_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache, monkeypatch):
     reference = haiku_pickle_state_dict(fixtures / "cloob.pkl")
     first = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    assert equal_state_dicts(first.state_dict(), reference)  # both towers used: both stored
     import ccld.checkpoints
     reads = []
     monkeypatch.setattr(ccld.checkpoints, "load_array_pickle", lambda *a: reads.append(a))
     second = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
     assert reads == []
     assert equal_state_dicts(second.state_dict(), reference)
-    assert equal_state_dicts(first.state_dict(), reference)
-    (entry,) = entries(cache)
-    assert all(mapped_file(t) == str(entry / "weights.safetensors")
-               for t in second.state_dict().values())
+    stored = {entry.name.split("-")[0]: entry / "weights.safetensors" for entry in entries(cache)}
+    assert sorted(stored) == ["cloob_image", "cloob_text"]
+    assert all(mapped_file(t) == str(stored["cloob_" + k.split("_")[0]])
+               for k, t in second.state_dict().items())
+
+
+def test_a_cloob_tower_is_stored_when_first_used(fixtures, cache, monkeypatch, cloob_io):
+    """A text-only run writes the text tower alone; the image tower, needed later, reads the
+    pickle again rather than being kept converted in memory all along."""
+    import ccld.checkpoints
+
+    read = ccld.checkpoints.load_array_pickle
+    reads = []
+    monkeypatch.setattr(ccld.checkpoints, "load_array_pickle",
+                        lambda *a: reads.append(a) or read(*a))
+    cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    assert len(reads) == 1 and entries(cache) == []  # read and checked, nothing stored yet
+    with torch.no_grad():
+        assert max_rel_err(cloob.text_encoder(cloob_io["tokens"]), cloob_io["text_embeds"]) < 1e-4
+    weights_cache.finish_writes()
+    assert [e.name.split("-")[0] for e in entries(cache)] == ["cloob_text"] and len(reads) == 1
+    assert callable(cloob.image_encoder._deferred[0])  # its conversion was let go
+    with torch.no_grad():
+        assert max_rel_err(cloob.encode_image(cloob_io["images"]), cloob_io["image_embeds"]) < 1e-4
+    weights_cache.finish_writes()
+    assert sorted(e.name.split("-")[0] for e in entries(cache)) == ["cloob_image", "cloob_text"]
+    assert len(reads) == 2
 
 
 @on_linux
@@ -189,16 +213,16 @@ def test_a_changed_source_or_config_gets_a_new_entry(source, cache):
 def test_a_changed_release_file_or_cloob_config_gets_a_new_entry(fixtures, tmp_path, cache):
     pickle_path = tmp_path / "cloob.pkl"
     shutil.copy(fixtures / "cloob.pkl", pickle_path)
-    load_cloob(pickle_path, fixtures / "cloob.json")
+    load_cloob(pickle_path, fixtures / "cloob.json").encode_text("a castle")
     (old,) = entries(cache)
     os.utime(pickle_path, ns=(0, pickle_path.stat().st_mtime_ns + 10**9))
-    load_cloob(pickle_path, fixtures / "cloob.json")
+    load_cloob(pickle_path, fixtures / "cloob.json").encode_text("a castle")
     (new,) = entries(cache)
     assert new != old
     config = json.loads((fixtures / "cloob.json").read_text())
     config["comment"] = "edited"
     (tmp_path / "edited.json").write_text(json.dumps(config))
-    load_cloob(pickle_path, tmp_path / "edited.json")
+    load_cloob(pickle_path, tmp_path / "edited.json").encode_text("a castle")
     assert len(entries(cache)) == 2
 
 
@@ -250,11 +274,12 @@ def test_a_damaged_entry_is_rebuilt_never_trusted(source, cache, damage):
 
 
 def test_a_truncated_cloob_entry_is_rebuilt(fixtures, cache):
-    load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
-    (entry,) = entries(cache)
-    _truncate(entry)
+    load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json").state_dict()  # both stored
+    for entry in entries(cache):
+        _truncate(entry)
     cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
     assert equal_state_dicts(cloob.state_dict(), haiku_pickle_state_dict(fixtures / "cloob.pkl"))
+    assert len(entries(cache)) == 2
 
 
 def test_a_writer_that_loses_the_race_uses_the_winners_entry(source, cache):
@@ -312,7 +337,7 @@ def test_the_folder_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_cache_info_and_clear_keep_downloads(fixtures, cache, capsys):
-    load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
+    load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json").encode_text("a castle")
     download = cache / "cloob_laion_400m_vit_b_16_16_epochs-0123.pkl"
     download.write_bytes(b"a download")
     leftover = cache / "converted" / ".cloob-0123.999.abcdef01.tmp"  # a killed writer's
@@ -322,9 +347,9 @@ def test_cache_info_and_clear_keep_downloads(fixtures, cache, capsys):
     out = capsys.readouterr().out
     (entry,) = entries(cache)
     assert str(cache) in out and entry.name in out and str(fixtures / "cloob.pkl") in out
-    assert "unfinished" in out and "2 entries, 13.9 MB" in out
+    assert "unfinished" in out and "2 entries, 13.2 MB" in out
     assert main(["cache", "clear"]) == 0
-    assert "removed 2 entries (13.9 MB)" in capsys.readouterr().out
+    assert "removed 2 entries (13.2 MB)" in capsys.readouterr().out
     assert list((cache / "converted").iterdir()) == [] and download.read_bytes() == b"a download"
     assert main(["cache", "info"]) == 0
     assert "0 entries, 0.0 MB" in capsys.readouterr().out
@@ -507,15 +532,14 @@ def test_a_load_of_an_entry_being_published_waits_for_it(source, cache, slow_wri
 
 @on_linux
 def test_a_first_cloob_load_holds_only_the_written_copy(fixtures, cache, slow_writer, cloob_io):
-    """A text-only first run never keeps the converted image tower in memory."""
+    """A text-only first run keeps neither tower's conversion in memory."""
     cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
     with torch.no_grad():
         cloob.encode_text(["a castle"])
     (tmp,) = temporaries(cache)
-    waiting = cloob.image_encoder._deferred[0]
-    assert waiting and all(mapped_file(t) == str(tmp / "weights.safetensors")
-                           for t in waiting.values())
-    assert cloob.text_encoder._deferred is None
+    assert all(mapped_file(p) == str(tmp / "weights.safetensors")
+               for p in cloob.text_encoder.parameters())
+    assert callable(cloob.image_encoder._deferred[0])  # read from the pickle again if needed
     slow_writer.set()
     weights_cache.finish_writes()
     assert len(entries(cache)) == 1

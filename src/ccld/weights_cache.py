@@ -383,19 +383,11 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
     returns views of memory-mapped source files; should the cache be unwritable, they are then
     copied out, since one view left would keep a whole release file resident.
     """
-    if not kind.isidentifier() or not kind.islower():
-        raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
-    converted = converted_dir()
-    try:
-        fingerprints = [_fingerprint(Path(p).expanduser()) for p in sources]
-    except OSError:  # a missing or unreadable source: convert() says so in the user's terms
-        converted = None
-    if converted is None:
+    where = _entry_place(kind, sources, configs)
+    if where is None:
         state, metadata = convert()
         return state, json.loads(json.dumps(metadata))
-    key = _key(kind, fingerprints, configs)
-    name = f"{kind}-{key}"
-    _wait_for_writer(converted / name)
+    converted, name, key, fingerprints = where
     found = _open_entry(converted / name, key)
     if found is not None:
         return found
@@ -429,6 +421,36 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
         _writers[converted / name] = publisher
     publisher.start()
     return written, metadata
+
+
+def open_converted(kind: str, sources: Sequence[Path],
+                   configs: Sequence[str | bytes]) -> tuple[StateDict, dict] | None:
+    """What `load_converted` would map from the cache, or None where there is no sound entry
+    (or no cache): for a caller that converts lazily, part by part."""
+    where = _entry_place(kind, sources, configs)
+    if where is None:
+        return None
+    converted, name, key, _ = where
+    return _open_entry(converted / name, key)
+
+
+def _entry_place(kind: str, sources: Sequence[Path], configs: Sequence[str | bytes]):
+    """(converted folder, entry name, key, source fingerprints) once any entry being published
+    there is published; None with the cache off or a source unreadable (the converter then
+    says so in the user's terms)."""
+    if not kind.isidentifier() or not kind.islower():
+        raise ValueError(f"cache kind {kind!r}: use a lower-case identifier")
+    converted = converted_dir()
+    if converted is None:
+        return None
+    try:
+        fingerprints = [_fingerprint(Path(p).expanduser()) for p in sources]
+    except OSError:
+        return None
+    key = _key(kind, fingerprints, configs)
+    name = f"{kind}-{key}"
+    _wait_for_writer(converted / name)
+    return converted, name, key, fingerprints
 
 
 def _publish_or_warn(converted: Path, name: str, tmp: Path, entry: dict) -> None:

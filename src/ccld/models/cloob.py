@@ -16,6 +16,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy
 import torch
@@ -122,8 +123,9 @@ class Encoder(nn.Module):
         self.proj = nn.Linear(d_model, d_embed)
         self._deferred = None  # (weights, the _apply functions seen since, hook handles)
 
-    def defer_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Takes `weights` (this tower's state dict, shapes already checked) on first use."""
+    def defer_weights(self, weights: dict[str, torch.Tensor] | Callable[[], dict]) -> None:
+        """Takes `weights` (this tower's state dict, shapes already checked, or a function that
+        makes it) on first use."""
         hooks = [self.register_forward_pre_hook(_load_weights_first),
                  self.register_load_state_dict_pre_hook(_load_weights_first)]
         self._deferred = (weights, [], hooks)
@@ -140,6 +142,8 @@ class Encoder(nn.Module):
                 hook.remove()
             # Outside any caller's inference mode: these become the tower's ordinary parameters.
             with torch.inference_mode(False), torch.no_grad():
+                if callable(weights):
+                    weights = weights()
                 self.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
                 for fn in moves:
                     super()._apply(fn)
@@ -223,11 +227,14 @@ class CLOOB(nn.Module):
     def defer_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Keeps `state_dict` (shapes already checked); each tower takes up its part on first
         use (see `Encoder`)."""
-        for name in ("image_encoder", "text_encoder"):
-            prefix = f"{name}."
-            getattr(self, name).defer_weights(
-                {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
-        self._placement = torch.empty(0, device=next(iter(state_dict.values())).device)
+        for name in TOWERS:
+            self.defer_tower_weights(name, tower_state_dict(state_dict, name))
+
+    def defer_tower_weights(self, name: str, weights: dict | Callable[[], dict]) -> None:
+        """One tower's weights (or a function making them, on the CPU), taken up on first use."""
+        getattr(self, name).defer_weights(weights)
+        device = "cpu" if callable(weights) else next(iter(weights.values())).device
+        self._placement = torch.empty(0, device=device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to the per-channel standardised input of the image encoder."""
@@ -418,9 +425,25 @@ def convert_haiku_params(image_params: dict, text_params: dict,
     return state
 
 
+TOWERS = ("text_encoder", "image_encoder")
+
+
+def tower_state_dict(state_dict: dict, tower: str) -> dict:
+    """The part of a CLOOB state dict that one tower holds, under the tower's own names."""
+    prefix = f"{tower}."
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB checkpoint") -> CLOOB:
     """A frozen CLOOB in eval mode holding `state_dict`, each tower taking up its weights on first
     use; CCLDError if the weights do not fit the config."""
+    model = _checked_model(config, state_dict, source)
+    model.defer_weights(state_dict)
+    return model
+
+
+def _checked_model(config: dict, state_dict: dict, source: str) -> CLOOB:
+    """CLOOB of `config` on the meta device, frozen, once `state_dict` is checked to fit it."""
     from ..checkpoints import describe_foreign_state_dict, require_tensors
 
     if not any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):
@@ -444,7 +467,6 @@ def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB c
     if extra:
         raise CCLDError(f"{source}: does not match the CLOOB config {name} ({extra[0]}: not in "
                         f"the model, {len(extra)} such keys); {fix}")
-    model.defer_weights(state_dict)
     return model.eval().requires_grad_(False)
 
 
@@ -463,26 +485,60 @@ def haiku_pickle_state_dict(path: str | os.PathLike) -> dict:
 def load_cloob(path: str | os.PathLike, config: str | os.PathLike | dict | None = None) -> CLOOB:
     """CLOOB from a released Haiku pickle (.pkl), a safetensors file, or a torch state dict.
 
-    A pickle is converted once into the converted-weights cache and memory-mapped from there
-    afterwards; a safetensors file is memory-mapped as it is.
+    A pickle is converted once into the converted-weights cache, a tower at a time as it is
+    first used, and memory-mapped from there afterwards; a safetensors file is memory-mapped as
+    it is.
     """
     from ..checkpoints import SAFETENSORS_SUFFIXES, load_state_file, map_safetensors_file
-    from ..weights_cache import load_converted
 
     config = resolve_cloob_config(config, path)
     source = str(path)
     if source.endswith(".pkl"):
-        def convert():
-            state_dict = haiku_pickle_state_dict(path)
-            cloob_from_state_dict(config, state_dict, source)  # cheap: a misfit is never stored
-            return state_dict, {}
-
-        # Keyed by the config too: an entry holds weights checked against exactly this config.
-        state_dict, _ = load_converted("cloob", [Path(path)], [json.dumps(config, sort_keys=True)],
-                                       convert)
-        return cloob_from_state_dict(config, state_dict, source)
+        return _load_release_pickle(Path(path), config)
     elif source.endswith(SAFETENSORS_SUFFIXES):
         state_dict = map_safetensors_file(path, "CLOOB checkpoint")
     else:
         state_dict = load_state_file(path, "CLOOB checkpoint")
     return cloob_from_state_dict(config, state_dict, source)
+
+
+_CACHE_KINDS = {"text_encoder": "cloob_text", "image_encoder": "cloob_image"}
+
+
+def _load_release_pickle(path: Path, config: dict) -> CLOOB:
+    """CLOOB from a release pickle through the converted-weights cache, an entry per tower.
+
+    A tower's entry is written when the tower is first used, not when the pickle is read: a run
+    with text prompts only never writes the image tower (more than half of the weights), nor
+    keeps its conversion in memory once the text tower is in use. Should it need the other
+    tower after all, the pickle is read again (a fraction of a second).
+    """
+    from ..weights_cache import load_converted, open_converted
+
+    source = str(path)
+    keyed_by = [json.dumps(config, sort_keys=True)]  # weights checked against exactly this config
+    stored = {t: open_converted(_CACHE_KINDS[t], [path], keyed_by) for t in TOWERS}
+    if all(stored.values()):
+        return cloob_from_state_dict(
+            config, {f"{t}.{k}": v for t, (sd, _) in stored.items() for k, v in sd.items()}, source)
+    state_dict = haiku_pickle_state_dict(path)
+    model = _checked_model(config, state_dict, source)  # a misfit is never stored
+    converted = {t: tower_state_dict(state_dict, t) for t in TOWERS if not stored[t]}
+    del state_dict
+
+    def weights_of(tower: str) -> Callable[[], dict]:
+        def weights() -> dict:
+            tensors = converted.pop(tower, None)
+            converted.clear()  # the first tower used frees the other's conversion
+            if tensors is None:
+                def convert():
+                    return tower_state_dict(haiku_pickle_state_dict(path), tower), {}
+            else:
+                def convert():
+                    return tensors, {}
+            return load_converted(_CACHE_KINDS[tower], [path], keyed_by, convert)[0]
+        return weights
+
+    for tower in TOWERS:
+        model.defer_tower_weights(tower, stored[tower][0] if stored[tower] else weights_of(tower))
+    return model
