@@ -87,3 +87,18 @@ def test_offline_is_said_at_once_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_painting_ends_the_process_with_everything_on_disk(model_flags, tmp_path):
+    """`ccld generate` skips the interpreter's teardown once done (os._exit): what it printed is
+    flushed, the picture written, and a first run's cache entries published, not left half."""
+    env = environment(CCLD_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "ccld", "generate", "a castle", "--steps", "2",
+                           "--method", "ddim", "--out", str(tmp_path / "out"), *model_flags],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    png = tmp_path / "out" / "00000.png"
+    assert png.is_file() and str(png) in proc.stdout
+    converted = sorted(p.name for p in (tmp_path / "cache" / "converted").iterdir())
+    assert converted and not any(name.startswith(".") for name in converted), converted
+    assert all((tmp_path / "cache" / "converted" / n / "entry.json").is_file() for n in converted)
