@@ -486,7 +486,8 @@ _finished_on_disk = False
 def entry() -> None:
     """The `ccld` console command and `python -m ccld`."""
     status = main()
-    if _finished_on_disk:
+    # (not under a profiler or a tracer, e.g. coverage: their results are written at exit)
+    if _finished_on_disk and sys.getprofile() is None and sys.gettrace() is None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
