@@ -544,3 +544,14 @@ def test_a_first_cloob_load_holds_only_the_written_copy(fixtures, cache, slow_wr
     weights_cache.finish_writes()
     assert len(entries(cache)) == 1
     assert equal_state_dicts(cloob.state_dict(), haiku_pickle_state_dict(fixtures / "cloob.pkl"))
+
+
+def test_the_converter_is_imported_early_only_for_a_conversion_to_come(fixtures, cache):
+    from ccld.models.autoencoder import import_converter_early, load_autoencoder
+
+    assert import_converter_early(fixtures / "autoencoder.ckpt")  # nothing converted yet
+    load_autoencoder(fixtures / "autoencoder.ckpt")
+    weights_cache.finish_writes()
+    assert not import_converter_early(fixtures / "autoencoder.ckpt")  # the cache has it
+    assert not import_converter_early(fixtures)  # a folder: nothing to convert
+    assert not import_converter_early(fixtures / "missing.ckpt")  # the loader says what is wrong

@@ -29,17 +29,40 @@ def test_bf16_unet_is_close_and_fp32_comes_back_exact(pipe, fixtures):
     x, t, e = io["x"][:1], io["t"][:1], io["embed"][:1]
     with pipe.autocast():
         exact = pipe.unet(x, t, e)
+    saved = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pipe.to(precision="bf16")
     try:
-        assert pipe.unet.net[0].main[0].weight.dtype == torch.float32  # weights stay fp32
+        # held rounded, as autocast would round them at every call; saved as float32
+        assert pipe.unet.net[0].main[0].weight.dtype == torch.bfloat16
+        assert all(torch.equal(v, saved[k]) and v.dtype == saved[k].dtype
+                   for k, v in pipe.unet.state_dict().items())
         with pipe.autocast():
             fast = pipe.unet(x, t, e).float()
         assert max_rel_err(fast, io["v"][:1]) < 3e-2
     finally:
         pipe.to(precision="fp32")
+    assert pipe.unet.net[0].main[0].weight.dtype == torch.float32
     with pipe.autocast():
         assert torch.equal(pipe.unet(x, t, e), exact)
     assert max_rel_err(exact, io["v"][:1]) < 1e-4
+
+
+def test_held_bf16_weights_compute_what_autocast_computes_bit_for_bit(model_files, fixtures):
+    """Rounding the weights once is the rounding autocast does at every call: the same bits,
+    for the U-Net and the decoder, only faster."""
+    from ccld.models import release_held_weights
+
+    pipe = CCLDPipeline.from_files(**model_files, precision="bf16")
+    io = load_file(fixtures / "unet_io.safetensors")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pipe.autocast():
+        held = pipe.unet(io["x"], io["t"], io["embed"]), pipe.decode(z)
+    for net in (pipe.unet, pipe.autoencoder.decoder):
+        release_held_weights(net)
+    assert pipe.unet.net[0].main[0].weight.dtype == torch.float32
+    with pipe.autocast():
+        rounded_at_each_call = pipe.unet(io["x"], io["t"], io["embed"]), pipe.decode(z)
+    assert all(torch.equal(a, b) for a, b in zip(held, rounded_at_each_call))
 
 
 def test_bf16_text_embeddings_are_close(pipe):

@@ -40,6 +40,7 @@ from .limits import (
     VARIATION_STRENGTH,
     WEIGHT,
 )
+from .models import float32_weights, hold_weights_in, release_held_weights
 from .prompts import parse_weighted
 
 if TYPE_CHECKING:
@@ -386,7 +387,7 @@ class CCLDPipeline:
         once). Parts given as files load first, so a bad path is reported before any download.
         `decoder`: full (None), taesd or tiny:PATH, as `ccld generate --decoder` takes it;
         `precision` as `to` takes it (given here, the weights are laid out for it once)."""
-        from .models.autoencoder import load_autoencoder
+        from .models.autoencoder import import_converter_early, load_autoencoder
         from .models.cloob import load_cloob
         from .models.tiny_decoder import DecoderOption
         from .models.unet import load_unet
@@ -406,12 +407,21 @@ class CCLDPipeline:
                       lambda: (hub.download_cloob(hub.builtin_cloob_name(cloob_config)),),
                       lambda path: load_cloob(path, cloob_config)),
         }
-        loaded, sources = {}, {}
+        # An autoencoder to convert loads last, its converter imported meanwhile; but a given
+        # file is never checked after a download.
+        may_wait = autoencoder is None or all(given for given, _, _ in parts.values())
+        loaded, sources, last = {}, {}, []
         for name in sorted(parts, key=lambda name: parts[name][0] is None):
             given, default, load = parts[name]
             files = given if given is not None else default()
-            loaded[name] = load(*files)
             sources[name] = str(files[0])
+            if (name == "autoencoder" and may_wait
+                    and import_converter_early(files[0], autoencoder_config or files[1])):
+                last.append((name, files))
+                continue
+            loaded[name] = load(*files)
+        for name, files in last:
+            loaded[name] = parts[name][2](*files)
         # the published student is decoded as its demo did, whatever its buffer says
         latent_scale = hub.PUBLISHED_LATENT_SCALE if unet is None else None
         tiny = decoder_option.load()
@@ -513,10 +523,17 @@ class CCLDPipeline:
         """Moves the models; `precision` (auto, fp32, bf16, fp16) picks the arithmetic.
 
         `auto` is fp16 on CUDA, bf16 on CPUs with native bf16 and float32 elsewhere, always with
-        channels-last convolutions. Reduced precision runs every network under autocast (weights
-        stay float32, so switching back is free); the sampler's own arithmetic and the seed noise
-        stay float32. An explicit `fp32` is contiguous and bit-faithful to the reference demo.
+        channels-last convolutions. Reduced precision runs every network under autocast, the
+        painting nets' convolution and linear weights held rounded to its dtype as autocast
+        would round them at every call (same bits; the float32 originals stay, so switching
+        back is free and a saved pipeline is float32); the sampler's own arithmetic and the
+        seed noise stay float32. An explicit `fp32` is contiguous and bit-faithful to the
+        reference demo.
         """
+        painting_nets = [net for net in (self.unet, self.autoencoder.decoder, self.tiny_decoder)
+                         if net is not None]
+        for net in painting_nets:  # the originals move and are laid out; copies are made last
+            release_held_weights(net)
         if device is not None:
             self.device = torch.device(device)
             for part in (self.unet, self.autoencoder, self.cloob, self.tiny_decoder):
@@ -535,9 +552,14 @@ class CCLDPipeline:
             # as it is loaded, so its memory-mapped weights are not even read for a painting.
             self.unet.to(memory_format=memory_format)
             self.autoencoder.decoder.to(memory_format=memory_format)
-            self.autoencoder.decoder.fold_upsampling(self.channels_last)
             if self.tiny_decoder is not None:
                 self.tiny_decoder.to(memory_format=memory_format)
+        # (folded from the float32 weights, on their device)
+        self.autoencoder.decoder.fold_upsampling(self.channels_last)
+        if self.precision != "fp32":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            for net in painting_nets:
+                hold_weights_in(net, dtype)
         return self
 
     def compile(self, **options) -> CCLDPipeline:
@@ -757,7 +779,8 @@ class CCLDPipeline:
 
         if self.autoencoder.latent_preview is None:
             # in float32 whatever the pipeline's precision, so a map is the same everywhere
-            with torch.autocast(self.device.type, enabled=False):
+            with (torch.autocast(self.device.type, enabled=False),
+                  float32_weights(self.autoencoder.decoder)):
                 self.autoencoder.latent_preview = fit_latent_preview(self.autoencoder)
         return self.autoencoder.latent_preview
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -166,8 +167,11 @@ class Resample(nn.Module):
     def fold_upsampling(self, enabled: bool):
         """The decoder's three upsamplers are 28% of its multiply-adds (KL-f8 at 256x256); as
         transposed convs they run 2.1x faster on an AVX2 EPYC and stay within 1e-5 of the
-        nearest-then-conv result, but not bit-equal, hence only on the fast path."""
-        self.folded, self.folded_weight = enabled, None
+        nearest-then-conv result, but not bit-equal, hence only on the fast path. Folded now,
+        from the weights as they are (a pipeline folds its float32 weights before it holds
+        them rounded for reduced precision)."""
+        self.folded = enabled
+        self.folded_weight = transposed_upsampling_weight(self.conv.weight) if enabled else None
 
     def forward(self, x):
         if self.down:
@@ -334,6 +338,37 @@ def _ldm_vae_tools():
         def create_config(original_config, checkpoint, image_size=None, scaling_factor=None):
             return _old_create(original_config, image_size=image_size)
     return create_config, convert_ldm_vae_checkpoint
+
+
+def import_converter_early(path: str | os.PathLike,
+                           config_path: str | os.PathLike | None = None) -> bool:
+    """Starts importing diffusers' converter in a background thread when loading `path` will
+    convert it (an LDM file without a converted copy in the cache); True if it did.
+
+    The import costs about a second (most of it torch._dynamo, which diffusers pulls in), all
+    of it Python: run while the other parts load, whose reading, copying and writing run outside
+    the interpreter lock, it costs a first run little. The loader imports as usual and, should
+    the thread still be importing, waits for it (Python's import lock)."""
+    from ..weights_cache import open_converted
+
+    path = Path(path).expanduser()
+    config_path = Path(config_path).expanduser() if config_path else _default_config_path(path)
+    if not (path.is_file() and config_path.is_file()):
+        return False
+    try:
+        if open_converted("autoencoder", [path], [config_path.read_bytes()]) is not None:
+            return False
+    except OSError:
+        return False
+
+    def import_quietly():
+        try:
+            _ldm_vae_tools()
+        except Exception:  # (the loader's own import says what is wrong)
+            pass
+
+    threading.Thread(target=import_quietly, name="ccld diffusers import", daemon=True).start()
+    return True
 
 
 def _default_config_path(path: Path) -> Path:
