@@ -163,6 +163,11 @@ def test_a_cloob_tower_is_stored_when_first_used(fixtures, cache, monkeypatch, c
     weights_cache.finish_writes()
     assert [e.name.split("-")[0] for e in entries(cache)] == ["cloob_text"] and len(reads) == 1
     assert callable(cloob.image_encoder._deferred[0])  # its conversion was let go
+    again = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")  # the next text-only run
+    with torch.no_grad():
+        assert torch.equal(again.text_encoder(cloob_io["tokens"]),
+                           cloob.text_encoder(cloob_io["tokens"]))
+    assert len(reads) == 1  # never reads the pickle
     with torch.no_grad():
         assert max_rel_err(cloob.encode_image(cloob_io["images"]), cloob_io["image_embeds"]) < 1e-4
     weights_cache.finish_writes()

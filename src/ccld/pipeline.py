@@ -372,6 +372,7 @@ class CCLDPipeline:
         self.channels_last = False
         # the decoding scale; None: the U-Net's stored autoencoder_scale (see `default_latent_scale`)
         self.latent_scale = latent_scale
+        self._laid_out = None  # (device, precision, channels_last) once `to` laid the nets out
         self.to(precision=precision)  # lays the nets out for it (fp32: the reference's layout)
 
     # Loading and saving
@@ -530,6 +531,12 @@ class CCLDPipeline:
         seed noise stay float32. An explicit `fp32` is contiguous and bit-faithful to the
         reference demo.
         """
+        new_device = self.device if device is None else torch.device(device)
+        wanted = (new_device,
+                  self.precision if precision is None else resolve_precision(precision, new_device),
+                  self.channels_last if precision is None else precision != "fp32")
+        if wanted == self._laid_out:
+            return self  # as it is: nothing is moved, laid out or rounded again
         painting_nets = [net for net in (self.unet, self.autoencoder.decoder, self.tiny_decoder)
                          if net is not None]
         for net in painting_nets:  # the originals move and are laid out; copies are made last
@@ -560,6 +567,7 @@ class CCLDPipeline:
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             for net in painting_nets:
                 hold_weights_in(net, dtype)
+        self._laid_out = (self.device, self.precision, self.channels_last)
         return self
 
     def compile(self, **options) -> CCLDPipeline:

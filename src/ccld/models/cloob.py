@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy
 import torch
@@ -442,8 +442,10 @@ def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB c
     return model
 
 
-def _checked_model(config: dict, state_dict: dict, source: str) -> CLOOB:
-    """CLOOB of `config` on the meta device, frozen, once `state_dict` is checked to fit it."""
+def _checked_model(config: dict, state_dict: dict, source: str,
+                   towers: Sequence[str] = TOWERS) -> CLOOB:
+    """CLOOB of `config` on the meta device, frozen, once `state_dict` (the weights of `towers`)
+    is checked to fit it."""
     from ..checkpoints import describe_foreign_state_dict, require_tensors
 
     if not any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):
@@ -452,7 +454,7 @@ def _checked_model(config: dict, state_dict: dict, source: str) -> CLOOB:
     require_tensors(state_dict, source, "CLOOB checkpoint")
     with empty_weights():  # no wasted random init: the weights come from the file
         model = CLOOB(config)
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in towers}
     name = model.config.get("name", "given")
     fix = "pass the right --cloob-config"
     for key, value in expected.items():
@@ -518,13 +520,18 @@ def _load_release_pickle(path: Path, config: dict) -> CLOOB:
     source = str(path)
     keyed_by = [json.dumps(config, sort_keys=True)]  # weights checked against exactly this config
     stored = {t: open_converted(_CACHE_KINDS[t], [path], keyed_by) for t in TOWERS}
-    if all(stored.values()):
-        return cloob_from_state_dict(
-            config, {f"{t}.{k}": v for t, (sd, _) in stored.items() for k, v in sd.items()}, source)
-    state_dict = haiku_pickle_state_dict(path)
-    model = _checked_model(config, state_dict, source)  # a misfit is never stored
-    converted = {t: tower_state_dict(state_dict, t) for t in TOWERS if not stored[t]}
-    del state_dict
+    if any(stored.values()):
+        # The pickle was read and checked whole when that entry was made (entries are keyed by
+        # its size, mtime and ends): a tower not stored yet reads it when first used.
+        present = [t for t in TOWERS if stored[t]]
+        model = _checked_model(config, {f"{t}.{k}": v for t in present
+                                        for k, v in stored[t][0].items()}, source, present)
+        converted = {}
+    else:
+        state_dict = haiku_pickle_state_dict(path)
+        model = _checked_model(config, state_dict, source)  # a misfit is never stored
+        converted = {t: tower_state_dict(state_dict, t) for t in TOWERS}
+        del state_dict
 
     def weights_of(tower: str) -> Callable[[], dict]:
         def weights() -> dict:
