@@ -11,6 +11,7 @@ checkpoints' configs ship in `cloob_configs/`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -510,42 +511,36 @@ _CACHE_KINDS = {"text_encoder": "cloob_text", "image_encoder": "cloob_image"}
 def _load_release_pickle(path: Path, config: dict) -> CLOOB:
     """CLOOB from a release pickle through the converted-weights cache, an entry per tower.
 
-    A tower's entry is written when the tower is first used, not when the pickle is read: a run
-    with text prompts only never writes the image tower (more than half of the weights), nor
-    keeps its conversion in memory once the text tower is in use. Should it need the other
-    tower after all, the pickle is read again (a fraction of a second).
+    A first load reads and checks the whole pickle and stores the text tower, which nearly
+    every run uses; the image tower's conversion (more than half of the weights) is let go at
+    once, and the pickle read again (a fraction of a second) to store it when it is first used.
+    So a text-only run neither writes the image tower nor holds it in memory.
     """
     from ..weights_cache import load_converted, open_converted
 
     source = str(path)
     keyed_by = [json.dumps(config, sort_keys=True)]  # weights checked against exactly this config
+
+    def stored_tower(tower: str, convert) -> dict:
+        return load_converted(_CACHE_KINDS[tower], [path], keyed_by, convert)[0]
+
+    def read_tower(tower: str) -> tuple[dict, dict]:
+        return tower_state_dict(haiku_pickle_state_dict(path), tower), {}
+
     stored = {t: open_converted(_CACHE_KINDS[t], [path], keyed_by) for t in TOWERS}
-    if any(stored.values()):
-        # The pickle was read and checked whole when that entry was made (entries are keyed by
-        # its size, mtime and ends): a tower not stored yet reads it when first used.
-        present = [t for t in TOWERS if stored[t]]
-        model = _checked_model(config, {f"{t}.{k}": v for t in present
-                                        for k, v in stored[t][0].items()}, source, present)
-        converted = {}
-    else:
+    stored = {t: entry[0] for t, entry in stored.items() if entry is not None}
+    if not stored:
         state_dict = haiku_pickle_state_dict(path)
-        model = _checked_model(config, state_dict, source)  # a misfit is never stored
-        converted = {t: tower_state_dict(state_dict, t) for t in TOWERS}
+        _checked_model(config, state_dict, source)  # a misfit is never stored
+        text = tower_state_dict(state_dict, "text_encoder")
         del state_dict
-
-    def weights_of(tower: str) -> Callable[[], dict]:
-        def weights() -> dict:
-            tensors = converted.pop(tower, None)
-            converted.clear()  # the first tower used frees the other's conversion
-            if tensors is None:
-                def convert():
-                    return tower_state_dict(haiku_pickle_state_dict(path), tower), {}
-            else:
-                def convert():
-                    return tensors, {}
-            return load_converted(_CACHE_KINDS[tower], [path], keyed_by, convert)[0]
-        return weights
-
+        stored["text_encoder"] = stored_tower("text_encoder", lambda: (text, {}))
+        del text
+    # (else the pickle was read and checked whole when the first entry was made: entries are
+    # keyed by its size, mtime and ends)
+    model = _checked_model(config, {f"{t}.{k}": v for t, sd in stored.items()
+                                    for k, v in sd.items()}, source, list(stored))
     for tower in TOWERS:
-        model.defer_tower_weights(tower, stored[tower][0] if stored[tower] else weights_of(tower))
+        model.defer_tower_weights(tower, stored.get(tower) or functools.partial(
+            stored_tower, tower, functools.partial(read_tower, tower)))
     return model
