@@ -18,6 +18,8 @@ process, as a user's would. Sections:
            with a tiny decoder (`--decoder tiny:PATH`, a random-weight AutoencoderTiny decoder
            of TAESD's size). Then the same runs instrumented stage by stage (import, load cold
            or from the cache, text encode, U-Net per forward and in all, decode full or tiny).
+Each painting runs `--repeats` times (a first run each time with a new empty cache), timed by
+the median, after a sync so that no run pays for the previous one's writes still going to disk.
 Only ratios are meaningful on a shared machine; absolute times only on a dedicated one.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,11 +124,12 @@ def bench_forward():
 
 # Painting end to end
 
-RUNS = [  # name, extra options ({tiny}: the tiny decoder's folder), converted cache (None: off)
+RUNS = [  # name, extra options ({tiny}: the tiny decoder's folder), converted cache:
+    # None: off; "fresh": a new empty one for each repeat; "filled": the first fresh one's
     ("baseline: --reference, no cache", ["--reference"], None),
-    ("default, first run (empty cache)", [], "cache"),
-    ("default, second run", [], "cache"),
-    ("default + tiny decoder, second run", ["--decoder", "tiny:{tiny}"], "cache"),
+    ("default, first run (empty cache)", [], "fresh"),
+    ("default, second run", [], "filled"),
+    ("default + tiny decoder, second run", ["--decoder", "tiny:{tiny}"], "filled"),
 ]
 
 STAGES_CHILD = r"""
@@ -196,7 +200,7 @@ def write_tiny_decoder(folder: Path) -> Path:
     return TinyDecoder(TinyDecoderConfig()).save_pretrained(folder)
 
 
-def bench_paint(files: dict, work: Path):
+def bench_paint(files: dict, work: Path, repeats: int):
     model = [arg for option, path in files.items() for arg in (option, path)]
     tiny = write_tiny_decoder(work / "tiny_decoder")
     rows, stages = [], []
@@ -204,17 +208,27 @@ def bench_paint(files: dict, work: Path):
         extra = [arg.format(tiny=tiny) for arg in extra]
         out = work / "out" / str(len(rows))
         args = [PROMPT, "--seed", "0", "-q", "--device", "cpu", "--out", str(out), *extra, *model]
-        # the real command, timed from outside: interpreter start to PNG on disk
-        env = {**os.environ, "CCLD_CACHE_DIR": str(work / cache) if cache else "off"}
-        rss_file = work / "rss.txt"
-        wall, _ = run_child([sys.executable, "-m", "ccld", "generate", *args], env, rss_file)
-        rows.append((name, wall, peak_rss_mb(rss_file), out / "00000.png"))
+        walls, peaks = [], []
+        for i in range(repeats):
+            # the real command, timed from outside: interpreter start to PNG on disk; each
+            # repeat starts with no dirty pages left by the one before (whose cache writes
+            # would otherwise still be going to disk)
+            folder = {None: None, "fresh": f"cache-{i}", "filled": "cache-0"}[cache]
+            env = {**os.environ, "CCLD_CACHE_DIR": str(work / folder) if folder else "off"}
+            os.sync()
+            wall, _ = run_child([sys.executable, "-m", "ccld", "generate", *args], env,
+                                work / "rss.txt")
+            walls.append(wall)
+            peaks.append(peak_rss_mb(work / "rss.txt"))
+        rows.append((name, statistics.median(walls), max(peaks), out / "00000.png"))
         # the same again, instrumented, with a cache of its own that fills the same way
-        env["CCLD_CACHE_DIR"] = str(work / f"stages-{cache}") if cache else "off"
+        env["CCLD_CACHE_DIR"] = str(work / "stages-cache") if cache else "off"
+        os.sync()
         _, report = run_child([sys.executable, "-c", STAGES_CHILD, "generate", *args], env)
         stages.append((name, json.loads(report.strip().splitlines()[-1])))
     base = rows[0][1]
-    print(f"\n## paint: one 256x256 image, `ccld generate` end to end ({cpu_name()})")
+    print(f"\n## paint: one 256x256 image, `ccld generate` end to end ({cpu_name()}; median of "
+          f"{repeats} runs, peak RSS the largest)")
     print("| run | wall s | x baseline | peak RSS MB | PSNR vs baseline dB |")
     print("| --- | --- | --- | --- | --- |")
     for name, wall, rss, png in rows:
@@ -233,6 +247,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["imports", "forward", "paint"], action="append")
     p.add_argument("--files", type=Path, help="folder for the release-format files (reused)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each painting, timed by their median (default 3)")
     args = p.parse_args()
     sections = args.only or ["imports", "forward", "paint"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, CPU "
@@ -248,7 +264,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             folder = args.files or Path(tmp) / "release"
             files = write_release_files(folder)
-            bench_paint(files, Path(tmp))
+            bench_paint(files, Path(tmp), args.repeats)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def test_held_bf16_weights_compute_what_autocast_computes_bit_for_bit(model_file
         held = pipe.unet(io["x"], io["t"], io["embed"]), pipe.decode(z)
     for net in (pipe.unet, pipe.autoencoder.decoder):
         release_held_weights(net)
+        net.to(memory_format=torch.channels_last)  # laid out as the rounded copies were
     assert pipe.unet.net[0].main[0].weight.dtype == torch.float32
     with pipe.autocast():
         rounded_at_each_call = pipe.unet(io["x"], io["t"], io["embed"]), pipe.decode(z)

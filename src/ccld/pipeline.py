@@ -394,12 +394,16 @@ class CCLDPipeline:
         from .models.unet import load_unet
 
         decoder_option = DecoderOption.parse(decoder)  # checked before anything loads
+        # The converted cache gives the U-Net what its release file cannot: channels-last
+        # kernels, which float32 on a CPU then takes without a copy. Rounded to bf16 or fp16
+        # (copied whatever the layout), or kept contiguous (fp32), it maps the file itself.
+        cache_unet = precision != "fp32" and resolve_precision(precision, torch.device("cpu")) == "fp32"
 
         # part -> (the files given, or None; the default's files; how to load the files)
         parts = {
             # (the weights as stored: the pipeline lays them out for its precision when used)
             "unet": (None if unet is None else (unet,), lambda: (hub.default_unet(),),
-                     lambda path: load_unet(path, stored_layout=True)),
+                     lambda path: load_unet(path, stored_layout=True, cache=cache_unet)),
             "autoencoder": (None if autoencoder is None else (autoencoder, None),
                             hub.default_autoencoder,
                             lambda ckpt, yaml: load_autoencoder(ckpt, autoencoder_config or yaml,
@@ -553,20 +557,20 @@ class CCLDPipeline:
             # 1e-5 of contiguous fp32; only an explicit fp32 keeps the reference's layout, bit
             # for bit.
             self.channels_last = precision != "fp32"
-            memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self.precision == "fp32":
             # Weights come channels-last from the converted cache: the fast path takes them as
             # they are, only the exact one copies them. The encoder (init images only) is left
             # as it is loaded, so its memory-mapped weights are not even read for a painting.
-            self.unet.to(memory_format=memory_format)
-            self.autoencoder.decoder.to(memory_format=memory_format)
-            if self.tiny_decoder is not None:
-                self.tiny_decoder.to(memory_format=memory_format)
+            for net in painting_nets:
+                net.to(memory_format=memory_format)
         # (folded from the float32 weights, on their device)
         self.autoencoder.decoder.fold_upsampling(self.channels_last)
         if self.precision != "fp32":
+            # the rounded copies are laid out; the float32 originals stay as they are loaded
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             for net in painting_nets:
-                hold_weights_in(net, dtype)
+                hold_weights_in(net, dtype, memory_format)
         self._laid_out = (self.device, self.precision, self.channels_last)
         return self
 

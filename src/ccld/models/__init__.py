@@ -52,7 +52,8 @@ def meta_aware_randn(*shape: int) -> torch.Tensor:
 _AUTOCAST_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-def hold_weights_in(module: nn.Module, dtype: torch.dtype) -> None:
+def hold_weights_in(module: nn.Module, dtype: torch.dtype,
+                    memory_format: torch.memory_format = torch.preserve_format) -> None:
     """Holds the weights of `module`'s convolutions and linear layers in `dtype`, the dtype
     autocast computes them in.
 
@@ -60,7 +61,7 @@ def hold_weights_in(module: nn.Module, dtype: torch.dtype) -> None:
     only for weights that require grad): a third of a bf16 U-Net forward on a CPU. Rounded once
     here, the arithmetic is the same, bit for bit. The float32 originals stay: `state_dict()`
     gives them (a saved model is never the rounded one) and `release_held_weights` puts them
-    back. Each copy keeps its original's memory format.
+    back. The copies are laid out in `memory_format` (by default their originals').
     """
     for layer in module.modules():
         if not isinstance(layer, _AUTOCAST_LAYERS) or "_float32_weights" in layer.__dict__:
@@ -72,7 +73,9 @@ def hold_weights_in(module: nn.Module, dtype: torch.dtype) -> None:
         hook = layer._register_state_dict_hook(_originals_in_state_dict)
         layer.__dict__["_float32_weights"] = (originals, hook)
         for name, p in originals.items():
-            setattr(layer, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+            copy = p.detach().to(dtype, memory_format=memory_format if p.dim() == 4
+                                 else torch.preserve_format)
+            setattr(layer, name, nn.Parameter(copy, requires_grad=False))
 
 
 def release_held_weights(module: nn.Module) -> None:

@@ -404,11 +404,14 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
     return unet.eval().requires_grad_(False)
 
 
-def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint") -> tuple[dict, dict]:
+def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint", *,
+                 cache: bool = True) -> tuple[dict, dict]:
     """(state dict, architecture) of any U-Net file. A `.ckpt`/`.pt` is converted once into the
     converted-weights cache, its convolution kernels stored channels-last (the fast path's
     layout, which they then take without a copy), and memory-mapped from there; a
-    `.safetensors` is mapped as it is."""
+    `.safetensors` is mapped as it is. `cache=False` maps the `.ckpt` itself (as fast): for a
+    caller that lays the weights out anew whatever their layout (rounding them to bf16, moving
+    them to a GPU), for whom a copy would only cost its writing."""
     from ..checkpoints import SAFETENSORS_SUFFIXES, load_torch_file, map_safetensors_file
     from ..weights_cache import load_converted
 
@@ -422,17 +425,20 @@ def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint") -> tup
         unet_from_state_dict(sd, path, config)  # cheap (no copies); a misfit is never stored
         return sd, {"config": config}
 
-    sd, metadata = load_converted("unet", [Path(path)], [], convert,
-                                  channels_last=lambda name, t: True, maps_sources=True)
+    if cache:
+        sd, metadata = load_converted("unet", [Path(path)], [], convert,
+                                      channels_last=lambda name, t: True, maps_sources=True)
+    else:
+        sd, metadata = convert()
     return sd, metadata["config"]
 
 
 def load_unet(path: str | os.PathLike, what: str = "U-Net checkpoint", *,
-              stored_layout: bool = False) -> CCLDUNet:
+              stored_layout: bool = False, cache: bool = True) -> CCLDUNet:
     """A CCLD U-Net from a bare state dict, a Lightning checkpoint or a safetensors file, its
     weights contiguous as the reference's (so its arithmetic is the reference's, bit for bit);
     `stored_layout` leaves them as loaded (channels-last from the converted cache), for a
-    caller that lays the net out itself, as `CCLDPipeline` does."""
-    sd, config = unet_weights(path, what)
+    caller that lays the net out itself, as `CCLDPipeline` does; `cache` as `unet_weights`."""
+    sd, config = unet_weights(path, what, cache=cache)
     unet = unet_from_state_dict(sd, path, config)
     return unet if stored_layout else unet.to(memory_format=torch.contiguous_format)
