@@ -560,3 +560,25 @@ def test_the_converter_is_imported_early_only_for_a_conversion_to_come(fixtures,
     assert not import_converter_early(fixtures / "autoencoder.ckpt")  # the cache has it
     assert not import_converter_early(fixtures)  # a folder: nothing to convert
     assert not import_converter_early(fixtures / "missing.ckpt")  # the loader says what is wrong
+
+
+@on_linux
+def test_a_bf16_pipeline_maps_its_rounded_unet_weights(model_files, fixtures, cache):
+    """A reduced-precision pipeline stores the U-Net's rounded copies, not a float32 copy of the
+    .ckpt (which it maps as it is), and later ones map them: no float32 weight is read."""
+    from ccld import CCLDPipeline
+
+    first = CCLDPipeline.from_files(**model_files, precision="bf16")
+    weights_cache.finish_writes()
+    stored = {e.name.split("-")[0]: e / "weights.safetensors" for e in entries(cache)}
+    assert "unet_bfloat16" in stored and "unet" not in stored
+    second = CCLDPipeline.from_files(**model_files, precision="bf16")
+    weight = second.unet.net[0].main[0].weight
+    assert weight.dtype == torch.bfloat16
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert mapped_file(weight) == str(stored["unet_bfloat16"])
+    assert equal_state_dicts(second.unet.state_dict(), load_unet(fixtures / "unet.ckpt").state_dict())
+    io = load_file(fixtures / "unet_io.safetensors")
+    with first.autocast(), second.autocast():
+        assert torch.equal(first.unet(io["x"], io["t"], io["embed"]),
+                           second.unet(io["x"], io["t"], io["embed"]))

@@ -40,7 +40,7 @@ from .limits import (
     VARIATION_STRENGTH,
     WEIGHT,
 )
-from .models import float32_weights, hold_weights_in, release_held_weights
+from .models import float32_weights, held_dtype, hold_weights_in, release_held_weights
 from .prompts import parse_weighted
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ def _file_arguments_checked(method):
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REDUCED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _in_autocast(method):
@@ -391,13 +392,15 @@ class CCLDPipeline:
         from .models.autoencoder import import_converter_early, load_autoencoder
         from .models.cloob import load_cloob
         from .models.tiny_decoder import DecoderOption
-        from .models.unet import load_unet
+        from .models.unet import load_unet, stored_rounded_weights
 
         decoder_option = DecoderOption.parse(decoder)  # checked before anything loads
         # The converted cache gives the U-Net what its release file cannot: channels-last
         # kernels, which float32 on a CPU then takes without a copy. Rounded to bf16 or fp16
         # (copied whatever the layout), or kept contiguous (fp32), it maps the file itself.
-        cache_unet = precision != "fp32" and resolve_precision(precision, torch.device("cpu")) == "fp32"
+        on_cpu = resolve_precision(precision, torch.device("cpu"))
+        cache_unet = precision != "fp32" and on_cpu == "fp32"
+        built_rounded = REDUCED_DTYPES.get(on_cpu)
 
         # part -> (the files given, or None; the default's files; how to load the files)
         parts = {
@@ -427,6 +430,10 @@ class CCLDPipeline:
             loaded[name] = load(*files)
         for name, files in last:
             loaded[name] = parts[name][2](*files)
+        if built_rounded is not None and str(sources["unet"]).endswith((".ckpt", ".pt", ".pth")):
+            # the rounded copies as stored by a former run (or now, for the next): `to` keeps them
+            hold_weights_in(loaded["unet"], built_rounded, torch.channels_last,
+                            stored_rounded_weights(sources["unet"], loaded["unet"], built_rounded))
         # the published student is decoded as its demo did, whatever its buffer says
         latent_scale = hub.PUBLISHED_LATENT_SCALE if unet is None else None
         tiny = decoder_option.load()
@@ -544,7 +551,8 @@ class CCLDPipeline:
         painting_nets = [net for net in (self.unet, self.autoencoder.decoder, self.tiny_decoder)
                          if net is not None]
         for net in painting_nets:  # the originals move and are laid out; copies are made last
-            release_held_weights(net)
+            if new_device != self.device or held_dtype(net) != REDUCED_DTYPES.get(wanted[1]):
+                release_held_weights(net)
         if device is not None:
             self.device = torch.device(device)
             for part in (self.unet, self.autoencoder, self.cloob, self.tiny_decoder):
@@ -568,9 +576,8 @@ class CCLDPipeline:
         self.autoencoder.decoder.fold_upsampling(self.channels_last)
         if self.precision != "fp32":
             # the rounded copies are laid out; the float32 originals stay as they are loaded
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             for net in painting_nets:
-                hold_weights_in(net, dtype, memory_format)
+                hold_weights_in(net, REDUCED_DTYPES[self.precision], memory_format)
         self._laid_out = (self.device, self.precision, self.channels_last)
         return self
 
@@ -587,8 +594,7 @@ class CCLDPipeline:
             if self.precision == "fp32":
                 yield
                 return
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            with torch.autocast(self.device.type, dtype=dtype):
+            with torch.autocast(self.device.type, dtype=REDUCED_DTYPES[self.precision]):
                 yield
 
     @property

@@ -52,8 +52,33 @@ def meta_aware_randn(*shape: int) -> torch.Tensor:
 _AUTOCAST_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 
 
+def _rounded_layers(module: nn.Module):
+    """(state-dict prefix, layer, {name: float32 parameter}) of the layers `hold_weights_in`
+    rounds and does not hold yet."""
+    for prefix, layer in module.named_modules():
+        if not isinstance(layer, _AUTOCAST_LAYERS) or "_float32_weights" in layer.__dict__:
+            continue
+        originals = {name: p for name, p in layer.named_parameters(recurse=False)
+                     if p.dtype == torch.float32}
+        if originals:
+            yield prefix + "." if prefix else "", layer, originals
+
+
+def _rounded(p: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format):
+    return p.detach().to(dtype, memory_format=memory_format if p.dim() == 4
+                         else torch.preserve_format)
+
+
+def rounded_weights(module: nn.Module, dtype: torch.dtype,
+                    memory_format: torch.memory_format = torch.preserve_format) -> dict:
+    """The copies `hold_weights_in` would make, by state-dict name: for storing them."""
+    return {prefix + name: _rounded(p, dtype, memory_format)
+            for prefix, _, originals in _rounded_layers(module) for name, p in originals.items()}
+
+
 def hold_weights_in(module: nn.Module, dtype: torch.dtype,
-                    memory_format: torch.memory_format = torch.preserve_format) -> None:
+                    memory_format: torch.memory_format = torch.preserve_format,
+                    rounded: dict | None = None) -> None:
     """Holds the weights of `module`'s convolutions and linear layers in `dtype`, the dtype
     autocast computes them in.
 
@@ -61,21 +86,24 @@ def hold_weights_in(module: nn.Module, dtype: torch.dtype,
     only for weights that require grad): a third of a bf16 U-Net forward on a CPU. Rounded once
     here, the arithmetic is the same, bit for bit. The float32 originals stay: `state_dict()`
     gives them (a saved model is never the rounded one) and `release_held_weights` puts them
-    back. The copies are laid out in `memory_format` (by default their originals').
+    back. The copies are laid out in `memory_format` (by default their originals'), or taken
+    from `rounded` (by state-dict name, as `rounded_weights` makes them: e.g. stored ones).
     """
-    for layer in module.modules():
-        if not isinstance(layer, _AUTOCAST_LAYERS) or "_float32_weights" in layer.__dict__:
-            continue
-        originals = {name: p for name, p in layer.named_parameters(recurse=False)
-                     if p.dtype == torch.float32}
-        if not originals:
-            continue
+    rounded = rounded or {}
+    for prefix, layer, originals in list(_rounded_layers(module)):
         hook = layer._register_state_dict_hook(_originals_in_state_dict)
         layer.__dict__["_float32_weights"] = (originals, hook)
         for name, p in originals.items():
-            copy = p.detach().to(dtype, memory_format=memory_format if p.dim() == 4
-                                 else torch.preserve_format)
+            copy = rounded.get(prefix + name)
+            if copy is None or copy.shape != p.shape or copy.dtype != dtype:
+                copy = _rounded(p, dtype, memory_format)
             setattr(layer, name, nn.Parameter(copy, requires_grad=False))
+
+
+def held_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype `hold_weights_in` holds `module`'s weights in, if it does."""
+    return next((getattr(layer, next(iter(layer.__dict__["_float32_weights"][0]))).dtype
+                 for layer in module.modules() if "_float32_weights" in layer.__dict__), None)
 
 
 def release_held_weights(module: nn.Module) -> None:
@@ -98,11 +126,13 @@ def _originals_in_state_dict(layer, state_dict, prefix, local_metadata):
 def float32_weights(module: nn.Module):
     """The float32 originals of weights `hold_weights_in` holds rounded, for the duration: for
     computing in float32 outside autocast."""
-    dtype = next((getattr(layer, next(iter(layer.__dict__["_float32_weights"][0]))).dtype
-                  for layer in module.modules() if "_float32_weights" in layer.__dict__), None)
+    dtype = held_dtype(module)
+    copies = {f"{prefix}.{name}" if prefix else name: getattr(layer, name)
+              for prefix, layer in module.named_modules() if "_float32_weights" in layer.__dict__
+              for name in layer.__dict__["_float32_weights"][0]}
     release_held_weights(module)
     try:
         yield module
     finally:
         if dtype is not None:
-            hold_weights_in(module, dtype)
+            hold_weights_in(module, dtype, rounded=copies)  # the same copies again

@@ -419,18 +419,36 @@ def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint", *,
         sd = map_safetensors_file(path, what)
         return sd, infer_unet_config(sd, path)
 
-    def convert():
+    def read():
         sd = unet_state_dict(load_torch_file(path, what, mmap=True))
-        config = infer_unet_config(sd, path)
-        unet_from_state_dict(sd, path, config)  # cheap (no copies); a misfit is never stored
-        return sd, {"config": config}
+        return sd, {"config": infer_unet_config(sd, path)}
+
+    def convert():
+        sd, metadata = read()
+        unet_from_state_dict(sd, path, metadata["config"])  # cheap: a misfit is never stored
+        return sd, metadata
 
     if cache:
         sd, metadata = load_converted("unet", [Path(path)], [], convert,
                                       channels_last=lambda name, t: True, maps_sources=True)
     else:
-        sd, metadata = convert()
+        sd, metadata = read()
     return sd, metadata["config"]
+
+
+def stored_rounded_weights(path: str | os.PathLike, unet: CCLDUNet, dtype: torch.dtype) -> dict:
+    """`unet`'s conv and linear weights rounded to `dtype`, channels-last (`rounded_weights`),
+    from the converted cache: made from the file at `path` once, memory-mapped afterwards. A
+    bf16 painting then neither reads the float32 weights nor holds both."""
+    from ..weights_cache import load_converted
+    from . import rounded_weights
+
+    kind = f"unet_{str(dtype).removeprefix('torch.')}"
+
+    def convert():
+        return rounded_weights(unet, dtype, torch.channels_last), {}
+
+    return load_converted(kind, [Path(path)], [], convert, channels_last=lambda name, t: True)[0]
 
 
 def load_unet(path: str | os.PathLike, what: str = "U-Net checkpoint", *,
