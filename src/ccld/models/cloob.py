@@ -380,24 +380,29 @@ _MODULES = {
     "feed_forward/linear_1": ("ff.linear_1", _LINEAR),
 }
 _BASES = {"vi_t_image_encoder": "image_encoder", "text_encoder": "text_encoder"}
+TOWERS = ("text_encoder", "image_encoder")
 
 
-def _as_float_tensor(array, relayout) -> torch.Tensor:
+def _as_float_tensor(array, relayout, contiguous: bool = True) -> torch.Tensor:
     """A contiguous float32 tensor of a pickled array in PyTorch's layout, copied at most once
-    (600 MB of them: a copy more is a second of a first run and a peak of memory)."""
+    (600 MB of them: a copy more is a second of a first run and a peak of memory); with
+    `contiguous=False` a view where the layout differs (its shape is all a check needs)."""
     if array.dtype == numpy.float32 and array.flags.writeable and array.dtype.isnative:
         t = torch.from_numpy(array)  # the array's own memory, freed with the tensor
     else:
         t = torch.tensor(array, dtype=torch.float32)
-    return (relayout(t) if relayout else t).contiguous()
+    t = relayout(t) if relayout else t
+    return t.contiguous() if contiguous else t
 
 
 def convert_haiku_params(image_params: dict, text_params: dict,
-                         source: str = "CLOOB checkpoint", release: bool = False) -> dict:
+                         source: str = "CLOOB checkpoint", release: bool = False,
+                         towers: Sequence[str] = TOWERS) -> dict:
     """The PyTorch state dict of the released Haiku parameter trees (module path -> {name: array}).
 
     `release`: empty the trees while converting, so that each array is freed once converted and
-    the pickle's arrays and their conversion are never both whole in memory.
+    the pickle's arrays and their conversion are never both whole in memory. The towers not
+    in `towers` come as views in PyTorch's shapes, not laid out: enough to check them.
     """
     state = {}
     for tree in (image_params, text_params):
@@ -422,11 +427,10 @@ def convert_haiku_params(image_params: dict, text_params: dict,
                     raise CCLDError(f"{source}: {module_path}/{name} is a {type(array).__name__}, "
                                     "not an array of numbers; this is not a CLOOB checkpoint "
                                     "ccld knows")
-                state[f"{prefix}.{key}"] = _as_float_tensor(array, relayout)
+                state[f"{prefix}.{key}"] = _as_float_tensor(array, relayout,
+                                                             _BASES[base] in towers)
     return state
 
-
-TOWERS = ("text_encoder", "image_encoder")
 
 
 def tower_state_dict(state_dict: dict, tower: str) -> dict:
@@ -473,8 +477,9 @@ def _checked_model(config: dict, state_dict: dict, source: str,
     return model.eval().requires_grad_(False)
 
 
-def haiku_pickle_state_dict(path: str | os.PathLike) -> dict:
-    """The PyTorch state dict of a released CLOOB Haiku pickle."""
+def haiku_pickle_state_dict(path: str | os.PathLike, towers: Sequence[str] = TOWERS) -> dict:
+    """The PyTorch state dict of a released CLOOB Haiku pickle (the towers not in `towers`
+    only as views, for checking; see `convert_haiku_params`)."""
     from ..checkpoints import load_array_pickle
 
     params = load_array_pickle(path).get("params")
@@ -482,7 +487,7 @@ def haiku_pickle_state_dict(path: str | os.PathLike) -> dict:
             and all(isinstance(p, dict) for p in params)):
         raise CCLDError(f"{path}: a pickle, but not a CLOOB checkpoint (no 'params' pair of "
                         "image and text parameters)")
-    return convert_haiku_params(*params, source=str(path), release=True)
+    return convert_haiku_params(*params, source=str(path), release=True, towers=towers)
 
 
 def load_cloob(path: str | os.PathLike, config: str | os.PathLike | dict | None = None) -> CLOOB:
@@ -525,12 +530,12 @@ def _load_release_pickle(path: Path, config: dict) -> CLOOB:
         return load_converted(_CACHE_KINDS[tower], [path], keyed_by, convert)[0]
 
     def read_tower(tower: str) -> tuple[dict, dict]:
-        return tower_state_dict(haiku_pickle_state_dict(path), tower), {}
+        return tower_state_dict(haiku_pickle_state_dict(path, [tower]), tower), {}
 
     stored = {t: open_converted(_CACHE_KINDS[t], [path], keyed_by) for t in TOWERS}
     stored = {t: entry[0] for t, entry in stored.items() if entry is not None}
     if not stored:
-        state_dict = haiku_pickle_state_dict(path)
+        state_dict = haiku_pickle_state_dict(path, ["text_encoder"])  # the image tower checked only
         _checked_model(config, state_dict, source)  # a misfit is never stored
         text = tower_state_dict(state_dict, "text_encoder")
         del state_dict
