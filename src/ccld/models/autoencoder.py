@@ -367,7 +367,9 @@ def import_converter_early(path: str | os.PathLike,
         except Exception:  # (the loader's own import says what is wrong)
             pass
 
-    threading.Thread(target=import_quietly, name="ccld diffusers import", daemon=True).start()
+    # (not a daemon: a process that fails meanwhile waits for it rather than tearing Python
+    # down under an import)
+    threading.Thread(target=import_quietly, name="ccld diffusers import").start()
     return True
 
 
