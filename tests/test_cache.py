@@ -582,3 +582,17 @@ def test_a_bf16_pipeline_maps_its_rounded_unet_weights(model_files, fixtures, ca
     with first.autocast(), second.autocast():
         assert torch.equal(first.unet(io["x"], io["t"], io["embed"]),
                            second.unet(io["x"], io["t"], io["embed"]))
+
+
+def test_entries_an_older_converter_made_from_the_same_file_are_removed(source, cache,
+                                                                          monkeypatch):
+    """Kinds change with converters (one CLOOB entry became two): what an older converter made
+    from a file is removed when a newer one stores something from that file."""
+    current = weights_cache.CONVERTER_VERSION
+    monkeypatch.setattr(weights_cache, "CONVERTER_VERSION", current - 1)
+    load_converted("thing", [source], [], CountingConvert())
+    (old,) = entries(cache)
+    monkeypatch.setattr(weights_cache, "CONVERTER_VERSION", current)
+    load_converted("renamed_thing", [source], [], CountingConvert())
+    (new,) = entries(cache)
+    assert new != old and new.name.startswith("renamed_thing-")

@@ -42,7 +42,7 @@ import torch
 from ._version import __version__
 from .files import TEMP_SUFFIX, fsync_folder, temporary_name
 
-CONVERTER_VERSION = 2  # bump when any converter's output changes: every entry is then rebuilt
+CONVERTER_VERSION = 3  # bump when any converter's output changes: every entry is then rebuilt
 
 ENV_VAR = "CCLD_CACHE_DIR"
 OFF = "off"
@@ -318,8 +318,9 @@ def _publish(converted: Path, name: str, tmp: Path, entry: dict) -> None:
 
 def _remove_outdated(converted: Path, new: dict) -> None:
     """Deletes entries that can never be used again: those of the same kind made from the same
-    source paths when the files there were different (since changed), and temporaries that
-    killed processes left long ago."""
+    source paths when the files there were different (since changed), those an older converter
+    made from the same paths (whatever their kind: kinds come and go with converters), and
+    temporaries that killed processes left long ago."""
     now = time.time()
     paths = [s["path"] for s in new["sources"]]
     for folder in converted.iterdir():
@@ -331,9 +332,12 @@ def _remove_outdated(converted: Path, new: dict) -> None:
                 pass
             continue
         old = _read_entry_json(folder)
-        if (old and old.get("kind") == new["kind"] and isinstance(old.get("sources"), list)
-                and [s.get("path") for s in old["sources"] if isinstance(s, dict)] == paths
-                and old["sources"] != new["sources"]):
+        if not (old and isinstance(old.get("sources"), list)):
+            continue
+        same_paths = [s.get("path") for s in old["sources"] if isinstance(s, dict)] == paths
+        if same_paths and (old.get("converter_version") != CONVERTER_VERSION
+                           or (old.get("kind") == new["kind"]
+                               and old["sources"] != new["sources"])):
             _discard(folder)
 
 
