@@ -572,8 +572,8 @@ class CCLDPipeline:
             # as it is loaded, so its memory-mapped weights are not even read for a painting.
             for net in painting_nets:
                 net.to(memory_format=memory_format)
-        # (folded from the float32 weights, on their device)
-        self.autoencoder.decoder.fold_upsampling(self.channels_last)
+        with float32_weights(self.autoencoder.decoder):  # folded from the float32 weights
+            self.autoencoder.decoder.fold_upsampling(self.channels_last)
         if self.precision != "fp32":
             # the rounded copies are laid out; the float32 originals stay as they are loaded
             for net in painting_nets:
