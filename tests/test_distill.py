@@ -374,6 +374,17 @@ def test_evaluate_samples_each_model_as_what_it_is(world, students, tmp_path, ca
     assert "student: distilled 2 steps, 2 forwards x 1 row(s) per image" in capsys.readouterr().out
 
 
+def test_a_step_distilled_teacher_teaches_only_on_its_own_grid(world, students, tmp_path,
+                                                              capsys):
+    # the 2-step student knows jumps between its 2 grid points, not the 4 substeps asked here
+    assert main(["distill", "--objective", "progressive", "--start-steps", "4",
+                 "--teacher-substeps", "4", "--rounds", "1", "--data", str(world["cache"]),
+                 "--teacher", str(students["progressive"]), "--out", str(tmp_path / "p"),
+                 "--max-steps", "1", *QUIET]) == 2
+    assert "the teacher is a 2-step student: it can teach only on its own grid, not in 4 " \
+        "steps; give --start-steps 2 --teacher-substeps 2" in capsys.readouterr().err
+
+
 def test_a_progressive_round_resumes_exactly(world, tmp_path):
     common = ["distill", "--objective", "progressive", "--start-steps", "4", "--rounds", "2",
               "--data", str(world["cache"]), "--teacher", str(world["teacher"]),

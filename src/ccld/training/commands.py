@@ -323,6 +323,12 @@ def distill_round(args, teacher_path, student_steps: int | None, teacher_substep
 
     def build(args, accelerator, resume, resume_path, embed_dim):
         teacher, teacher_scale = load_unet_weights(teacher_path, "teacher checkpoint")
+        teacher_steps = None if student_steps is None else student_steps * teacher_substeps
+        if teacher_steps is not None and teacher.distilled_steps not in (None, teacher_steps):
+            # its velocities are trained for jumps between its own grid points only
+            raise CCLDError(f"the teacher is a {teacher.distilled_steps}-step student: it can "
+                            f"teach only on its own grid, not in {teacher_steps} steps; give "
+                            f"--start-steps {teacher.distilled_steps} --teacher-substeps 2")
         guidance_range = distill_guidance_range(args, teacher)
         # a guidance input only where w varies: a fixed scale is in the weights already
         takes_guidance = guidance_range is not None and guidance_range[0] < guidance_range[1]
