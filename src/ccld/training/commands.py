@@ -696,8 +696,9 @@ def add_distill_command(sub) -> None:
                         "--start-steps/K steps learns a finer solve, with no round between); "
                         "later rounds halve, their teachers knowing only their own grid")
     m.add_argument("--rounds", type=int, default=4,
-                   help="progressive: rounds, each halving the steps (64 and 4 rounds: 4 steps); "
-                        "--max-steps is per round, each round in OUT/round-NN")
+                   help="progressive: rounds, each halving the steps (64 and 4 rounds: 4 steps; "
+                        "the first divides them by --teacher-substeps); --max-steps is per "
+                        "round, each round in OUT/round-NN")
     add_run_options(p, 1e-4, "latent scale (default: the teacher's)")
     add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
     p.set_defaults(func=cmd_distill)
