@@ -226,6 +226,38 @@ def test_one_progressive_round_lowers_the_two_step_vs_one_step_gap():
     assert after < 0.85 * before, (before, after)  # 0.058 -> 0.044
 
 
+def test_teacher_substeps_make_the_target_a_finer_teacher_solve():
+    from argparse import Namespace
+
+    from ccld.errors import CCLDError
+    from ccld.training.commands import progressive_rounds
+    from ccld.training.distill import ProgressiveDistillationObjective
+
+    torch.manual_seed(0)
+    teacher = CCLDUNet(8, (1, 1, 1, 1), embed_dim=16).eval()
+    start = float(sampling.get_timesteps(1)[0])
+    x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 16)
+    batch = NoisedBatch(x, torch.full([2], start), cond, torch.zeros_like(x))
+    # a 1-step student's target with 4 substeps: the clean latent of the teacher's DDIM-4
+    objective = ProgressiveDistillationObjective(teacher, student_steps=1, cond_drop=0.0,
+                                                 teacher_substeps=4)
+    alpha, sigma = sampling.t_to_alpha_sigma(torch.tensor(start))
+    landing = alpha * x - sigma * objective.target(batch, None)
+    ddim4 = sampling.ddim(lambda x, t: teacher(x, t, cond), x, sampling.uniform_timesteps(4))
+    assert torch.allclose(landing, ddim4, atol=1e-5)
+    two = ProgressiveDistillationObjective(teacher, student_steps=1, cond_drop=0.0)
+    assert not torch.allclose(alpha * x - sigma * two.target(batch, None), ddim4, atol=1e-3)
+
+    # the first round divides --start-steps by K, the later ones halve
+    def rounds(start_steps, substeps, count):
+        return progressive_rounds(Namespace(start_steps=start_steps, teacher_substeps=substeps,
+                                            rounds=count))
+    assert rounds(64, 8, 2) == [(1, 64, 8), (2, 8, 4)]
+    assert rounds(64, 2, 2) == [(1, 64, 32), (2, 32, 16)]
+    with pytest.raises(CCLDError, match="cannot be divided"):
+        rounds(64, 3, 1)
+
+
 def test_guidance_objective_draws_w_and_the_teacher_guides_at_it():
     from ccld.models.unet import with_records
     from ccld.training.distill import DistillationObjective, guided_velocity
@@ -340,6 +372,17 @@ def test_evaluate_samples_each_model_as_what_it_is(world, students, tmp_path, ca
     assert sampled["student"] == {"method": "distilled", "steps": 2, "forwards": 2,
                                   "rows_per_image": 1, "one_row_guidance": 3.0}
     assert "student: distilled 2 steps, 2 forwards x 1 row(s) per image" in capsys.readouterr().out
+
+
+def test_a_step_distilled_teacher_teaches_only_on_its_own_grid(world, students, tmp_path,
+                                                              capsys):
+    # the 2-step student knows jumps between its 2 grid points, not the 4 substeps asked here
+    assert main(["distill", "--objective", "progressive", "--start-steps", "4",
+                 "--teacher-substeps", "4", "--rounds", "1", "--data", str(world["cache"]),
+                 "--teacher", str(students["progressive"]), "--out", str(tmp_path / "p"),
+                 "--max-steps", "1", *QUIET]) == 2
+    assert "the teacher is a 2-step student: it can teach only on its own grid, not in 4 " \
+        "steps; give --start-steps 2 --teacher-substeps 2" in capsys.readouterr().err
 
 
 def test_a_progressive_round_resumes_exactly(world, tmp_path):

@@ -314,14 +314,21 @@ def new_student(args, teacher):
     return model
 
 
-def distill_round(args, teacher_path, student_steps: int | None):
+def distill_round(args, teacher_path, student_steps: int | None, teacher_substeps: int = 2):
     """One `ccld distill` training run: the objective's student learns from the teacher in
-    `teacher_path`; `student_steps` is the progressive round's step count (None otherwise)."""
+    `teacher_path`; `student_steps` is the progressive round's step count (None otherwise),
+    each step its teacher's `teacher_substeps` DDIM steps."""
     from ..models.unet import with_records
     from .distill import DistillationObjective, ProgressiveDistillationObjective
 
     def build(args, accelerator, resume, resume_path, embed_dim):
         teacher, teacher_scale = load_unet_weights(teacher_path, "teacher checkpoint")
+        teacher_steps = None if student_steps is None else student_steps * teacher_substeps
+        if teacher_steps is not None and teacher.distilled_steps not in (None, teacher_steps):
+            # its velocities are trained for jumps between its own grid points only
+            raise CCLDError(f"the teacher is a {teacher.distilled_steps}-step student: it can "
+                            f"teach only on its own grid, not in {teacher_steps} steps; give "
+                            f"--start-steps {teacher.distilled_steps} --teacher-substeps 2")
         guidance_range = distill_guidance_range(args, teacher)
         # a guidance input only where w varies: a fixed scale is in the weights already
         takes_guidance = guidance_range is not None and guidance_range[0] < guidance_range[1]
@@ -340,7 +347,8 @@ def distill_round(args, teacher_path, student_steps: int | None):
         else:
             objective = ProgressiveDistillationObjective(
                 teacher, student_steps, args.cond_drop, accelerator.autocast,
-                guidance_range=guidance_range, student_takes_guidance=takes_guidance)
+                guidance_range=guidance_range, student_takes_guidance=takes_guidance,
+                teacher_substeps=teacher_substeps)
         return model, ema, objective, resume is not None or teacher_scale
 
     summary = run_training(args, "distill", build)
@@ -348,14 +356,18 @@ def distill_round(args, teacher_path, student_steps: int | None):
 
 
 def progressive_rounds(args) -> list[tuple[int, int, int]]:
-    """(round, teacher steps, student steps) of each round: --start-steps halved --rounds times."""
+    """(round, teacher steps, student steps) of each round: --start-steps divided by
+    --teacher-substeps in the first round, then halved in each later one."""
     rounds, steps = [], args.start_steps
     for k in range(1, args.rounds + 1):
-        if steps < 2 or steps % 2:
-            raise CCLDError(f"--start-steps {args.start_steps} cannot be halved {args.rounds} "
-                            "times into whole steps; start from a power of two, e.g. 64")
-        rounds.append((k, steps, steps // 2))
-        steps //= 2
+        factor = args.teacher_substeps if k == 1 else 2
+        if steps < factor or steps % factor:
+            raise CCLDError(f"--start-steps {args.start_steps} cannot be divided by "
+                            f"--teacher-substeps {args.teacher_substeps} and then halved "
+                            f"{args.rounds - 1} times into whole steps; give powers of two, "
+                            "e.g. 64 and 8")
+        rounds.append((k, steps, steps // factor))
+        steps //= factor
     return rounds
 
 
@@ -378,6 +390,8 @@ def cmd_distill(args) -> int:
                         "round)")
     if args.rounds < 1:
         raise CCLDError(f"--rounds must be at least 1 (got {args.rounds})")
+    if args.teacher_substeps < 2:
+        raise CCLDError(f"--teacher-substeps must be at least 2 (got {args.teacher_substeps})")
     if args.true_v_weight:
         raise CCLDError("--true-v-weight is for --objective velocity or guidance")
     if args.resume not in (None, "last"):
@@ -395,7 +409,7 @@ def cmd_distill(args) -> int:
                                                                   "channel_multipliers": None})})
         logger.info(f"ccld: progressive distillation round {k} of {args.rounds}: "
                     f"{teacher_steps} teacher steps -> {student_steps} student steps")
-        summary = distill_round(round_args, teacher, student_steps)
+        summary = distill_round(round_args, teacher, student_steps, teacher_steps // student_steps)
         if summary["interrupted"]:
             return 130
         teacher = str(folder / "model_student.safetensors")  # the EMA student teaches the next
@@ -676,9 +690,15 @@ def add_distill_command(sub) -> None:
                         "SCALE,SCALE; no guidance input)")
     m.add_argument("--start-steps", type=int, default=64,
                    help="progressive: the teacher's DDIM steps in the first round")
+    m.add_argument("--teacher-substeps", type=int, default=2, metavar="K",
+                   help="progressive: the first round's teacher takes K DDIM steps over each "
+                        "student step (2: Salimans & Ho's halving; more: a first student of "
+                        "--start-steps/K steps learns a finer solve, with no round between); "
+                        "later rounds halve, their teachers knowing only their own grid")
     m.add_argument("--rounds", type=int, default=4,
-                   help="progressive: rounds, each halving the steps (64 and 4 rounds: 4 steps); "
-                        "--max-steps is per round, each round in OUT/round-NN")
+                   help="progressive: rounds, each halving the steps (64 and 4 rounds: 4 steps; "
+                        "the first divides them by --teacher-substeps); --max-steps is per "
+                        "round, each round in OUT/round-NN")
     add_run_options(p, 1e-4, "latent scale (default: the teacher's)")
     add_encoder_options(p, "default: recorded in the latent cache, else the released ones")
     p.set_defaults(func=cmd_distill)

@@ -9,10 +9,11 @@ drawn per item from a range (`--guidance-range`, Meng et al. 2023): the student 
 input and gives the guided velocity in one forward instead of two.
 
 `ProgressiveDistillationObjective` (`--objective progressive`, Salimans & Ho 2022): a student
-of N DDIM steps learns to land in one step where its teacher lands in two half steps, on the
-uniform time grid of this codebase's cosine schedule (alpha = cos(pi t / 2), sigma = sin(pi t
-/ 2)) from the first timestep every sampler starts at (`sampling.uniform_timesteps`). Each
-round halves N and the student of one round teaches the next. With a guidance range the student
+of N DDIM steps learns to land in one step where its teacher lands in two half steps (or K
+finer ones, `--teacher-substeps`, in the first round), on the uniform time grid of this
+codebase's cosine schedule (alpha = cos(pi t / 2), sigma = sin(pi t / 2)) from the first
+timestep every sampler starts at (`sampling.uniform_timesteps`). Each round halves N and the
+student of one round teaches the next. With a guidance range the student
 also takes w, and the teacher's velocity is the guided one (Meng et al.'s second stage); a
 student distilled at one fixed w is already guided, and its step-distilled students with it.
 """
@@ -142,11 +143,14 @@ class DistillationObjective(_TeacherObjective):
 class ProgressiveDistillationObjective(_TeacherObjective):
     """One round of progressive distillation: the student takes `student_steps` DDIM steps on
     the uniform grid t = T i / N (T = 0.9957, the first timestep of every sampler), and learns
-    to jump from t to t - T/N where the teacher gets in two DDIM steps (through t - T/(2N)).
+    to jump from t to t - T/N where the teacher gets in two DDIM steps (through t - T/(2N)),
+    or in `teacher_substeps` K steps of T/(KN): a finer solve of a teacher that knows every t
+    (not a step-distilled student, which knows only its own grid), so that one round can
+    replace several halvings.
 
     For each item the trainer's Sobol timestep u picks the grid point i = floor(u N) + 1. From
-    the teacher's x'' the student's target clean latent is the one a single DDIM step from x_t
-    must predict to land on x'':
+    where the teacher lands, x'', the student's target clean latent is the one a single DDIM
+    step from x_t must predict to land on x'':
         x~ = (x'' - (sigma''/sigma) x_t) / (alpha'' - (sigma''/sigma) alpha),
     and its target velocity v~ = (alpha x_t - x~) / sigma. The loss is the paper's truncated-SNR
     weighting, max(SNR, 1) |x^ - x~|^2, which in v is max(alpha^2, sigma^2) |v^ - v~|^2.
@@ -154,9 +158,13 @@ class ProgressiveDistillationObjective(_TeacherObjective):
 
     def __init__(self, teacher: torch.nn.Module, student_steps: int, cond_drop: float = 0.2,
                  autocast=contextlib.nullcontext, guidance_range=None,
-                 student_takes_guidance: bool = False):
+                 student_takes_guidance: bool = False, teacher_substeps: int = 2):
         super().__init__(teacher, cond_drop, autocast, guidance_range, student_takes_guidance)
+        if teacher_substeps < 2:
+            raise ValueError(f"the teacher takes at least 2 steps per student step "
+                             f"(got {teacher_substeps})")
         self.student_steps = int(student_steps)
+        self.teacher_substeps = int(teacher_substeps)
         self.step_size = float(uniform_timesteps(self.student_steps)[0]) / self.student_steps
 
     def noised(self, batch: LatentBatch) -> NoisedBatch:
@@ -168,14 +176,17 @@ class ProgressiveDistillationObjective(_TeacherObjective):
 
     @torch.no_grad()
     def target(self, batch: NoisedBatch, guidance: torch.Tensor | None) -> torch.Tensor:
-        """v~: the velocity whose one DDIM step from t lands where two teacher steps do."""
+        """v~: the velocity whose one DDIM step from t lands where the teacher's
+        `teacher_substeps` DDIM steps do."""
         x, t = batch.x, batch.t
-        half = 0.5 * self.step_size
+        substep = self.step_size / self.teacher_substeps
+        x_end = x
         with self.autocast():
-            x_mid = self.ddim_step(x, t, t - half, batch.cond, guidance)
-            x_end = self.ddim_step(x_mid, t - half, t - 2 * half, batch.cond, guidance)
+            for k in range(self.teacher_substeps):
+                x_end = self.ddim_step(x_end, t - k * substep, t - (k + 1) * substep,
+                                       batch.cond, guidance)
         alpha, sigma = (a[:, None, None, None] for a in t_to_alpha_sigma(t))
-        alpha_end, sigma_end = (a[:, None, None, None] for a in t_to_alpha_sigma(t - 2 * half))
+        alpha_end, sigma_end = (a[:, None, None, None] for a in t_to_alpha_sigma(t - self.step_size))
         ratio = sigma_end / sigma
         x0 = (x_end - ratio * x) / (alpha_end - ratio * alpha)
         return (alpha * x - x0) / sigma
