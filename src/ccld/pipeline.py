@@ -430,7 +430,8 @@ class CCLDPipeline:
             loaded[name] = load(*files)
         for name, files in last:
             loaded[name] = parts[name][2](*files)
-        if built_rounded is not None and str(sources["unet"]).endswith((".ckpt", ".pt", ".pth")):
+        if (built_rounded is not None
+                and not str(sources["unet"]).endswith(checkpoints.SAFETENSORS_SUFFIXES)):
             # the rounded copies as stored by a former run (or now, for the next): `to` keeps them
             hold_weights_in(loaded["unet"], built_rounded, torch.channels_last,
                             stored_rounded_weights(sources["unet"], loaded["unet"], built_rounded))
@@ -543,6 +544,9 @@ class CCLDPipeline:
         reference demo.
         """
         new_device = self.device if device is None else torch.device(device)
+        # Channels-last convolutions measure faster in every precision, on CPUs with or without
+        # bf16 and on GPUs (fp32 student 1.17x on an AVX2 EPYC), and stay within 1e-5 of
+        # contiguous fp32; only an explicit fp32 keeps the reference's layout, bit for bit.
         wanted = (new_device,
                   self.precision if precision is None else resolve_precision(precision, new_device),
                   self.channels_last if precision is None else precision != "fp32")
@@ -553,18 +557,11 @@ class CCLDPipeline:
         for net in painting_nets:  # the originals move and are laid out; copies are made last
             if new_device != self.device or held_dtype(net) != REDUCED_DTYPES.get(wanted[1]):
                 release_held_weights(net)
-        if device is not None:
-            self.device = torch.device(device)
+        if new_device != self.device:
             for part in (self.unet, self.autoencoder, self.cloob, self.tiny_decoder):
                 if part is not None:
-                    part.to(self.device)
-        if precision is not None:
-            self.precision = resolve_precision(precision, self.device)
-            # Channels-last convolutions measure faster in every precision, on CPUs with or
-            # without bf16 and on GPUs (fp32 student 1.17x on an AVX2 EPYC), and stay within
-            # 1e-5 of contiguous fp32; only an explicit fp32 keeps the reference's layout, bit
-            # for bit.
-            self.channels_last = precision != "fp32"
+                    part.to(new_device)
+        self.device, self.precision, self.channels_last = wanted
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         if self.precision == "fp32":
             # Weights come channels-last from the converted cache: the fast path takes them as
@@ -578,7 +575,7 @@ class CCLDPipeline:
             # the rounded copies are laid out; the float32 originals stay as they are loaded
             for net in painting_nets:
                 hold_weights_in(net, REDUCED_DTYPES[self.precision], memory_format)
-        self._laid_out = (self.device, self.precision, self.channels_last)
+        self._laid_out = wanted
         return self
 
     def compile(self, **options) -> CCLDPipeline:

@@ -404,10 +404,13 @@ def load_converted(kind: str, sources: Sequence[Path], configs: Sequence[str | b
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sources": fingerprints,
              "metadata": metadata}
     layout = [k for k, v in state.items() if channels_last and v.dim() == 4 and channels_last(k, v)]
+    tmp = None
     try:
         tmp = _write_weights(converted, name, state, layout)
         written = map_safetensors(tmp / WEIGHTS_FILE)
     except (OSError, ValueError) as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             _warn_unwritable(converted, e)
         # used from memory, laid out as a stored copy would be

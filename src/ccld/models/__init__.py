@@ -100,10 +100,16 @@ def hold_weights_in(module: nn.Module, dtype: torch.dtype,
             setattr(layer, name, nn.Parameter(copy, requires_grad=False))
 
 
+def _held_copies(module: nn.Module) -> dict:
+    """The rounded copies `hold_weights_in` holds, by state-dict name."""
+    return {f"{prefix}.{name}" if prefix else name: getattr(layer, name)
+            for prefix, layer in module.named_modules() if "_float32_weights" in layer.__dict__
+            for name in layer.__dict__["_float32_weights"][0]}
+
+
 def held_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype `hold_weights_in` holds `module`'s weights in, if it does."""
-    return next((getattr(layer, next(iter(layer.__dict__["_float32_weights"][0]))).dtype
-                 for layer in module.modules() if "_float32_weights" in layer.__dict__), None)
+    return next((copy.dtype for copy in _held_copies(module).values()), None)
 
 
 def release_held_weights(module: nn.Module) -> None:
@@ -126,13 +132,11 @@ def _originals_in_state_dict(layer, state_dict, prefix, local_metadata):
 def float32_weights(module: nn.Module):
     """The float32 originals of weights `hold_weights_in` holds rounded, for the duration: for
     computing in float32 outside autocast."""
-    dtype = held_dtype(module)
-    copies = {f"{prefix}.{name}" if prefix else name: getattr(layer, name)
-              for prefix, layer in module.named_modules() if "_float32_weights" in layer.__dict__
-              for name in layer.__dict__["_float32_weights"][0]}
+    copies = _held_copies(module)
     release_held_weights(module)
     try:
         yield module
     finally:
-        if dtype is not None:
+        if copies:
+            dtype = next(iter(copies.values())).dtype
             hold_weights_in(module, dtype, rounded=copies)  # the same copies again

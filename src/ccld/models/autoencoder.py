@@ -356,7 +356,7 @@ def import_converter_early(path: str | os.PathLike,
     if not (path.is_file() and config_path.is_file()):
         return False
     try:
-        if open_converted("autoencoder", [path], [config_path.read_bytes()]) is not None:
+        if open_converted(*_cache_entry(path, config_path)) is not None:
             return False
     except OSError:
         return False
@@ -371,6 +371,11 @@ def import_converter_early(path: str | os.PathLike,
     # down under an import)
     threading.Thread(target=import_quietly, name="ccld diffusers import").start()
     return True
+
+
+def _cache_entry(path: Path, config_path: Path) -> tuple[str, list, list]:
+    """(kind, sources, configs) of an LDM file's converted-weights cache entry."""
+    return "autoencoder", [path], [config_path.read_bytes()]
 
 
 def _default_config_path(path: Path) -> Path:
@@ -515,7 +520,7 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
     # fits it when first asked, and saved folders keep it.
     # The decoder's kernels are stored channels-last, the fast path's layout (the encoder's as
     # the reference runs them: init images are encoded in fp32 exactly as it encodes them).
-    weights, metadata = load_converted("autoencoder", [path], [config_path.read_bytes()], convert,
+    weights, metadata = load_converted(*_cache_entry(path, config_path), convert,
                                        channels_last=lambda name, t: name.startswith("decoder."),
                                        maps_sources=True)
     ae = autoencoder_from_state_dict(AutoencoderConfig.from_dict(metadata["config"]), weights, path)

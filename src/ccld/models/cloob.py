@@ -432,7 +432,6 @@ def convert_haiku_params(image_params: dict, text_params: dict,
     return state
 
 
-
 def tower_state_dict(state_dict: dict, tower: str) -> dict:
     """The part of a CLOOB state dict that one tower holds, under the tower's own names."""
     prefix = f"{tower}."
@@ -493,9 +492,9 @@ def haiku_pickle_state_dict(path: str | os.PathLike, towers: Sequence[str] = TOW
 def load_cloob(path: str | os.PathLike, config: str | os.PathLike | dict | None = None) -> CLOOB:
     """CLOOB from a released Haiku pickle (.pkl), a safetensors file, or a torch state dict.
 
-    A pickle is converted once into the converted-weights cache, a tower at a time as it is
-    first used, and memory-mapped from there afterwards; a safetensors file is memory-mapped as
-    it is.
+    A pickle is converted into the converted-weights cache a tower at a time (the text tower
+    when the pickle is first read, the image tower when first used) and memory-mapped from there
+    afterwards; a safetensors file is memory-mapped as it is.
     """
     from ..checkpoints import SAFETENSORS_SUFFIXES, load_state_file, map_safetensors_file
 
