@@ -56,7 +56,8 @@ def test_ctrl_c_during_start_up_is_one_line(model_flags, tmp_path):
     time.sleep(1.0)  # well inside the start-up: importing torch alone takes longer
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert (proc.returncode, err.strip()) == (130, "ccld: interrupted")
+    # it dies of the SIGINT, as a shell expects of an interrupted program
+    assert (proc.returncode, err.strip()) == (-signal.SIGINT, "ccld: interrupted")
     assert not (tmp_path / "out").exists()
 
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -452,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+INTERRUPTED = 130  # main's status after Ctrl-C: 128 + SIGINT, what a shell reports for it
+
+
 def main(argv=None) -> int:
     try:  # everything, imports included: Ctrl-C while torch loads is an interruption too
         args = build_parser().parse_args(argv)
@@ -473,7 +477,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         print("ccld: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 # Set by a command whose whole result is on disk when it returns (one process's paintings): the
@@ -483,9 +487,25 @@ def main(argv=None) -> int:
 _finished_on_disk = False
 
 
+def _die_of_sigint() -> None:
+    """Ends the process by SIGINT itself, as the shell convention asks of an interrupted
+    program: a shell loop of `ccld` runs then stops at Ctrl-C instead of starting the next one.
+    Python does this on its own only sometimes (it remembers an interrupt that left Python code
+    run from C, as parts of a start-up's imports are, even when the interrupt was caught later),
+    so without this an interrupted `ccld` ended by status 130 or by the signal, depending on when
+    the key was pressed. Nothing is left to tear down: the interruption already abandoned the work."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(INTERRUPTED)  # where the signal cannot end it (it is blocked): the same status
+
+
 def entry() -> None:
     """The `ccld` console command and `python -m ccld`."""
     status = main()
+    if status == INTERRUPTED:
+        _die_of_sigint()
     # (not under a profiler or a tracer, e.g. coverage: their results are written at exit)
     if _finished_on_disk and sys.getprofile() is None and sys.gettrace() is None:
         sys.stdout.flush()
