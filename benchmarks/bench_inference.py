@@ -21,6 +21,7 @@ process, as a user's would. Sections:
 Each painting runs `--repeats` times (a first run each time with a new empty cache), timed by
 the median, after a sync so that no run pays for the previous one's writes still going to disk.
 Only ratios are meaningful on a shared machine; absolute times only on a dedicated one.
+`--isa avx2` measures an AVX2-only CPU's path (float32, channels-last) on a newer CPU.
 """
 
 from __future__ import annotations
@@ -249,7 +250,16 @@ def main():
     p.add_argument("--files", type=Path, help="folder for the release-format files (reused)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each painting, timed by their median (default 3)")
+    p.add_argument("--isa", choices=["avx2"],
+                   help="compute as a CPU with only this instruction set would (torch's kernels "
+                        "and oneDNN's capped, so `auto` is float32): an AVX2-only machine's "
+                        "figures from a newer one")
     args = p.parse_args()
+    if args.isa and os.environ.get("ONEDNN_MAX_CPU_ISA") != args.isa.upper():
+        # both are read when torch first computes: set for this process (started again, since
+        # torch is imported) and every child it runs
+        os.environ.update(ATEN_CPU_CAPABILITY=args.isa, ONEDNN_MAX_CPU_ISA=args.isa.upper())
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     sections = args.only or ["imports", "forward", "paint"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, CPU "
           f"capability {torch.backends.cpu.get_cpu_capability()}")

@@ -19,6 +19,13 @@ def test_auto_precision_follows_the_hardware():
         resolve_precision("int3", torch.device("cpu"))
 
 
+def test_auto_is_float32_where_onednn_is_capped_below_bf16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes a bf16 CPU compute as an AVX2-only one: auto follows."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not fast_bf16_cpu()
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
 @pytest.fixture(scope="module")
 def pipe(model_files):
     return CCLDPipeline.from_files(**model_files)  # its own: these tests change its precision

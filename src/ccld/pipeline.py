@@ -146,11 +146,20 @@ def _in_autocast(method):
     return wrapper
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) under which its kernels have no bf16
+# arithmetic: set to one of these, a CPU with AVX512-BF16 or AMX runs as one without.
+_ISAS_WITHOUT_BF16 = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core",
+                      "avx512_core_vnni"}
+
+
 def fast_bf16_cpu() -> bool:
-    """Whether this CPU runs bfloat16 matmuls natively (AMX or AVX512-BF16).
+    """Whether this CPU runs bfloat16 matmuls natively (AMX or AVX512-BF16), as oneDNN is
+    allowed to use it.
 
     Elsewhere bf16 is emulated and many times slower than float32, so `auto` keeps float32.
     """
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower() in _ISAS_WITHOUT_BF16:
+        return False
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
