@@ -432,3 +432,20 @@ def test_a_first_round_learns_the_guided_teacher_from_a_guidance_students_weight
         weight = student.state_dict()[key]
         assert torch.allclose(weight, start[key], atol=1e-6)
         assert not torch.allclose(weight, teacher[key], atol=1e-6)
+
+
+def test_widen_makes_a_wider_student_of_the_teacher(world, tmp_path, capsys):
+    from ccld.models.unet import load_unet
+
+    common = ["distill", "--objective", "guidance", "--distill-guidance", "3",
+              "--data", str(world["cache"]), "--teacher", str(world["teacher"]),
+              "--batch-size", "4", "--max-steps", "1", "--checkpoint-every", "0", *QUIET]
+    assert main([*common, "--widen", "2", "--out", str(tmp_path / "wide")]) == 0
+    student = load_unet(tmp_path / "wide" / "model_student.safetensors")
+    assert student.config == {"base_channels": 32, "channel_multipliers": [1, 1, 2, 2],
+                              "embed_dim": 512, "guidance_range": [3.0, 3.0]}
+    assert main([*common, "--widen", "2", "--base-channels", "8",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--widen makes the student from the teacher" in capsys.readouterr().err
+    assert main([*common, "--widen", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "--widen must be at least 1" in capsys.readouterr().err
