@@ -21,8 +21,11 @@ Everything runs through ccld's own commands (`ccld train`, `ccld distill --objec
    student learns the guidance student's 64-step DDIM (`--start-steps` 64,
    `--teacher-substeps` 8), then a round halving it (`--rounds` 2), the second round's teacher
    the first round's student. `--teacher-substeps 2 --rounds 4` is Salimans & Ho's chain of
-   halvings, 64 -> 32 -> 16 -> 8 -> 4, as accurate at 8 steps on seed 0 but slower. Every
-   distillation run decays its learning rate to 0 (`--lr-schedule cosine`).
+   halvings, 64 -> 32 -> 16 -> 8 -> 4, as accurate at 8 steps on seed 0 but slower.
+   `--progressive-teacher teacher` has the first round learn the plain teacher's guided
+   (classifier-free) DDIM-64 instead, its student started from the guidance student: more
+   accurate targets, the same students on seed 0. Every distillation run decays its learning
+   rate to 0 (`--lr-schedule cosine`).
 
 Then, on held-out conditions (images never trained on) and held-out noise, each setting's
 relative RMS error of the final clean latent against the teacher's 500-step guided solution
@@ -203,6 +206,12 @@ def main():
                         "student, which is only ever sampled conditioned, at w = 3, so dropped "
                         "rows' unconditional velocities would be steps spent on nothing; ccld's "
                         "0.2 with --guidance-range, whose student keeps them for w = 1)")
+    p.add_argument("--progressive-teacher", choices=["teacher", "guidance"], default="guidance",
+                   help="whose solve the first progressive round's student learns: the "
+                        "guidance student's (Meng et al.: the student starts from its teacher), "
+                        "or the plain teacher's, guided by classifier-free guidance (two rows a "
+                        "forward), the student starting from the guidance student "
+                        "(--student-init)")
     p.add_argument("--round-steps", type=int, default=500, help="optimizer steps per round")
     p.add_argument("--round-lr", type=float, default=5e-4)
     p.add_argument("--lr-schedule", default="cosine", help="of every distillation run")
@@ -242,8 +251,12 @@ def main():
                          args.lr_schedule, args.distill_cond_drop))
         guidance_file = work / "guidance" / "model_student.safetensors"
         stage_done("guidance_distillation")
+        if args.progressive_teacher == "teacher":  # guided by CFG, the student from `guidance`
+            first_round = ["--teacher", teacher_file, *guidance, "--student-init", guidance_file]
+        else:
+            first_round = ["--teacher", guidance_file]
         ccld("distill", "--objective", "progressive", "--data", cache, "--out",
-             work / "progressive", "--teacher", guidance_file, "--start-steps", args.start_steps,
+             work / "progressive", *first_round, "--start-steps", args.start_steps,
              "--teacher-substeps", args.teacher_substeps, "--rounds", args.rounds,
              *run_options(args, args.round_steps, args.round_lr, args.batch_size,
                           args.lr_schedule, args.distill_cond_drop))

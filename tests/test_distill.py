@@ -400,3 +400,52 @@ def test_a_progressive_round_resumes_exactly(world, tmp_path):
     parts = state(tmp_path / "parts" / "model_student.ckpt")
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
     assert whole["distilled_timesteps"].tolist() == pytest.approx([0.9957], abs=1e-4)
+
+
+def test_a_first_round_learns_the_guided_teacher_from_a_guidance_students_weights(world,
+                                                                                   tmp_path):
+    """The few-step benchmark's recipe: a fixed-w guidance student, then progressive rounds
+    whose first learns the plain teacher's classifier-free-guided solve (--distill-guidance)
+    starting from the guidance student's weights (--student-init); later rounds halve, each
+    taught by the previous student, whose plain velocity is already guided."""
+    from ccld.models.unet import load_unet
+
+    common = ["--data", str(world["cache"]), "--batch-size", "4", "--max-steps", "1",
+              "--checkpoint-every", "0", "--distill-guidance", "3", *QUIET]
+    assert main(["distill", "--objective", "guidance", "--teacher", str(world["teacher"]),
+                 "--out", str(tmp_path / "guidance"), "--lr", "1e-2", *common]) == 0
+    guidance = tmp_path / "guidance" / "model_student.safetensors"
+    assert main(["distill", "--objective", "progressive", "--teacher", str(world["teacher"]),
+                 "--student-init", str(guidance), "--start-steps", "4", "--rounds", "2",
+                 "--out", str(tmp_path / "progressive"), "--lr", "1e-12", *common]) == 0
+    first = load_unet(tmp_path / "progressive" / "round-01" / "model_student.safetensors")
+    last = load_unet(tmp_path / "progressive" / "model_student.safetensors")
+    base = {"base_channels": 16, "channel_multipliers": [1, 1, 2, 2], "embed_dim": 512,
+            "guidance_range": [3.0, 3.0]}  # fixed w: no guidance input
+    assert first.config == {**base, "distilled_steps": 2}
+    assert last.config == {**base, "distilled_steps": 1}
+    # an update of 1e-12 leaves each student where it started: the first round's at the
+    # guidance student (not the teacher), the second's at the first round's student
+    start, teacher = state(guidance.with_suffix(".ckpt")), state(world["teacher"])
+    key = "net.0.main.0.weight"
+    for student in (first, last):
+        weight = student.state_dict()[key]
+        assert torch.allclose(weight, start[key], atol=1e-6)
+        assert not torch.allclose(weight, teacher[key], atol=1e-6)
+
+
+def test_widen_makes_a_wider_student_of_the_teacher(world, tmp_path, capsys):
+    from ccld.models.unet import load_unet
+
+    common = ["distill", "--objective", "guidance", "--distill-guidance", "3",
+              "--data", str(world["cache"]), "--teacher", str(world["teacher"]),
+              "--batch-size", "4", "--max-steps", "1", "--checkpoint-every", "0", *QUIET]
+    assert main([*common, "--widen", "2", "--out", str(tmp_path / "wide")]) == 0
+    student = load_unet(tmp_path / "wide" / "model_student.safetensors")
+    assert student.config == {"base_channels": 32, "channel_multipliers": [1, 1, 2, 2],
+                              "embed_dim": 512, "guidance_range": [3.0, 3.0]}
+    assert main([*common, "--widen", "2", "--base-channels", "8",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--widen makes the student from the teacher" in capsys.readouterr().err
+    assert main([*common, "--widen", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "--widen must be at least 1" in capsys.readouterr().err

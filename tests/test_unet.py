@@ -115,3 +115,28 @@ def test_empty_weights_builds_skeletons_and_restores_initialisation():
     assert torch.equal(torch.get_rng_state(), state)  # no initialiser ran
     torch.manual_seed(0)
     assert torch.equal(nn.Conv2d(3, 4, 3).weight, expected)  # layers built later initialise
+
+
+@pytest.mark.parametrize("base", [8, 32])  # 32: the 64-channel levels' one head becomes two
+def test_a_widened_net_computes_what_it_was_made_from_and_its_copies_learn_apart(base):
+    from ccld.models.unet import widened
+
+    torch.manual_seed(0)
+    net = CCLDUNet(base, (1, 1, 2, 2), embed_dim=32, autoencoder_scale=2.5, guidance_input=True,
+                   guidance_range=(1, 8), distilled_steps=4)
+    with torch.no_grad():  # a trained-looking guidance input, not its zero initialisation
+        net.guidance_embed.linear.weight.normal_(0, 0.1)
+    wide = widened(net, 2, seed=1)
+    assert wide.config == {**net.config, "base_channels": 2 * base}
+    assert float(wide.autoencoder_scale) == 2.5
+    assert torch.equal(wide.distilled_timesteps, net.distilled_timesteps)
+    x, t, embed, w = torch.randn(3, 4, 8, 8), torch.rand(3), torch.randn(3, 32), torch.rand(3) * 7
+    with torch.no_grad():
+        assert max_rel_err(wide(x, t, embed, guidance=w), net(x, t, embed, guidance=w)) < 1e-5
+    # the copies of a channel are split unevenly, so their gradients differ
+    wide(x, t, embed).square().mean().backward()
+    grad = wide.net[1].main[0].weight.grad  # a conv reading the repeated channels of the first
+    assert not torch.allclose(grad[:base], grad[base:])
+    assert widened(net, 1, seed=1)(x, t, embed).allclose(net(x, t, embed))
+    with pytest.raises(ValueError, match="whole factor"):
+        widened(net, 0)

@@ -320,6 +320,113 @@ def with_records(unet: CCLDUNet, **changes) -> CCLDUNet:
     return new.train(unet.training)
 
 
+def widened(unet: CCLDUNet, factor: int, seed: int = 0, jitter: float = 0.1) -> CCLDUNet:
+    """A copy of `unet` with `factor` times the channels in every convolution and attention
+    layer, computing what `unet` computes: a wider student that starts out as its teacher.
+
+    Every feature map of the wider net holds each of the original's channels `factor` times
+    (Net2Net's widening, Chen et al. 2016). The GroupNorm(1) layers see the same mean and
+    variance over a map whose channels all repeat equally often, so they normalise as before;
+    a layer reading repeated channels splits each original weight among the copies. The split
+    is uneven (`jitter` times the layer's RMS weight, seeded, summing to zero over the copies),
+    which changes nothing the net computes but lets the copies learn apart: evenly split
+    copies would get equal gradients and stay copies forever. Attention heads are repeated
+    whole, with the queries rescaled for the wider heads' dot products. The mapping network,
+    which has no channels, and the 4-channel input and output stay as they are.
+    """
+    if factor < 1 or int(factor) != factor:
+        raise ValueError(f"widen by a whole factor of at least 1 (got {factor})")
+    factor = int(factor)
+    config = {**unet.config, "autoencoder_scale": float(unet.autoencoder_scale),
+              "base_channels": unet.base_channels * factor}
+    config.pop("guidance_range", None), config.pop("distilled_steps", None)
+    new = CCLDUNet(**config, guidance_range=unet.distilled_guidance,
+                   distilled_steps=unet.distilled_steps).to(unet.autoencoder_scale.device)
+    new.load_state_dict({k: v for k, v in unet.state_dict().items() if not k.startswith("net.")},
+                        strict=False)
+    generator = torch.Generator().manual_seed(seed)
+
+    def tile(c):  # the new channels' originals: each channel `factor` times
+        return torch.arange(c).repeat(factor)
+
+    def read(weight, m_in):
+        """weight[:, m_in], each original column split unevenly among its copies."""
+        copies = torch.bincount(m_in, minlength=weight.shape[1])[m_in].to(weight)
+        out = weight[:, m_in] / copies.view(1, -1, *[1] * (weight.dim() - 2))
+        if int(copies.max()) == 1:
+            return out
+        noise = torch.randn(out.shape, generator=generator).to(weight)
+        mean = torch.zeros_like(weight).index_add_(1, m_in, noise)[:, m_in] / copies.view(
+            1, -1, *[1] * (weight.dim() - 2))
+        return out + jitter * weight.pow(2).mean().sqrt() * (noise - mean)
+
+    def linear_like(old, new_layer, m_out, m_in, scale=1.0):
+        with torch.no_grad():
+            new_layer.weight.copy_(read(old.weight[m_out], m_in) * scale)
+            if old.bias is not None:
+                new_layer.bias.copy_(old.bias[m_out] * scale)
+
+    def modulation(old, new_mod, m):
+        c = old.layer.weight.shape[0] // 2
+        with torch.no_grad():
+            new_mod.layer.weight.copy_(old.layer.weight[torch.cat([m, m + c])])
+
+    def conv_block(old, new_block, m):
+        o, n = old.main, new_block.main
+        m_mid = tile(o[0].out_channels)
+        linear_like(o[0], n[0], m_mid, m)
+        modulation(o[2], n[2], m_mid)
+        if isinstance(old.skip, nn.Identity):
+            m_out = m  # the residual adds the block's input as it is
+        elif old.is_last:
+            m_out = torch.arange(o[4].out_channels)
+        else:
+            m_out = tile(o[4].out_channels)
+        linear_like(o[4], n[4], m_out, m_mid)
+        if not old.is_last:
+            modulation(o[6], n[6], m_out)
+        if not isinstance(old.skip, nn.Identity):
+            linear_like(old.skip, new_block.skip, m_out, m)
+        return m_out
+
+    def attention(old, new_att, m):
+        c = old.qkv_proj.out_channels // 3
+        heads, new_heads = old.n_head, new_att.n_head
+        width, new_width = c // heads, c * factor // new_heads
+        if new_heads % heads or new_width % width:
+            raise ValueError(f"cannot repeat {heads} attention heads of {width} channels as "
+                             f"{new_heads} of {new_width}")
+        j = torch.arange(c * factor)
+        m_head = (j // new_width * heads // new_heads) * width + j % new_width % width
+        with torch.no_grad():
+            new_att.norm.weight.copy_(old.norm.weight[m])
+            new_att.norm.bias.copy_(old.norm.bias[m])
+        # each original channel appears new_width / width times in a head's dot products
+        q_scale = (width / new_width) ** 0.5
+        qkv = torch.cat([m_head, m_head + c, m_head + 2 * c])
+        linear_like(old.qkv_proj, new_att.qkv_proj, qkv, m)
+        with torch.no_grad():
+            new_att.qkv_proj.weight[:c * factor] *= q_scale
+            new_att.qkv_proj.bias[:c * factor] *= q_scale
+        linear_like(old.out_proj, new_att.out_proj, m, m_head)
+        return m
+
+    def sequence(old_seq, new_seq, m):
+        for old, new_layer in zip(old_seq, new_seq):
+            if isinstance(old, ResModConvBlock):
+                m = conv_block(old, new_layer, m)
+            elif isinstance(old, SelfAttention2d):
+                m = attention(old, new_layer, m)
+            elif isinstance(old, SkipBlock):
+                main = sequence(old.main, new_layer.main, m)
+                m = torch.cat([main, m + (int(main.max()) + 1)])
+            # pooling and upsampling keep the channels
+        return m
+
+    sequence(unet.net, new.net, torch.arange(unet.net[0].main[0].in_channels))
+    return new.train(unet.training)
+
+
 # Loading: bare state dicts, Lightning training checkpoints, safetensors
 
 # (base_channels, multipliers) of the published nets, used to name an inferred architecture the

@@ -293,13 +293,20 @@ def new_student(args, teacher):
     """The student before distillation: --student-init's weights, a new net of
     --base-channels/--channel-multipliers, or by default a new released-size student
     (`velocity`) or the teacher itself (`guidance`, `progressive`: Meng et al. and Salimans &
-    Ho start from it)."""
+    Ho start from it); --widen F makes the init (or the teacher) F times as wide, computing
+    the same."""
     import torch
 
-    from ..models.unet import CCLDUNet
+    from ..models.unet import CCLDUNet, widened
 
+    widen = args.widen
+    if widen != 1 and (args.base_channels is not None or args.channel_multipliers is not None):
+        raise CCLDError("--widen makes the student from the teacher (or --student-init); "
+                        "--base-channels and --channel-multipliers make a new net")
     if args.student_init:
         model, _ = load_unet_weights(args.student_init, "student checkpoint")
+    elif widen != 1:
+        model = teacher
     elif (args.objective == "velocity" or args.base_channels is not None
           or args.channel_multipliers is not None):
         base = args.base_channels or STUDENT_ARCHITECTURE[0]
@@ -311,7 +318,7 @@ def new_student(args, teacher):
     if model.embed_dim != teacher.embed_dim:
         raise CCLDError(f"the student takes {model.embed_dim}-dimensional embeddings, the "
                         f"teacher {teacher.embed_dim}; they must match")
-    return model
+    return widened(model, widen, args.seed) if widen != 1 else model
 
 
 def distill_round(args, teacher_path, student_steps: int | None, teacher_substeps: int = 2):
@@ -379,6 +386,8 @@ def cmd_distill(args) -> int:
         raise CCLDError(f"--distill-guidance must be at least 0 (got {args.distill_guidance})")
     if args.true_v_weight < 0:
         raise CCLDError(f"--true-v-weight must be at least 0 (got {args.true_v_weight})")
+    if args.widen < 1:
+        raise CCLDError(f"--widen must be at least 1 (got {args.widen})")
     if args.guidance_range is not None:
         parse_guidance_range(args.guidance_range)
     if args.objective != "progressive":
@@ -405,6 +414,7 @@ def cmd_distill(args) -> int:
                                             "resume": "last" if started and args.resume else None,
                                             # later rounds start from their teacher
                                             **({} if k == 1 else {"student_init": None,
+                                                                  "widen": 1,
                                                                   "base_channels": None,
                                                                   "channel_multipliers": None})})
         logger.info(f"ccld: progressive distillation round {k} of {args.rounds}: "
@@ -673,6 +683,10 @@ def add_distill_command(sub) -> None:
                    help=f"student base width (default {STUDENT_ARCHITECTURE[0]})")
     m.add_argument("--channel-multipliers", default=None,
                    help=f"student multipliers (default {STUDENT_ARCHITECTURE[1]})")
+    m.add_argument("--widen", type=int, default=1, metavar="F",
+                   help="start the student from the teacher (or --student-init) with F times "
+                        "its channels, each repeated F times: a wider student that starts out "
+                        "computing exactly what it was made from (progressive: the first round's)")
     m.add_argument("--true-v-weight", type=float, default=0.0,
                    help="add this times the true-v loss to the teacher-matching loss")
     m.add_argument("--objective", choices=["velocity", "guidance", "progressive"],
