@@ -493,7 +493,7 @@ def _die_of_sigint() -> None:
     Python does this on its own only sometimes (it remembers an interrupt that left Python code
     run from C, as parts of a start-up's imports are, even when the interrupt was caught later),
     so without this an interrupted `ccld` ended by status 130 or by the signal, depending on when
-    the key was pressed. Nothing is left to tear down: the interruption already abandoned the work."""
+    the key was pressed. Nothing is left to tear down: the interruption abandoned the work."""
     sys.stdout.flush()
     sys.stderr.flush()
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -339,7 +339,8 @@ def widened(unet: CCLDUNet, factor: int, seed: int = 0, jitter: float = 0.1) -> 
     factor = int(factor)
     config = {**unet.config, "autoencoder_scale": float(unet.autoencoder_scale),
               "base_channels": unet.base_channels * factor}
-    config.pop("guidance_range", None), config.pop("distilled_steps", None)
+    for record in ("guidance_range", "distilled_steps"):  # given below, as `unet` holds them
+        config.pop(record, None)
     new = CCLDUNet(**config, guidance_range=unet.distilled_guidance,
                    distilled_steps=unet.distilled_steps).to(unet.autoencoder_scale.device)
     new.load_state_dict({k: v for k, v in unet.state_dict().items() if not k.startswith("net.")},
