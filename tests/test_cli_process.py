@@ -49,10 +49,17 @@ def test_many_images_paint_in_bounded_memory(model_flags, tmp_path):
     assert peaks[16] - peaks[2] < 150, peaks  # MB
 
 
+def _ctrl_c_as_at_a_terminal():
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: under `pytest &` the child would paint to the end and exit 0, as it should there
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_start_up_is_one_line(model_flags, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ccld", "generate", "a castle", "-q",
                              "--out", str(tmp_path / "out"), *model_flags], env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
     time.sleep(1.0)  # well inside the start-up: importing torch alone takes longer
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
