@@ -51,7 +51,8 @@ DEMO = ("plms", 15)  # the reference demo's default: the accuracy to match
 SOLVER_SETTINGS = [("plms", 15), ("plms", 10), ("iplms", 10), ("plms2", 10), ("ddim", 10),
                    ("dpm++2m", 8), ("dpm++2m", 10), ("dpm++2m", 12), ("dpm++2m", 15),
                    ("unipc", 6), ("unipc", 7), ("unipc", 8), ("unipc", 9), ("unipc", 10),
-                   ("unipc", 11), ("unipc", 12), ("unipc", 13), ("unipc", 15)]
+                   ("unipc", 11), ("unipc", 12), ("unipc", 13), ("unipc", 15),
+                   ("unipc", 20), ("unipc", 30)]
 
 
 @dataclass

@@ -92,6 +92,21 @@ def test_deterministic_samplers_solve_the_probability_flow_ode(method, tol):
     assert (out - x0).abs().max() < tol
 
 
+
+def test_unipc_gets_closer_with_more_steps():
+    # its schedule ends at t = 0.06 up to 11 steps; a fixed end would leave every longer run
+    # as far off as the clean-latent prediction from there (0.036 here at 50 and 100 steps)
+    model = _gaussian_model(0.3, 0.5)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for n in (11, 20, 50, 100):
+        steps = sampling.get_sampler("unipc").timesteps(n)
+        alpha, sigma = sampling.t_to_alpha_sigma(steps[0])
+        x = alpha * 0.3 + (alpha ** 2 * 0.25 + sigma ** 2).sqrt() * z
+        errors.append((sampling.unipc(model, x, steps) - (0.3 + 0.5 * z)).abs().max().item())
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3, errors
+    assert sampling.power_timesteps(11)[-1].item() == pytest.approx(0.06)  # the default's end
+
 def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(model_files, tmp_path):
     """Adding a sampler is one `register_sampler` call: the CLI's and the web app's choices, the
     forward count and the pipeline (schedule included) all read the registry."""
