@@ -84,13 +84,15 @@ def test_deterministic_samplers_solve_the_probability_flow_ode(method, tol):
     model = _gaussian_model(0.3, 0.5)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     steps = sampling.get_timesteps(50)
-    alpha, sigma = sampling.t_to_alpha_sigma(steps[0])
-    x0 = 0.3 + 0.5 * z
-    # start on the exact ODE trajectory at steps[0]: x = alpha * mean + sqrt(var) * z
-    x = alpha * 0.3 + (alpha ** 2 * 0.25 + sigma ** 2).sqrt() * z
-    out = sampling.sample(method, model, x, steps)
-    assert (out - x0).abs().max() < tol
+    out = sampling.sample(method, model, _on_the_ode_trajectory(z, steps[0]), steps)
+    assert (out - (0.3 + 0.5 * z)).abs().max() < tol
 
+
+def _on_the_ode_trajectory(z, t, mean=0.3, std=0.5):
+    """Where the ODE of `_gaussian_model(mean, std)` that ends at mean + std * z is at t:
+    alpha * mean + sqrt(alpha^2 std^2 + sigma^2) * z."""
+    alpha, sigma = sampling.t_to_alpha_sigma(t)
+    return alpha * mean + (alpha ** 2 * std ** 2 + sigma ** 2).sqrt() * z
 
 
 def test_unipc_gets_closer_with_more_steps():
@@ -101,11 +103,11 @@ def test_unipc_gets_closer_with_more_steps():
     errors = []
     for n in (11, 20, 50, 100):
         steps = sampling.get_sampler("unipc").timesteps(n)
-        alpha, sigma = sampling.t_to_alpha_sigma(steps[0])
-        x = alpha * 0.3 + (alpha ** 2 * 0.25 + sigma ** 2).sqrt() * z
-        errors.append((sampling.unipc(model, x, steps) - (0.3 + 0.5 * z)).abs().max().item())
+        out = sampling.unipc(model, _on_the_ode_trajectory(z, steps[0]), steps)
+        errors.append((out - (0.3 + 0.5 * z)).abs().max().item())
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3, errors
     assert sampling.power_timesteps(11)[-1].item() == pytest.approx(0.06)  # the default's end
+
 
 def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(model_files, tmp_path):
     """Adding a sampler is one `register_sampler` call: the CLI's and the web app's choices, the
