@@ -75,6 +75,13 @@ def _gaussian_model(mean, std):
     return model
 
 
+def _on_the_ode_trajectory(z, t, mean=0.3, std=0.5):
+    """Where the ODE of `_gaussian_model(mean, std)` that ends at mean + std * z is at t:
+    alpha * mean + sqrt(alpha^2 std^2 + sigma^2) * z."""
+    alpha, sigma = sampling.t_to_alpha_sigma(t)
+    return alpha * mean + (alpha ** 2 * std ** 2 + sigma ** 2).sqrt() * z
+
+
 # first-order DDIM also stops one step short of t = 0 (it returns its x0 estimate there)
 @pytest.mark.parametrize("method,tol", [("plms", 2e-2), ("dpm++2m", 2e-2), ("unipc", 2e-2),
                                         ("iplms", 2e-2),
@@ -86,13 +93,6 @@ def test_deterministic_samplers_solve_the_probability_flow_ode(method, tol):
     steps = sampling.get_timesteps(50)
     out = sampling.sample(method, model, _on_the_ode_trajectory(z, steps[0]), steps)
     assert (out - (0.3 + 0.5 * z)).abs().max() < tol
-
-
-def _on_the_ode_trajectory(z, t, mean=0.3, std=0.5):
-    """Where the ODE of `_gaussian_model(mean, std)` that ends at mean + std * z is at t:
-    alpha * mean + sqrt(alpha^2 std^2 + sigma^2) * z."""
-    alpha, sigma = sampling.t_to_alpha_sigma(t)
-    return alpha * mean + (alpha ** 2 * std ** 2 + sigma ** 2).sqrt() * z
 
 
 def test_unipc_gets_closer_with_more_steps():

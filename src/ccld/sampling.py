@@ -91,8 +91,8 @@ def power_timesteps(n_steps: int, start: float = 1.0, t_min: float | None = None
     and on random weights (`benchmarks/bench_solvers.py`): 0.88, 0.84 and 0.72x plms-15's
     error (the former 0.05 and 1.4 gave 1.03 and 1.22x on the trained seeds at 11 steps).
 
-    That fixed t_min is also a floor: with it, unipc-20, -40 and -100 are all about 0.011 off
-    the exact solution, no closer than unipc-11. So by default (t_min None) it is 0.06 up to 11
+    A t_min fixed at 0.06 is also a floor: with it, unipc-20, -40 and -100 were all about 0.011
+    off the exact solution, no closer than unipc-11. So by default (t_min None) it is 0.06 up to 11
     steps and 0.06 * 11 / n beyond, so that more steps keep getting closer: on the teacher of
     `benchmarks/bench_distill.py` (seed 0), 0.0076, 0.0051, 0.0026 and 0.0011 off at 15, 20,
     30 and 50 steps, against 0.0111-0.0112 with 0.06 (11 steps and fewer are unchanged).
