@@ -337,6 +337,47 @@ def test_user_errors_are_one_line_and_lose_nothing(world, tmp_path, capsys):
     assert state(out / "checkpoints" / "last.ckpt")["global_step"] == 1
 
 
+@pytest.mark.parametrize("command, option, name", [
+    (["train"], "--init", "model_ema.ckpt"),
+    (["distill"], "--teacher", "model_student.ckpt"),
+    (["distill", "--objective", "progressive", "--start-steps", "4", "--rounds", "1"],
+     "--teacher", "model_student.safetensors"),
+    (["distill", "--objective", "progressive", "--start-steps", "4", "--rounds", "2"],
+     "--teacher", "round-02/model_student.ckpt"),
+    (["distill"], "--student-init", "checkpoints/step-00000001.ckpt"),
+    (["distill-decoder"], "--init", "tiny_decoder"),
+])
+def test_a_run_never_writes_over_its_own_inputs(world, tmp_path, capsys, command, option, name):
+    """A checkpoint inside --out where the run exports (or checkpoints) is refused before any
+    work, and stays byte for byte as it was."""
+    out = tmp_path / "run"
+    source = world["fixtures"] / "unet.ckpt"
+    target = out / name
+    if name == "tiny_decoder":
+        from ccld.training.decoder import new_tiny_decoder
+
+        new_tiny_decoder(4, 0).save_pretrained(target)
+        target = target / next(p.name for p in target.iterdir() if p.suffix == ".safetensors")
+        value = f"tiny:{out / name}"
+    else:
+        target.parent.mkdir(parents=True)
+        target.write_bytes(source.read_bytes())
+        value = str(out / name)
+    before = target.read_bytes()
+    teacher = [] if option == "--teacher" or command == ["distill-decoder"] else \
+        (["--teacher", str(source)] if command[0] == "distill" else [])
+    encoders = encoder_options(world["autoencoder"], world["fixtures"])
+    if command == ["distill-decoder"]:  # no demos, no CLOOB
+        quiet, encoders = ["--num-workers", "0", "--no-tensorboard"], encoders[:2]
+    else:
+        quiet = QUIET
+    assert main([*command, "--data", str(world["cache"]), "--out", str(out), option, value,
+                 *teacher, *quiet, "--batch-size", "2", "--max-steps", "1", *encoders]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} {value} is where this run writes" in err and err.count("\n") == 1, err
+    assert target.read_bytes() == before
+
+
 def test_without_wandb_the_run_fails_before_its_folder_exists(world, tmp_path, monkeypatch,
                                                               capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError

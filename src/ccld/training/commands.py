@@ -125,6 +125,39 @@ def check_settings(args) -> None:
         import_wandb()  # before any work: a missing package should not cost a measured scale
 
 
+RUN_FOLDERS = ("checkpoints", "logs", "demo")  # what every run writes in --out, besides its exports
+# the options that name files a run reads (a tiny decoder's `tiny:` prefix is stripped)
+INPUT_OPTIONS = ("init", "teacher", "student_init", "data", "demo_prompts", "autoencoder",
+                 "autoencoder_config", "cloob", "cloob_config")
+
+
+def _absolute(path: Path) -> set[Path]:
+    """A path as given (made absolute) and with its links resolved: a run that replaces either
+    name loses the file the user meant."""
+    path = Path(path).expanduser()
+    return {Path(os.path.abspath(path)), path.resolve()}
+
+
+def spare_inputs(args, exports: list[str]) -> None:
+    """Refuses a run whose outputs would replace one of its own inputs, before any work: a
+    checkpoint to fine-tune or distil from that lies where the run writes (`--init R/model_ema.ckpt
+    --out R` would export over it). `exports` are the names the run writes in --out besides
+    RUN_FOLDERS; a --resume checkpoint is meant to be continued and is not checked."""
+    out = Path(args.out)
+    places = [(name, place) for name in (*RUN_FOLDERS, *exports) for place in _absolute(out / name)]
+    for option in INPUT_OPTIONS:
+        value = getattr(args, option, None)
+        if not isinstance(value, str) or not value:
+            continue
+        for name, place in places:
+            if any(path == place or place in path.parents
+                   for path in _absolute(Path(value.removeprefix("tiny:")))):
+                flag = "--" + option.replace("_", "-")
+                raise CCLDError(f"{flag} {value} is where this run writes ({out / name}), so the "
+                                f"run would replace it; copy it out of {out} first, or choose "
+                                "another --out")
+
+
 def run_config(args) -> dict:
     """The command line as plain values, stored in checkpoints and sent to W&B."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -237,6 +270,8 @@ def run_training(args, kind: str, build):
 def cmd_train(args) -> int:
     import torch
 
+    spare_inputs(args, ["model_ema.ckpt", "model_ema.safetensors"])
+
     from ..models.unet import CCLDUNet
     from .train import VelocityObjective
 
@@ -328,6 +363,8 @@ def distill_round(args, teacher_path, student_steps: int | None, teacher_substep
     from ..models.unet import with_records
     from .distill import DistillationObjective, ProgressiveDistillationObjective
 
+    spare_inputs(args, ["model_student.ckpt", "model_student.safetensors"])
+
     def build(args, accelerator, resume, resume_path, embed_dim):
         teacher, teacher_scale = load_unet_weights(teacher_path, "teacher checkpoint")
         teacher_steps = None if student_steps is None else student_steps * teacher_substeps
@@ -406,8 +443,11 @@ def cmd_distill(args) -> int:
     if args.resume not in (None, "last"):
         raise CCLDError("--objective progressive resumes with a bare --resume: it continues the "
                         "first unfinished round in --out")
+    rounds = progressive_rounds(args)
+    spare_inputs(args, ["model_student.ckpt", "model_student.safetensors",
+                        *(f"round-{k:02d}" for k, _, _ in rounds)])
     out, teacher = Path(args.out), args.teacher
-    for k, teacher_steps, student_steps in progressive_rounds(args):
+    for k, teacher_steps, student_steps in rounds:
         folder = out / f"round-{k:02d}"
         started = (folder / "checkpoints" / "last.ckpt").is_file()
         round_args = _argparse.Namespace(**{**vars(args), "out": str(folder), "teacher": teacher,
@@ -431,10 +471,11 @@ def cmd_distill(args) -> int:
 
 
 def cmd_distill_decoder(args) -> int:
-    from ..models.tiny_decoder import DecoderOption
+    from ..models.tiny_decoder import PIPELINE_SUBFOLDER, DecoderOption
     from .decoder import DecoderDistillationObjective, new_tiny_decoder, tiny_decoders_from_resume
     from .engine import Trainer, copy_for_ema
 
+    spare_inputs(args, [PIPELINE_SUBFOLDER])
     if args.width < 1:
         raise CCLDError(f"--width must be at least 1 (got {args.width})")
     if not args.feature_weight >= 0:
