@@ -1,6 +1,7 @@
 """End to end: the pipeline and `ccld generate` reproduce the reference demo on the fixtures."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,58 @@ def test_cli_generate_reproduces_the_reference(files, reference, tmp_path, capsy
     assert (out / "00002.png").is_file() and (out / "grid-00002.png").is_file()
     with Image.open(out / "grid-00000.png") as grid:
         assert grid.size == (512, 256)
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("crash", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_convert_into_a_pipeline_folder_replaces_it_whole_or_not_at_all(files, tmp_path, capsys,
+                                                                        monkeypatch, crash):
+    """A conversion that dies mid-write (Ctrl-C, a full disk) leaves the folder that was there
+    byte for byte as it was, and no half-written sibling; one that finishes replaces it whole."""
+    import safetensors.torch
+
+    folder = tmp_path / "m"
+    assert main(["convert", str(folder), *cli_files(files)]) == 0
+    (folder / "notes.txt").write_text("mine")  # a stray file goes with the old folder
+    before = folder_bytes(folder)
+    writes = []
+    real_save = safetensors.torch.save_file
+
+    def dying_save(tensors, path, *args, **kwargs):
+        writes.append(path)
+        if len(writes) == 2:  # the CLOOB weights, after the U-Net's
+            Path(path).write_bytes(b"half")
+            raise crash
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    other_unet = ["--unet", str(files["unet"].parent / "unet_lightning.ckpt")]
+    if crash is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            CCLDPipeline.from_files(**{**files, "unet": files["unet"].parent / "unet_lightning.ckpt"}
+                                    ).save_pretrained(folder)
+    else:
+        assert main(["convert", str(folder), *cli_files(files)[2:], *other_unet]) == 2
+        assert "could not write the pipeline folder (No space left" in capsys.readouterr().err
+    assert folder_bytes(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left beside it
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert main(["convert", str(folder), *cli_files(files)[2:], *other_unet]) == 0
+    after = folder_bytes(folder)
+    assert "notes.txt" not in after and after["unet/config.json"] != before["unet/config.json"]
+
+
+def test_convert_refuses_a_folder_that_is_not_a_pipeline(files, tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    assert main(["convert", str(tmp_path / "photos"), *cli_files(files)]) == 2
+    err = capsys.readouterr().err
+    assert "a folder that holds other files, not a pipeline folder" in err and err.count("\n") == 1
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
 
 
 def test_cli_convert_then_generate_from_the_folder(files, tmp_path, capsys):

@@ -296,11 +296,7 @@ def cmd_convert(args) -> int:
     output = Path(args.output)
     check_writable_folder(output, "the output folder")
     pipe = load_pipeline(args)
-    try:
-        folder = pipe.save_pretrained(output)
-    except OSError as e:
-        raise CCLDError(f"{output}: could not write the pipeline folder ({e.strerror or e}); "
-                        "pass a folder you can write to, with room for the weights") from None
+    folder = pipe.save_pretrained(output)
     print(f"wrote {folder}; use it with `ccld generate --model {folder}` or "
           f"CCLDPipeline.from_pretrained({str(folder)!r})")
     return 0

@@ -1,13 +1,16 @@
 """Writing files so that a crash never leaves a half-written one under the final name.
 
-Images, pipeline folders, training checkpoints and the latent cache all go through
-`atomic_write`: the bytes go to a temporary name in the same folder (created exclusively, so two
-processes never share one), are fsynced, and then replace the final name in one rename.
+Images, training checkpoints and the latent cache all go through `atomic_write`: the bytes go to
+a temporary name in the same folder (created exclusively, so two processes never share one), are
+fsynced, and then replace the final name in one rename. Pipeline folders go through
+`write_folder`, which does the same for a whole folder.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -93,3 +96,95 @@ def remove_stale_temporaries(folder: Path) -> None:
     """Deletes temporary files a killed process left behind (they are never complete)."""
     for p in Path(folder).glob(f".*{TEMP_SUFFIX}"):
         p.unlink(missing_ok=True)
+
+
+# Folders that appear whole or not at all
+
+RENAME_EXCHANGE = 2  # renameat2's flag: two names swap their files in one step (Linux)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps the folders at `a` and `b` in one step where the system can (Linux's renameat2);
+    False where it cannot, so that the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc before 2.28, musl)
+        return False
+    at_fdcwd = -100
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE)
+    return done == 0
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Removes the temporary siblings of `folder` that writers killed mid-write left behind
+    (their process is gone)."""
+    for tmp in folder.parent.glob(f".{folder.name}.*{TEMP_SUFFIX}"):
+        try:
+            pid = int(tmp.name[len(folder.name) + 2:].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
+
+
+def write_folder(folder: str | os.PathLike, write: Callable[[Path], object], what: str,
+                 replaceable: Callable[[Path], bool]) -> Path:
+    """Writes a folder so that it appears whole or not at all: `write(tmp)` fills a new
+    temporary folder beside it, whose files are then fsynced, and which then takes the folder's
+    name in one step (swapped with an older folder there, which is then removed).
+
+    An existing folder is replaced only if it is empty or `replaceable(folder)` says it is an
+    earlier one of the same kind; anything else there is refused, never deleted. A write that
+    fails or is interrupted leaves the older folder as it was.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise CCLDError(f"{folder}: a file, not a folder; pass a folder path for the {what}")
+        if any(folder.iterdir()) and not replaceable(folder):
+            raise CCLDError(f"{folder}: a folder that holds other files, not a {what}; pass a "
+                            f"new folder (or an earlier {what}, which is then replaced whole)")
+    tmp = temporary_name(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(folder)
+        tmp.mkdir()
+        write(tmp)
+        for path in sorted(tmp.rglob("*"), reverse=True):  # files first, then their folders
+            _fsync_path(path)
+        fsync_folder(tmp)
+        if not folder.exists():
+            os.rename(tmp, folder)
+        elif _exchange(tmp, folder):
+            shutil.rmtree(tmp, ignore_errors=True)  # the older folder, now under tmp's name
+        else:
+            old = temporary_name(folder)
+            os.rename(folder, old)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                os.rename(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CCLDError(f"{folder}: could not write the {what} ({e.strerror or e}); pass a "
+                        "folder you can write to, with room for the weights") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_folder(folder.parent)
+    return folder
+
+
+def _fsync_path(path: Path) -> None:
+    if path.is_dir():
+        fsync_folder(path)
+        return
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())

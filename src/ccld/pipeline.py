@@ -512,12 +512,20 @@ class CCLDPipeline:
                    sources, index.get("latent_scale"), decoder=tiny, precision=precision)
 
     def save_pretrained(self, folder: PathLike) -> Path:
-        """Writes a self-contained folder of safetensors and JSON configs."""
+        """Writes a self-contained folder of safetensors and JSON configs. It appears whole or
+        not at all (an earlier pipeline folder there is replaced in one step; see
+        `ccld.files.write_folder`)."""
+        from .files import write_folder
+
+        self.latent_preview  # noqa: B018 - fitted first if missing, so the folder keeps one
+        return write_folder(folder, self._write_folder, "pipeline folder",
+                            replaceable=lambda existing: (existing / MODEL_INDEX).is_file())
+
+    def _write_folder(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        (folder / "unet").mkdir(parents=True, exist_ok=True)
-        (folder / "cloob").mkdir(parents=True, exist_ok=True)
+        (folder / "unet").mkdir()
+        (folder / "cloob").mkdir()
         unet_sd = {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()}
         save_file(unet_sd, str(folder / "unet" / UNET_WEIGHTS))
         unet_config = {**self.unet.config, "autoencoder_scale": float(self.unet.autoencoder_scale)}
@@ -525,7 +533,6 @@ class CCLDPipeline:
         cloob_sd = {k: v.detach().contiguous().cpu() for k, v in self.cloob.state_dict().items()}
         save_file(cloob_sd, str(folder / "cloob" / CLOOB_WEIGHTS))
         (folder / "cloob" / "config.json").write_text(json.dumps(self.cloob.config, indent=2))
-        self.latent_preview  # noqa: B018 - fitted first if missing, so the folder keeps one
         self.autoencoder.save_pretrained(folder / "vae")
         index = {"_class_name": type(self).__name__, "ccld_version": __version__,
                  "unet": ["ccld", "CCLDUNet"], "vae": ["diffusers", "AutoencoderKL"],
@@ -538,7 +545,6 @@ class CCLDPipeline:
         if self.latent_scale is not None:
             index["latent_scale"] = self.latent_scale
         (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2))
-        return folder
 
     def to(self, device: str | torch.device | None = None,
            precision: str | None = None) -> CCLDPipeline:
