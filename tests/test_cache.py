@@ -278,6 +278,26 @@ def test_a_damaged_entry_is_rebuilt_never_trusted(source, cache, damage):
     assert convert.calls == 2  # the rebuilt entry serves
 
 
+@pytest.mark.parametrize("byte", [0x00, 0xFF], ids=["zeroed", "ones"])
+def test_damage_in_the_middle_of_an_entry_gets_it_rebuilt(fixtures, cache, byte):
+    """Bytes overwritten far from both ends of a large entry (same size, same ends) are caught
+    by the whole-file hash: the next load converts again and gets the file's own weights."""
+    expected = {k: v.clone() for k, v in load_unet(fixtures / "unet.ckpt").state_dict().items()}
+    (entry,) = entries(cache)
+    weights = entry / "weights.safetensors"
+    size = weights.stat().st_size
+    assert size > 8 << 20  # far more than the first and last MiB
+    with open(weights, "r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes([byte]) * 4096)
+    again = load_unet(fixtures / "unet.ckpt").state_dict()
+    assert equal_state_dicts(again, expected)
+    assert entries(cache) == [entry] and temporaries(cache) == []
+    with open(weights, "rb") as f:
+        f.seek(size // 2)
+        assert f.read(4096) != bytes([byte]) * 4096  # rebuilt, not patched over
+
+
 def test_a_truncated_cloob_entry_is_rebuilt(fixtures, cache):
     load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json").state_dict()  # both stored
     for entry in entries(cache):

@@ -6,15 +6,15 @@ that once per file and keeps the converted state dict as a safetensors file unde
 `converted_dir()`; later loads memory-map it, so its pages come from the page cache on demand and
 never occupy anonymous memory (nor are they read at all for parts of a model that go unused).
 
-An entry is a folder `converted/<kind>-<key>/` holding `weights.safetensors` and `entry.json`. The
-key is a hash of the kind, `CONVERTER_VERSION`, each source file's size, mtime and a hash of its
-first and last MiB, and the given config texts, so a changed file or config never meets a stale
-entry. The JSON records the weights file's size and a hash of its head and tail; an entry that
-does not match (a half-written, truncated or overwritten one) is thrown away and rebuilt, never
-trusted. Writers build an entry under a unique temporary name and publish it with one rename, so
-concurrent processes never see a partial one. A first run writes a new entry's weights at
-once and goes on with them memory-mapped from there; a background thread waits for the disk and
-publishes the entry while the run paints.
+An entry is a folder `converted/<kind>-<key>/` holding `weights.safetensors` and `entry.json`.
+The key is a hash of the kind, `CONVERTER_VERSION`, each source file's size, mtime and a hash of
+its first and last MiB, and the given config texts, so a changed file or config never meets a
+stale entry. The JSON records the weights file's size and a hash of all of it (xxh3-128),
+checked at every load; an entry that does not match (a half-written, truncated, overwritten or
+damaged one) is thrown away and rebuilt, never trusted. Writers build an entry under a unique
+temporary name and publish it with one rename, so concurrent processes never see a partial one.
+A first run writes a new entry's weights at once and goes on with them memory-mapped from there;
+a background thread waits for the disk and publishes the entry while the run paints.
 
 Where: `CCLD_CACHE_DIR`, by default a `ccld` folder beside the Hugging Face hub cache (where the
 CLOOB pickle is downloaded too). `CCLD_CACHE_DIR=off` turns the converted cache off (downloads
@@ -48,7 +48,7 @@ ENV_VAR = "CCLD_CACHE_DIR"
 OFF = "off"
 WEIGHTS_FILE = "weights.safetensors"
 ENTRY_FILE = "entry.json"
-ENTRY_FORMAT = 1  # the layout of entry.json
+ENTRY_FORMAT = 2  # the layout of entry.json (2: the weights' whole-file hash)
 HEAD_TAIL_BYTES = 1 << 20  # how much of each end of a file its fingerprint hashes
 ABANDONED_AFTER_S = 6 * 3600  # a temporary this old belongs to a killed process
 
@@ -221,6 +221,23 @@ def _head_tail_sha256(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def _content_hash(path: Path) -> str:
+    """xxh3-128 of a whole file: what an entry's weights are checked against at every load, so
+    that damage anywhere in them (not only at their ends) gets the entry rebuilt. It reads the
+    file at memory speed (about 0.07 s for a painting's 760 MB of entries, see
+    benchmarks/notes/cache.md), through a mapping, so a file in the page cache is not copied."""
+    import mmap
+
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                digest.update(mapped)
+    return digest.hexdigest()
+
+
 def _fingerprint(path: Path) -> dict:
     st = path.stat()
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
@@ -255,9 +272,8 @@ def _open_entry(folder: Path, key: str) -> tuple[StateDict, dict] | None:
         if (entry is None or entry.get("format") != ENTRY_FORMAT or entry.get("key") != key
                 or not isinstance(entry.get("weights"), dict)):
             return None
-        size = weights.stat().st_size
-        if (size != entry["weights"].get("size")
-                or _head_tail_sha256(weights, size) != entry["weights"].get("head_tail_sha256")):
+        if (weights.stat().st_size != entry["weights"].get("size")
+                or _content_hash(weights) != entry["weights"].get("xxh3_128")):
             return None
         return map_safetensors(weights), entry.get("metadata", {})
     except (OSError, ValueError):
@@ -301,7 +317,7 @@ def _publish(converted: Path, name: str, tmp: Path, entry: dict) -> None:
             os.fsync(f.fileno())  # before the rename: a published entry is never half on disk
         size = weights.stat().st_size
         entry = {**entry, "weights": {"file": WEIGHTS_FILE, "size": size,
-                                      "head_tail_sha256": _head_tail_sha256(weights, size)}}
+                                      "xxh3_128": _content_hash(weights)}}
         with open(tmp / ENTRY_FILE, "w") as f:
             json.dump(entry, f, indent=1)
             f.flush()
