@@ -28,6 +28,39 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
 
 
+def test_a_full_disk_while_recording_leaves_no_unrecorded_picture(model_flags, tmp_path,
+                                                                   monkeypatch, capsys):
+    """When the manifest line cannot be written, its picture goes too, the run stops with one
+    line, and the same command resumes from there."""
+    import ccld.batch
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle\na lighthouse\na forest\n")
+    out = tmp_path / "out"
+    real_write, lines = os.write, []
+
+    def full_on_the_second_line(fd, data):
+        if data.startswith(b"{") and b'"row"' in data:
+            lines.append(data)
+            if len(lines) == 2:
+                raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(ccld.batch.os, "write", full_on_the_second_line)
+    args = ["generate", "--prompts-file", str(prompts), "--out", str(out), "--batch-size", "1",
+            *FAST, *model_flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "could not record 00001.png in the manifest (No space left on device)" in err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in manifest(out)] == \
+        ["00000.png"]
+    monkeypatch.setattr(ccld.batch.os, "write", real_write)
+    assert main(args) == 0
+    assert [r["row"] for r in manifest(out)] == [0, 1, 2]
+    assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in manifest(out)]
+
+
 def test_a_prompt_file_paints_each_row_once_and_a_rerun_paints_nothing(model_flags, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# three pictures\na castle\n\na lighthouse:5\na forest at dawn\n")

@@ -205,16 +205,21 @@ def append_line(path: Path, entry: dict) -> None:
     """Appends `entry` as one JSON line in a single write, fsynced; after a torn last line (a
     crash mid-write) it starts a new line."""
     data = (json.dumps(entry) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:  # a torn line this leaves is skipped when read
+        raise CCLDError(f"{path}: could not record {entry.get('file', 'an image')} in the "
+                        f"manifest ({e.strerror or e}); free disk space and run the same "
+                        "command again: it resumes where this run stopped") from None
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -400,9 +405,14 @@ def paint(args, out: Path, mine: list[tuple[Row, list[int]]], processes: Process
         row = mine[position][0]
         path, number = save_numbered(image, out, number)
         parameters = json.loads(image.info["parameters"])
-        append_line(manifest, {"file": path.name, "row": row.number, "key": row.key,
-                               "index": parameters["index"], "line": row.line,
-                               "rank": processes.rank, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "parameters": parameters})
+        try:
+            append_line(manifest, {"file": path.name, "row": row.number, "key": row.key,
+                                   "index": parameters["index"], "line": row.line,
+                                   "rank": processes.rank,
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "parameters": parameters})
+        except BaseException:
+            path.unlink(missing_ok=True)  # no picture the manifest does not record
+            raise
         print(path)
         number += 1
