@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccld.cli import main as ccld
-from ccld.images import load_image
+from ccld.apps.cli import main as ccld
+from ccld.io.images import load_image
 from ccld.models.autoencoder import AutoencoderConfig, KLAutoencoder, load_autoencoder
 from ccld.models.latent_preview import fit_linear_map
 from ccld.models.tiny_decoder import TinyDecoder, TinyDecoderConfig, load_tiny_decoder

@@ -102,7 +102,7 @@ def write_latent_cache(folder: Path, latents: torch.Tensor, embeds: torch.Tensor
 # 2-4. Training, with ccld's commands
 
 def ccld(*args) -> None:
-    from ccld.cli import main
+    from ccld.apps.cli import main
 
     print("$ ccld", " ".join(map(str, args)), flush=True)
     if main([str(a) for a in args]) != 0:

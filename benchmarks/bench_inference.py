@@ -67,7 +67,7 @@ def cpu_name() -> str:
 # Imports
 
 IMPORTS = ["torch", "numpy", "PIL.Image", "safetensors.torch", "yaml", "tqdm", "huggingface_hub",
-           "ccld.cli", "diffusers", "accelerate", "gradio"]
+           "ccld.apps.cli", "diffusers", "accelerate", "gradio"]
 
 
 def bench_imports():
@@ -82,12 +82,12 @@ def bench_imports():
     for name, seconds in costs.items():
         print(f"| {name} | {seconds:.2f} |")
     started = json.loads(subprocess.run(
-        [sys.executable, "-c", child.replace("sys.argv[1:]", "['ccld.cli']")
+        [sys.executable, "-c", child.replace("sys.argv[1:]", "['ccld.apps.cli']")
          + "\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
            "('diffusers', 'accelerate', 'gradio', 'sympy'))))"],
         check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     heavy = ", ".join(started) or "none of diffusers, accelerate, gradio, sympy"
-    print(f"\n`import ccld.cli` pulls in: {heavy}")
+    print(f"\n`import ccld.apps.cli` pulls in: {heavy}")
 
 
 # The guided forward
@@ -137,8 +137,8 @@ STAGES_CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import torch
-from ccld.cli import apply_recipe, build_parser
-from ccld.loading import load_pipeline
+from ccld.apps.cli import apply_recipe, build_parser
+from ccld.apps.options import load_pipeline
 t_import = time.perf_counter()
 args = build_parser().parse_args(sys.argv[1:])
 apply_recipe(args)

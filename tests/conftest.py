@@ -47,7 +47,7 @@ def offline_hub(tmp_path, monkeypatch):
 # Training data and models shared by the training and distillation tests
 #
 # Built once per session: the tests only read them. The imports are local to keep this section
-# self-contained (and `ccld.cli` unloaded for the tests that never need it).
+# self-contained (and `ccld.apps.cli` unloaded for the tests that never need it).
 
 QUIET = ["--demo-every", "0", "--num-workers", "0", "--no-tensorboard"]  # nothing but the run
 
@@ -123,7 +123,7 @@ def encoder_options(autoencoder: Path, fixtures: Path) -> list[str]:
 def latent_cache(image_sources, narrow_autoencoder, fixtures, tmp_path_factory) -> Path:
     """The 8 readable images of the folder, encoded at 64px by `ccld encode-dataset` with the
     narrow autoencoder: what the training and distillation runs train on."""
-    from ccld.cli import main
+    from ccld.apps.cli import main
 
     out = tmp_path_factory.mktemp("latents") / "cache"
     assert main(["encode-dataset", "--data", str(image_sources["folder"]), "--out", str(out),
@@ -185,7 +185,7 @@ def cache_writes_finish_with_their_test():
     """A test's background cache writes end with it, never inside a later test (whose tmp_path
     or CCLD_CACHE_DIR they would not belong to)."""
     yield
-    from ccld.weights_cache import finish_writes
+    from ccld.io.weights_cache import finish_writes
 
     finish_writes()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ccld.cli import main
+from ccld.apps.cli import main
 
 
 def run(model_flags, tmp_path, **swap):
@@ -59,8 +59,8 @@ def test_images_and_plain_pickles_under_checkpoint_names(model_flags, tmp_path, 
 
 
 def test_object_arrays_are_refused_while_unpickling(model_flags, tmp_path, capsys):
-    from ccld.checkpoints import load_array_pickle
     from ccld.errors import CCLDError
+    from ccld.io.checkpoints import load_array_pickle
 
     # an object array is built from pointers in the file: it must never be constructed
     built = []
@@ -82,7 +82,7 @@ def test_object_arrays_are_refused_while_unpickling(model_flags, tmp_path, capsy
 @pytest.mark.parametrize("leaf", ["a string", None])
 def test_a_cloob_pickle_with_a_leaf_that_is_not_an_array(model_files, model_flags, tmp_path,
                                                          capsys, leaf):
-    from ccld.checkpoints import load_array_pickle
+    from ccld.io.checkpoints import load_array_pickle
 
     obj = load_array_pickle(model_files["cloob"])
     module = next(iter(obj["params"][1]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccld.cli import main
+from ccld.apps.cli import main
 from conftest import LAUNCH_ENV, accelerate_launch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -32,7 +32,7 @@ def test_a_full_disk_while_recording_leaves_no_unrecorded_picture(model_flags, t
                                                                    monkeypatch, capsys):
     """When the manifest line cannot be written, its picture goes too, the run stops with one
     line, and the same command resumes from there."""
-    import ccld.batch
+    import ccld.apps.batch
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a castle\na lighthouse\na forest\n")
@@ -46,7 +46,7 @@ def test_a_full_disk_while_recording_leaves_no_unrecorded_picture(model_flags, t
                 raise OSError(28, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(ccld.batch.os, "write", full_on_the_second_line)
+    monkeypatch.setattr(ccld.apps.batch.os, "write", full_on_the_second_line)
     args = ["generate", "--prompts-file", str(prompts), "--out", str(out), "--batch-size", "1",
             *FAST, *model_flags]
     assert main(args) == 2
@@ -55,7 +55,7 @@ def test_a_full_disk_while_recording_leaves_no_unrecorded_picture(model_flags, t
     assert err.count("\n") == 1
     assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in manifest(out)] == \
         ["00000.png"]
-    monkeypatch.setattr(ccld.batch.os, "write", real_write)
+    monkeypatch.setattr(ccld.apps.batch.os, "write", real_write)
     assert main(args) == 0
     assert [r["row"] for r in manifest(out)] == [0, 1, 2]
     assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in manifest(out)]
@@ -66,7 +66,7 @@ def test_a_prompt_file_paints_each_row_once_and_a_rerun_paints_nothing(model_fla
     prompts.write_text("# three pictures\na castle\n\na lighthouse:5\na forest at dawn\n")
     out = tmp_path / "out"
     # in a process of its own: a run without a launcher starts no process group
-    check = ("import sys\nimport torch.distributed as dist\nfrom ccld.cli import main\n"
+    check = ("import sys\nimport torch.distributed as dist\nfrom ccld.apps.cli import main\n"
              "code = main(sys.argv[1:])\nprint('group', dist.is_initialized())\nsys.exit(code)")
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", check, "generate", "--prompts-file", str(prompts),
@@ -97,7 +97,7 @@ def test_a_prompt_file_paints_each_row_once_and_a_rerun_paints_nothing(model_fla
 
 
 def test_a_killed_run_resumes_where_it_stopped(model_flags, tmp_path, monkeypatch):
-    import ccld.images
+    import ccld.io.images
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompts": ["a castle"], "n": 2}\n'
@@ -105,7 +105,7 @@ def test_a_killed_run_resumes_where_it_stopped(model_flags, tmp_path, monkeypatc
                        '{"image_prompts": [], "prompts": "a sea", "steps": 1}\n')
     out = tmp_path / "out"
     argv = ["generate", "--prompts-file", str(prompts), "--out", str(out), *FAST, *model_flags]
-    save_numbered = ccld.images.save_numbered
+    save_numbered = ccld.io.images.save_numbered
     saved = []
 
     def crash_after_one(image, folder, number, prefix=""):
@@ -114,12 +114,12 @@ def test_a_killed_run_resumes_where_it_stopped(model_flags, tmp_path, monkeypatc
         saved.append(number)
         return save_numbered(image, folder, number, prefix)
 
-    monkeypatch.setattr(ccld.images, "save_numbered", crash_after_one)
+    monkeypatch.setattr(ccld.io.images, "save_numbered", crash_after_one)
     assert main(argv) == 130
     assert len(manifest(out)) == 1 and len(list(out.glob("*.png"))) == 1
     with open(out / "manifest.jsonl", "a") as f:
         f.write('{"file": "00001.png", "row": 0, "ke')  # a line torn by the crash
-    monkeypatch.setattr(ccld.images, "save_numbered", save_numbered)
+    monkeypatch.setattr(ccld.io.images, "save_numbered", save_numbered)
 
     assert main(argv) == 0
     rows = manifest(out)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ccld import hub, weights_cache
-from ccld.cli import main
+from ccld.apps.cli import main
 from ccld.errors import CCLDError
+from ccld.io import hub, weights_cache
+from ccld.io.weights_cache import converted_dir, load_converted, map_safetensors, read_safetensors_header
 from ccld.models.cloob import haiku_pickle_state_dict, load_cloob
 from ccld.models.unet import load_unet
-from ccld.weights_cache import converted_dir, load_converted, map_safetensors, read_safetensors_header
 from conftest import max_rel_err
 
 on_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
@@ -95,9 +95,9 @@ def test_second_unet_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache, 
     monkeypatch.setenv("CCLD_CACHE_DIR", str(cache))
     first = load_unet(fixtures / "unet.ckpt")
     (entry,) = entries(cache)
-    import ccld.checkpoints
+    import ccld.io.checkpoints
     reads = []
-    monkeypatch.setattr(ccld.checkpoints, "load_torch_file", lambda *a: reads.append(a))
+    monkeypatch.setattr(ccld.io.checkpoints, "load_torch_file", lambda *a: reads.append(a))
     second = load_unet(fixtures / "unet.ckpt", stored_layout=True)  # as the pipeline loads it
     assert reads == []  # the release file is not read again
     assert second.config == first.config and float(second.autoencoder_scale) == 3.25
@@ -135,9 +135,9 @@ def test_second_cloob_load_is_mapped_from_the_cache_bit_for_bit(fixtures, cache,
     reference = haiku_pickle_state_dict(fixtures / "cloob.pkl")
     first = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
     assert equal_state_dicts(first.state_dict(), reference)  # both towers used: both stored
-    import ccld.checkpoints
+    import ccld.io.checkpoints
     reads = []
-    monkeypatch.setattr(ccld.checkpoints, "load_array_pickle", lambda *a: reads.append(a))
+    monkeypatch.setattr(ccld.io.checkpoints, "load_array_pickle", lambda *a: reads.append(a))
     second = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
     assert reads == []
     assert equal_state_dicts(second.state_dict(), reference)
@@ -151,11 +151,11 @@ def test_a_first_cloob_load_stores_the_text_tower_and_lets_the_image_tower_go(
         fixtures, cache, monkeypatch, cloob_io):
     """A text-only run never writes the image tower nor holds its conversion; needed after all,
     it is read from the pickle again and stored then."""
-    import ccld.checkpoints
+    import ccld.io.checkpoints
 
-    read = ccld.checkpoints.load_array_pickle
+    read = ccld.io.checkpoints.load_array_pickle
     reads = []
-    monkeypatch.setattr(ccld.checkpoints, "load_array_pickle",
+    monkeypatch.setattr(ccld.io.checkpoints, "load_array_pickle",
                         lambda *a: reads.append(a) or read(*a))
     cloob = load_cloob(fixtures / "cloob.pkl", fixtures / "cloob.json")
     weights_cache.finish_writes()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ccld.cli import main
+from ccld.apps.cli import main
 
 
 class _Planted:
@@ -176,8 +176,8 @@ def test_no_prompt_asks_for_one_and_downloads_nothing(tmp_path, capsys, monkeypa
     def download(*args, **kwargs):
         raise AssertionError("a download started")
 
-    monkeypatch.setattr("ccld.hub.hub_download", download)
-    monkeypatch.setattr("ccld.hub.download_verified", download)
+    monkeypatch.setattr("ccld.io.hub.hub_download", download)
+    monkeypatch.setattr("ccld.io.hub.download_verified", download)
     assert main(["generate", "--out", str(tmp_path / "out"), "-q"]) == 2
     one_line_error(capsys, "nothing to paint from; give a prompt", "--image-prompt", "--init-image")
     assert not (tmp_path / "out").exists()
@@ -194,7 +194,7 @@ def test_a_failed_run_leaves_no_empty_output_folder(files, tmp_path, capsys):
 
 
 def test_a_colon_that_is_not_a_weight_is_said_to_be_text(files, tmp_path, capsys):
-    from ccld.images import read_png_parameters
+    from ccld.io.images import read_png_parameters
 
     assert main(["generate", "a tree:abc", "--steps", "1", "-q", "--out", str(tmp_path),
                  *[str(x) for kv in files.items() for x in kv]]) == 0

@@ -13,7 +13,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Runs `ccld` in this process's Python and prints, after it, the process's peak resident memory.
-MEASURED = ("import resource, sys\nfrom ccld.cli import main\ncode = main(sys.argv[1:])\n"
+MEASURED = ("import resource, sys\nfrom ccld.apps.cli import main\ncode = main(sys.argv[1:])\n"
             "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
 
 
@@ -72,7 +72,7 @@ def test_offline_is_said_at_once_in_one_line(tmp_path):
     """The hub at a closed loopback port and an empty cache: one complete line in seconds (not
     a minute of retries), and no output folder."""
     port = closed_port()
-    timed = ("import sys, time\nimport ccld.pipeline\nfrom ccld.cli import main\n"
+    timed = ("import sys, time\nimport ccld.pipeline\nfrom ccld.apps.cli import main\n"
              "started = time.perf_counter()\ncode = main(sys.argv[1:])\n"
              "print('seconds', time.perf_counter() - started)\nsys.exit(code)")
     env = environment(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))

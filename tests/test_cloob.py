@@ -173,7 +173,7 @@ def test_pickle_is_read_with_little_more_memory_than_its_arrays(tmp_path):
 
     import numpy as np
 
-    from ccld.checkpoints import load_array_pickle
+    from ccld.io.checkpoints import load_array_pickle
 
     rng = np.random.default_rng(0)
     tree = {f"layer_{i}": {"w": rng.standard_normal(1 << 20, dtype=np.float32)} for i in range(8)}
@@ -195,7 +195,7 @@ def test_pickle_is_read_with_little_more_memory_than_its_arrays(tmp_path):
 def test_pickles_that_share_objects_load_in_every_protocol(tmp_path, protocol):
     import numpy as np
 
-    from ccld.checkpoints import load_array_pickle
+    from ccld.io.checkpoints import load_array_pickle
 
     big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: its data block is not memoized
     small = np.ones(3, dtype=np.float32)
@@ -211,7 +211,7 @@ def test_pickles_that_share_objects_load_in_every_protocol(tmp_path, protocol):
 
 
 def test_pickle_referring_back_to_a_data_block_is_refused_in_one_line(tmp_path):
-    from ccld.checkpoints import load_array_pickle
+    from ccld.io.checkpoints import load_array_pickle
 
     block = b"x" * (1 << 17)  # a numpy pickle never refers to one data block twice
     path = tmp_path / f"{BUILTIN}-odd.pkl"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccld.cli import main
+from ccld.apps.cli import main
 from ccld.errors import CCLDError
 from ccld.training.data import (
     ImageDataset,
@@ -289,7 +289,7 @@ def test_commands_print_info_on_stdout_and_warnings_on_stderr_once(fixtures, ima
 
 def test_autoencoder_scale_of_images_never_fetches_cloob(fixtures, image_sources, monkeypatch,
                                                         capsys):
-    from ccld import hub
+    from ccld.io import hub
 
     def offline(*args, **kwargs):
         raise CCLDError("could not download CLOOB: the network is unreachable")

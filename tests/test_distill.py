@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ccld import sampling
-from ccld.cli import main
+from ccld.apps.cli import main
 from ccld.models.unet import CCLDUNet
 from ccld.training.distill import DistillationObjective
 from ccld.training.objective import NoisedBatch
@@ -130,7 +130,7 @@ def test_guidance_input_starts_as_the_checkpoint_and_every_format_keeps_the_reco
         fixtures, tmp_path):
     from safetensors import safe_open
 
-    from ccld.loading import describe_checkpoint
+    from ccld.apps.options import describe_checkpoint
     from ccld.models.unet import infer_unet_config, load_unet, with_records
     from ccld.training.checkpointing import export_weights
 

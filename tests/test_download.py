@@ -9,9 +9,9 @@ from functools import partial
 
 import pytest
 
-from ccld import hub
-from ccld.cli import main
+from ccld.apps.cli import main
 from ccld.errors import CCLDError
+from ccld.io import hub
 from ccld.models import cloob as cloob_module
 
 

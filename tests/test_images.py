@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import ccld.images as images
+import ccld.io.images as images
 from ccld.errors import CCLDError
-from ccld.images import (
+from ccld.io.images import (
     load_image,
     make_grid,
     pil_to_tensor,
@@ -215,7 +215,7 @@ def test_make_grid():
 
 PEAK_RSS_CHILD = """
 import resource, sys
-from ccld.images import load_image, resize_and_center_crop
+from ccld.io.images import load_image, resize_and_center_crop
 out = resize_and_center_crop(load_image(sys.argv[1]), 256)
 assert out.size == (256, 256)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ccld import CCLDError, CCLDPipeline, limits
-from ccld.cli import build_parser, check_generate_args, main
+from ccld.apps.cli import build_parser, check_generate_args, main
 from ccld.limits import IMAGES_PER_CALL, SEED, STEPS, WEIGHT
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -40,8 +40,8 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the models were loaded before the inputs were checked")
 
-    monkeypatch.setattr("ccld.loading.load_pipeline", refuse)
-    monkeypatch.setattr("ccld.hub.hub_download", refuse)
+    monkeypatch.setattr("ccld.apps.options.load_pipeline", refuse)
+    monkeypatch.setattr("ccld.io.hub.hub_download", refuse)
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -105,7 +105,7 @@ def test_a_run_of_many_images_is_not_the_per_call_limit(fixture_pipeline, model_
 
 def test_web_checks_against_the_same_table():
     gr = pytest.importorskip("gradio")
-    from ccld import web
+    from ccld.apps import web
 
     form = dict(prompts="a cat", image_prompts=None, image_weight=None, init_image=None,
                 strength=None, method="ddim", steps=1, guidance=3.0, seed=1, num_images=1,
@@ -145,7 +145,7 @@ def test_non_finite_sampling_stops_with_a_message_and_no_png(fixture_pipeline, m
         f = fixture_pipeline
         return CCLDPipeline(_NaNAfterFirstCall(f.unet), f.autoencoder, f.cloob)
 
-    monkeypatch.setattr("ccld.loading.load_pipeline", load_nan_pipeline)
+    monkeypatch.setattr("ccld.apps.options.load_pipeline", load_nan_pipeline)
     out = tmp_path / "out"
     assert main(["generate", "a castle", "--steps", "4", "--method", "ddim", "--out", str(out),
                  "-q", *model_flags]) == 2

@@ -10,8 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ccld import CCLDPipeline
-from ccld.cli import main
-from ccld.images import read_png_parameters
+from ccld.apps.cli import main
+from ccld.io.images import read_png_parameters
 from conftest import max_rel_err
 
 PROMPT = "A martian landscape painting, oil on canvas"
@@ -233,7 +233,7 @@ def test_defaults_are_the_fast_recipe_and_reference_is_the_demos(files, referenc
 
 
 def test_published_models_decode_at_the_demos_latent_scale(fixture_pipeline, files, tmp_path):
-    from ccld import hub
+    from ccld.io import hub
 
     pipe = CCLDPipeline(fixture_pipeline.unet, fixture_pipeline.autoencoder, fixture_pipeline.cloob,
                         latent_scale=hub.PUBLISHED_LATENT_SCALE)
@@ -289,7 +289,7 @@ def test_output_names_are_claimed_atomically(tmp_path):
     never overwrite each other: every name is claimed by the first writer."""
     import threading
 
-    from ccld.images import next_index, save_numbered
+    from ccld.io.images import next_index, save_numbered
 
     out = tmp_path / "out"
     out.mkdir()
@@ -314,7 +314,7 @@ def test_output_names_are_claimed_atomically(tmp_path):
 
 
 def test_the_grid_is_capped(tmp_path, capsys):
-    from ccld.cli import write_numbered
+    from ccld.apps.cli import write_numbered
     from ccld.limits import GRID_IMAGES
 
     write_numbered(numbered_images(GRID_IMAGES.high + 6), tmp_path, grid=True)
@@ -327,12 +327,12 @@ def test_the_grid_is_capped(tmp_path, capsys):
 
 def test_a_folder_made_for_a_picture_that_cannot_be_written_is_removed(tmp_path, monkeypatch):
     from ccld import CCLDError
-    from ccld.cli import write_numbered
+    from ccld.apps.cli import write_numbered
 
     def disk_full(image, path, parameters, exclusive=False):
         raise CCLDError(f"{path}: could not write the image (No space left on device)")
 
-    monkeypatch.setattr("ccld.images.save_png", disk_full)
+    monkeypatch.setattr("ccld.io.images.save_png", disk_full)
     with pytest.raises(CCLDError, match="No space left"):
         write_numbered(numbered_images(2), tmp_path / "new" / "out", grid=False)
     assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ccld import CCLDPipeline
-from ccld.cli import main
+from ccld.apps.cli import main
 from ccld.models.autoencoder import load_autoencoder
 from ccld.models.latent_preview import FILE_NAME, LatentPreview, fit_latent_preview, fit_linear_map
 
@@ -62,16 +62,16 @@ def test_pipeline_preview_is_the_linear_map_or_the_tiny_decoder(model_files):
 
 
 def test_cli_preview_file_is_updated_in_place(model_flags, tmp_path, monkeypatch):
-    import ccld.files
+    import ccld.io.files
 
     written = []
-    atomic_write = ccld.files.atomic_write
+    atomic_write = ccld.io.files.atomic_write
 
     def counting(path, write, what="file", **kw):
         written.append((path.name, what))
         return atomic_write(path, write, what, **kw)
 
-    monkeypatch.setattr(ccld.files, "atomic_write", counting)
+    monkeypatch.setattr(ccld.io.files, "atomic_write", counting)
     out = tmp_path / "out"
     assert main(["generate", "a castle", "--preview", "-n", "2", "--steps", "4", "--method",
                  "ddim", "--width", "128", "--height", "64", "-q", "--out", str(out),

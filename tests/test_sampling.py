@@ -113,7 +113,7 @@ def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(model
     """Adding a sampler is one `register_sampler` call: the CLI's and the web app's choices, the
     forward count and the pipeline (schedule included) all read the registry."""
     from ccld import CCLDPipeline
-    from ccld.cli import build_parser
+    from ccld.apps.cli import build_parser
 
     schedules = []
 
@@ -133,7 +133,7 @@ def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(model
         assert sampling.get_sampler("toy-heun").forwards(5) == 10
 
         gr = pytest.importorskip("gradio")
-        from ccld import web
+        from ccld.apps import web
 
         demo = web.build_app(object(), store=web.ResultStore(tmp_path / "results"), examples=[])
         dropdown = next(b for b in demo.blocks.values()

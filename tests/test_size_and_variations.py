@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from ccld import CCLDError
-from ccld.cli import main
-from ccld.images import read_png_parameters, resize_to_cover
+from ccld.apps.cli import main
+from ccld.io.images import read_png_parameters, resize_to_cover
 from ccld.pipeline import next_noise, seed_noise, slerp
 
 FAST = ["--steps", "2", "--method", "ddim", "-q"]

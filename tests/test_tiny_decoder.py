@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ccld import CCLDPipeline, hub
-from ccld.cli import main
+from ccld import CCLDPipeline
+from ccld.apps.cli import main
 from ccld.errors import CCLDError
-from ccld.images import read_png_parameters
+from ccld.io import hub
+from ccld.io.images import read_png_parameters
 from ccld.models.tiny_decoder import (
     TAESD_INPUT_SCALE,
     TinyDecoder,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccld.cli import main
+from ccld.apps.cli import main
 from ccld.errors import CCLDError
 from ccld.training.ema import ema_decay, ema_update
 from conftest import LAUNCH_ENV, QUIET, accelerate_launch, encoder_options, state
@@ -132,7 +132,7 @@ def train(world, out, *options, data=None) -> int:
 
 
 def test_training_halves_the_loss_and_writes_loadable_checkpoints(world, tmp_path, capsys):
-    from ccld.checkpoints import load_safetensors_file
+    from ccld.io.checkpoints import load_safetensors_file
     from ccld.models.unet import load_unet
     from ccld.pipeline import CCLDPipeline
     from ccld.training.checkpointing import split_state_dict

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ccld.apps.options import describe_checkpoint
 from ccld.errors import CCLDError
-from ccld.loading import describe_checkpoint
 from ccld.models.unet import CCLDUNet, infer_unet_config, load_unet
 from conftest import max_rel_err
 
@@ -95,7 +95,7 @@ def test_checkpoint_with_code_is_refused_and_runs_nothing(tmp_path, monkeypatch)
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"params": _Planted()}, f)
-    from ccld.checkpoints import load_array_pickle
+    from ccld.io.checkpoints import load_array_pickle
     with pytest.raises(CCLDError, match="refused to load.*posix.system|refused to load.*os.system"):
         load_array_pickle(tmp_path / "evil.pkl")
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()

@@ -17,9 +17,10 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[web]')")
 
-from ccld import sampling, web  # noqa: E402
-from ccld.cli import build_parser, main  # noqa: E402
-from ccld.images import read_png_parameters  # noqa: E402
+from ccld import sampling  # noqa: E402
+from ccld.apps import web  # noqa: E402
+from ccld.apps.cli import build_parser, main  # noqa: E402
+from ccld.io.images import read_png_parameters  # noqa: E402
 from ccld.limits import WEB_SEED  # noqa: E402
 from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, CCLDPipeline  # noqa: E402
 from conftest import FakePipe, api_client, free_port  # noqa: E402
@@ -328,12 +329,13 @@ def test_web_does_not_import_the_cli():
     for node in ast.walk(ast.parse(Path(web.__file__).read_text())):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):  # web.py sits in ccld, so "." is ccld
-            module = ("ccld." if node.level else "") + (node.module or "")
+        elif isinstance(node, ast.ImportFrom):  # web.py sits in ccld.apps, so "." is ccld.apps
+            package = ["ccld", "apps"][:3 - node.level] if node.level else []
+            module = ".".join([*package, node.module or ""])
             imported.add(module.rstrip("."))
             imported.update(f"{module.rstrip('.')}.{alias.name}" for alias in node.names)
-    assert "ccld.loading" in imported  # what it uses instead
-    assert not {m for m in imported if m == "ccld.cli" or m.startswith("ccld.cli.")}
+    assert "ccld.apps.options" in imported  # what it uses instead
+    assert not {m for m in imported if m == "ccld.apps.cli" or m.startswith("ccld.apps.cli.")}
 
 
 def test_serve_command_options():

@@ -23,7 +23,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client", reason="needs gradio (pip install -e '.[web]')")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from ccld.images import read_png_parameters  # noqa: E402
+from ccld.io.images import read_png_parameters  # noqa: E402
 from conftest import api_client, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,3 +1,3 @@
-from .cli import entry
+from .apps.cli import entry
 
 entry()

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence, Union
 import torch
 from torch.nn import functional as F
 
-from . import checkpoints, hub, sampling
+from . import sampling
 from ._version import __version__
 from .errors import CCLDError, in_python_terms
+from .io import checkpoints, hub
 from .limits import (
     ETA,
     IMAGES_PER_CALL,
@@ -514,8 +515,8 @@ class CCLDPipeline:
     def save_pretrained(self, folder: PathLike) -> Path:
         """Writes a self-contained folder of safetensors and JSON configs. It appears whole or
         not at all (an earlier pipeline folder there is replaced in one step; see
-        `ccld.files.write_folder`)."""
-        from .files import write_folder
+        `ccld.io.files.write_folder`)."""
+        from .io.files import write_folder
 
         self.latent_preview  # noqa: B018 - fitted first if missing, so the folder keeps one
         return write_folder(folder, self._write_folder, "pipeline folder",
@@ -646,7 +647,7 @@ class CCLDPipeline:
     @_in_autocast
     def encode_image(self, image: ImageLike) -> torch.Tensor:
         """CLOOB embedding of an image prompt: path, PIL image, or [3,H,W] tensor in [0,1]."""
-        from .images import load_image, pil_to_tensor, resize_and_center_crop
+        from .io.images import load_image, pil_to_tensor, resize_and_center_crop
 
         size = self.cloob.config["image_encoder"]["image_size"]
         if isinstance(image, (str, os.PathLike)):
@@ -780,7 +781,7 @@ class CCLDPipeline:
                           height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The posterior mean latent of an init image, in the U-Net's scaled space; the image is
         scaled to cover `height` x `width` and its middle cut out (its aspect ratio kept)."""
-        from .images import load_image, pil_to_tensor, resize_to_cover
+        from .io.images import load_image, pil_to_tensor, resize_to_cover
         from .models.autoencoder import encode_moments
 
         height, width = picture_size(size, height, width)
@@ -940,7 +941,7 @@ class CCLDPipeline:
                        rows: Sequence[tuple[_ImagesRequest, Sequence[int]]]) -> Iterator[Image.Image]:
         """The PIL images of one batch of latents, whose rows are the listed images of the
         listed requests in order (all decoded alike), each with its parameters."""
-        from .images import tensor_to_pil
+        from .io.images import tensor_to_pil
 
         first = rows[0][0]
         pixels = self.decode(latents, first.latent_scale, full_decoder=first.full_decoder)

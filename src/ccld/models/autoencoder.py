@@ -9,7 +9,7 @@ the yaml. The network that runs them, `KLAutoencoder`, is diffusers' `Autoencode
 written again in plain torch with the same parameter names and the same arithmetic (tested equal),
 for one reason: importing diffusers costs about 3 s, more than ten U-Net forwards, and a painting
 only needs the decoder. So only a first load of an LDM file imports diffusers; a converted copy
-(`ccld.weights_cache`) or a folder written by `save_pretrained` (diffusers' own layout, which
+(`ccld.io.weights_cache`) or a folder written by `save_pretrained` (diffusers' own layout, which
 `diffusers.AutoencoderKL.from_pretrained` also reads) needs torch alone.
 
 CCLD's latent scale is not diffusers' `scaling_factor`: it is the U-Net's `autoencoder_scale`
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoints import load_state_file
 from ..errors import CCLDError
+from ..io.checkpoints import load_state_file
 from . import empty_weights
 from .latent_preview import LatentPreview
 
@@ -277,7 +277,7 @@ class KLAutoencoder(nn.Module):
         """diffusers' folder layout: config.json + diffusion_pytorch_model.safetensors."""
         from safetensors.torch import save_file
 
-        from ..files import atomic_write
+        from ..io.files import atomic_write
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,7 @@ def import_converter_early(path: str | os.PathLike,
     of it Python: run while the other parts load, whose reading, copying and writing run outside
     the interpreter lock, it costs a first run little. The loader imports as usual and, should
     the thread still be importing, waits for it (Python's import lock)."""
-    from ..weights_cache import open_converted
+    from ..io.weights_cache import open_converted
 
     path = Path(path).expanduser()
     config_path = Path(config_path).expanduser() if config_path else _default_config_path(path)
@@ -488,9 +488,9 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
     `model.yaml`) unless `config_path` is given; or a folder written by `save_pretrained` or
     diffusers' `AutoencoderKL.save_pretrained` (or a pipeline folder with a `vae/` subfolder).
     An LDM file is converted (by diffusers) once; later loads memory-map the converted copy
-    (`ccld.weights_cache`) and need no diffusers import.
+    (`ccld.io.weights_cache`) and need no diffusers import.
     """
-    from ..weights_cache import load_converted
+    from ..io.weights_cache import load_converted
 
     path = Path(path).expanduser()
     if path.is_dir():
@@ -528,7 +528,7 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
 
 
 def _load_folder(folder: Path) -> KLAutoencoder:
-    from ..checkpoints import load_safetensors_file
+    from ..io.checkpoints import load_safetensors_file
 
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"

@@ -450,7 +450,7 @@ def _checked_model(config: dict, state_dict: dict, source: str,
                    towers: Sequence[str] = TOWERS) -> CLOOB:
     """CLOOB of `config` on the meta device, frozen, once `state_dict` (the weights of `towers`)
     is checked to fit it."""
-    from ..checkpoints import describe_foreign_state_dict, require_tensors
+    from ..io.checkpoints import describe_foreign_state_dict, require_tensors
 
     if not any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):
         raise CCLDError(f"{source}: not a CLOOB checkpoint ({describe_foreign_state_dict(state_dict)}); "
@@ -479,7 +479,7 @@ def _checked_model(config: dict, state_dict: dict, source: str,
 def haiku_pickle_state_dict(path: str | os.PathLike, towers: Sequence[str] = TOWERS) -> dict:
     """The PyTorch state dict of a released CLOOB Haiku pickle (the towers not in `towers`
     only as views, for checking; see `convert_haiku_params`)."""
-    from ..checkpoints import load_array_pickle
+    from ..io.checkpoints import load_array_pickle
 
     params = load_array_pickle(path).get("params")
     if not (isinstance(params, (tuple, list)) and len(params) == 2
@@ -496,7 +496,7 @@ def load_cloob(path: str | os.PathLike, config: str | os.PathLike | dict | None 
     when the pickle is first read, the image tower when first used) and memory-mapped from there
     afterwards; a safetensors file is memory-mapped as it is.
     """
-    from ..checkpoints import SAFETENSORS_SUFFIXES, load_state_file, map_safetensors_file
+    from ..io.checkpoints import SAFETENSORS_SUFFIXES, load_state_file, map_safetensors_file
 
     config = resolve_cloob_config(config, path)
     source = str(path)
@@ -520,7 +520,7 @@ def _load_release_pickle(path: Path, config: dict) -> CLOOB:
     once, and the pickle read again (a fraction of a second) to store it when it is first used.
     So a text-only run neither writes the image tower nor holds it in memory.
     """
-    from ..weights_cache import load_converted, open_converted
+    from ..io.weights_cache import load_converted, open_converted
 
     source = str(path)
     keyed_by = [json.dumps(config, sort_keys=True)]  # weights checked against exactly this config

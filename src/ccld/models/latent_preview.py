@@ -55,7 +55,7 @@ class LatentPreview:
         return cls(weight, bias)
 
     def save(self, folder: str | Path) -> Path:
-        from ..files import atomic_write
+        from ..io.files import atomic_write
 
         text = json.dumps(self.to_dict(), indent=1).encode()
         return atomic_write(Path(folder) / FILE_NAME, lambda f: f.write(text), "latent preview map")

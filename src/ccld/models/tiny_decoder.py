@@ -144,7 +144,7 @@ class TinyDecoder(nn.Module):
         written atomically: training exports replace a folder a reader may be loading."""
         from safetensors.torch import save
 
-        from ..files import atomic_write
+        from ..io.files import atomic_write
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,7 @@ def load_tiny_decoder(path: str | os.PathLike) -> TinyDecoder:
     """A frozen tiny decoder from a folder (ours, diffusers' `AutoencoderTiny`, or a pipeline
     folder with a `tiny_decoder/` subfolder) or a weights file (its architecture from the
     config.json beside it, else from the weights)."""
-    from ..checkpoints import load_state_file
+    from ..io.checkpoints import load_state_file
 
     path = Path(path).expanduser()
     if path.is_dir():
@@ -291,7 +291,7 @@ class DecoderOption:
         if self.kind == "full":
             return None
         if self.kind == "taesd":
-            from ..hub import taesd_files
+            from ..io.hub import taesd_files
 
             weights, _ = taesd_files()  # its config.json lies beside it in the hub snapshot
             return load_tiny_decoder(weights)

@@ -466,7 +466,7 @@ def unet_state_dict(obj: dict) -> dict:
 def infer_unet_config(sd: dict, source: str | os.PathLike = "checkpoint") -> dict:
     """base_channels, channel_multipliers and embed_dim from the tensor shapes alone, and the
     distillation records (guidance input, guidance range, distilled steps) where present."""
-    from ..checkpoints import describe_foreign_state_dict
+    from ..io.checkpoints import describe_foreign_state_dict
 
     missing = [k for k in (*_WIDTH_KEYS, _EMBED_KEY) if k not in sd]
     if missing:
@@ -495,7 +495,7 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
                          config: dict | None = None) -> CCLDUNet:
     """A frozen U-Net holding `sd`, of the architecture `config` or, by default, the one the
     tensor shapes say."""
-    from ..checkpoints import require_tensors
+    from ..io.checkpoints import require_tensors
 
     require_tensors(sd, source, "U-Net checkpoint")
     config = infer_unet_config(sd, source) if config is None else config
@@ -520,8 +520,8 @@ def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint", *,
     `.safetensors` is mapped as it is. `cache=False` maps the `.ckpt` itself (as fast): for a
     caller that lays the weights out anew whatever their layout (rounding them to bf16, moving
     them to a GPU), for whom a copy would only cost its writing."""
-    from ..checkpoints import SAFETENSORS_SUFFIXES, load_torch_file, map_safetensors_file
-    from ..weights_cache import load_converted
+    from ..io.checkpoints import SAFETENSORS_SUFFIXES, load_torch_file, map_safetensors_file
+    from ..io.weights_cache import load_converted
 
     if str(path).endswith(SAFETENSORS_SUFFIXES):  # already a fast format: mapped as it is
         sd = map_safetensors_file(path, what)
@@ -548,7 +548,7 @@ def stored_rounded_weights(path: str | os.PathLike, unet: CCLDUNet, dtype: torch
     """`unet`'s conv and linear weights rounded to `dtype`, channels-last (`rounded_weights`),
     from the converted cache: made from the file at `path` once, memory-mapped afterwards. A
     bf16 painting then neither reads the float32 weights nor holds both."""
-    from ..weights_cache import load_converted
+    from ..io.weights_cache import load_converted
     from . import rounded_weights
 
     kind = f"unet_{str(dtype).removeprefix('torch.')}"

@@ -2,7 +2,7 @@
 
 A training checkpoint is a Lightning-style dict holding only tensors and plain containers:
 `state_dict` with `model.*` (the raw weights) and `model_ema.*` (the averaged ones, which
-`ccld.checkpoints.load_unet` picks), the optimizer state, `global_step`, the data position, the
+`ccld.io.checkpoints.load_unet` picks), the optimizer state, `global_step`, the data position, the
 random state and the run's config. Every file goes to a temporary name in the same folder, is
 fsynced, and then replaces the final name, so a crash mid-save leaves the last good file in place.
 """
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .. import files
 from ..errors import CCLDError
+from ..io import files
 
 LAST = "last.ckpt"
 STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
 
 
 def atomic_write(path: Path, write) -> Path:
-    """`ccld.files.atomic_write` with the message a failed checkpoint write deserves."""
+    """`ccld.io.files.atomic_write` with the message a failed checkpoint write deserves."""
     return files.atomic_write(path, write, "checkpoint",
                               "free disk space or choose another --out; the previous checkpoint "
                               "is untouched")
@@ -88,7 +88,7 @@ def load_training_checkpoint(path: Path, kind: str) -> dict:
     """A checkpoint written by `ccld train`/`ccld distill` (`kind`), checked for what resuming
     needs. Its file is mapped, not read: each process reads only the tensors it uses (a
     teacher's checkpoint is many GB, and every process of a run resumes from it)."""
-    from ..checkpoints import load_torch_file
+    from ..io.checkpoints import load_torch_file
 
     ckpt = load_torch_file(path, "training checkpoint", mmap=True)
     missing = [k for k in ("state_dict", "optimizer", "global_step", "data_position", "ccld")

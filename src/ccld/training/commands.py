@@ -14,14 +14,14 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import CCLDError
-from ..loading import (
+from ..apps.options import (
     add_encoder_options,
     encoder_files,
     load_encoders,
     load_unet_weights,
     resolve_encoder_files,
 )
+from ..errors import CCLDError
 
 TEACHER_ARCHITECTURE = (192, "4,4,8,8")  # the WikiArt teacher
 STUDENT_ARCHITECTURE = (192, "1,1,2,2")  # the distilled WikiArt student
@@ -553,7 +553,7 @@ def cmd_autoencoder_scale(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .. import sampling
-    from ..files import atomic_write
+    from ..io.files import atomic_write
     from ..models.unet import load_unet
     from .demo import read_demo_prompts
     from .evaluate import evaluate_student, format_table

@@ -82,7 +82,7 @@ class ImageSource:
         return blocks.reshape(-1)
 
     def read(self, i: int):
-        from ..images import load_image
+        from ..io.images import load_image
 
         if self.paths is not None:
             return load_image(self.paths[i])
@@ -111,7 +111,7 @@ def decode_image_bytes(data: bytes, name: str):
     """An RGB image from encoded bytes, with the same checks and conversions as `load_image`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from ..images import _READ_ERRORS, MAX_PIXELS, _to_rgb
+    from ..io.images import _READ_ERRORS, MAX_PIXELS, _to_rgb
 
     try:
         with warnings.catch_warnings():
@@ -231,7 +231,7 @@ def open_image_source(spec: str | os.PathLike, image_column: str = "image") -> I
 
 def prepare_pixels(image, size: int) -> torch.Tensor:
     """[3, size, size] in [0, 1]: short side to `size` (Lanczos), center crop, as the reference."""
-    from ..images import pil_to_tensor, resize_and_center_crop
+    from ..io.images import pil_to_tensor, resize_and_center_crop
 
     return pil_to_tensor(resize_and_center_crop(image, size))
 

@@ -47,7 +47,7 @@ def render_demo(rows: list[tuple[str, torch.nn.Module]], autoencoder, cloob, pro
                 latent_shape: tuple, steps: int = 50, guidance: float = 3.0, seed: int = 0,
                 autocast=contextlib.nullcontext):
     """A grid image: one row per (label, U-Net), one column per prompt."""
-    from ..images import make_grid, tensor_to_pil
+    from ..io.images import make_grid, tensor_to_pil
     from ..models.autoencoder import decode_latents
 
     device = next(rows[0][1].parameters()).device

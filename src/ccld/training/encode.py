@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..errors import CCLDError
-from ..files import atomic_write, remove_stale_temporaries
+from ..io.files import atomic_write, remove_stale_temporaries
 from .checkpointing import save_safetensors
 from .data import (
     CACHE_FORMAT,

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from ..errors import CCLDError
-from ..files import remove_stale_temporaries
+from ..io.files import remove_stale_temporaries
 from .checkpointing import CheckpointFolder, cpu_state, export_weights
 from .data import ShardedStream, TrainingData, encode_pixels
 from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
@@ -418,7 +418,7 @@ class Trainer:
     def _demo(self) -> None:
         if self.autoencoder is None or self.cloob is None:
             return
-        from ..images import save_png
+        from ..io.images import save_png
 
         s, step = self.s, self.step
         rows = self.objective.demo_rows(self.ema)

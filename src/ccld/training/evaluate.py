@@ -151,7 +151,7 @@ def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], n
 def _save_comparison(folder, j, prompt, teacher_pixels, student_pixels):
     from pathlib import Path
 
-    from ..images import make_grid, save_png, tensor_to_pil
+    from ..io.images import make_grid, save_png, tensor_to_pil
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

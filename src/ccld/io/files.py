@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .errors import CCLDError
+from ..errors import CCLDError
 
 TEMP_SUFFIX = ".tmp"
 

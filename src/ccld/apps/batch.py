@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CCLDError
-from .limits import IMAGES_PER_RUN, SEED
-from .prompts import parse_weighted
+from ..errors import CCLDError
+from ..limits import IMAGES_PER_RUN, SEED
+from ..prompts import parse_weighted
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.rank*.jsonl"  # one process's lines, until the first process merges them
@@ -66,7 +66,7 @@ def row_keywords() -> list[str]:
     """What a row may set: the pipeline's `iter_images` keywords (less the run's own)."""
     import inspect
 
-    from .pipeline import CCLDPipeline
+    from ..pipeline import CCLDPipeline
 
     return [name for name in inspect.signature(CCLDPipeline.iter_images).parameters
             if name not in NOT_ROW_KEYS and name != "self"]
@@ -187,8 +187,8 @@ def run_settings(args, batch_size: int) -> dict:
 
 def is_stochastic(request: dict, name: str) -> bool:
     """Whether the row's sampler draws step noise (its pictures then depend on its batches)."""
-    from . import sampling
-    from .pipeline import DEFAULT_METHOD
+    from .. import sampling
+    from ..pipeline import DEFAULT_METHOD
 
     try:
         sampler = sampling.get_sampler(request.get("method", DEFAULT_METHOD))
@@ -354,7 +354,7 @@ def pipeline_arguments(request: dict) -> dict:
 
 def generate_from_file(args, out: Path) -> int:
     """`ccld generate --prompts-file`: paints the rows' images not yet in the manifest."""
-    from .training.commands import check_all_processes_started
+    from ..training.commands import check_all_processes_started
 
     processes = Processes.from_environment()
     check_all_processes_started(processes.world)
@@ -383,8 +383,8 @@ def generate_from_file(args, out: Path) -> int:
 def paint(args, out: Path, mine: list[tuple[Row, list[int]]], processes: Processes,
           batch_size: int | None) -> None:
     """Paints this process's share, writing each image, then its manifest line, as it is done."""
-    from .images import next_index, save_numbered
-    from .loading import load_pipeline
+    from ..io.images import next_index, save_numbered
+    from .options import load_pipeline
 
     args.device = processes.device(args.device)
     pipe = load_pipeline(args)

@@ -4,7 +4,7 @@ The command-line options that name the models (`add_model_options` for the pipel
 `add_encoder_options` for training's frozen encoders), turning them into loaded models
 (`load_pipeline`, `resolve_encoder_files`, `load_encoders`, `load_unet_weights`) and saying what a
 file is (`describe_checkpoint`). The CLI, the web app and the training commands all use it; where
-the published files live and how they are fetched is `ccld.hub`'s, building each network from
+the published files live and how they are fetched is `ccld.io.hub`'s, building each network from
 its weights is the model modules'.
 """
 
@@ -15,8 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import CCLDError
-from .pipeline import PRECISIONS, CCLDPipeline
+from ..errors import CCLDError
+from ..pipeline import PRECISIONS, CCLDPipeline
 
 
 def _add_encoder_arguments(g, cloob_config_default: str, cloob: bool = True) -> None:
@@ -95,7 +95,7 @@ def resolve_encoder_files(files: dict, accelerator, need_cloob: bool = True) -> 
     """Absolute paths, downloading the released models for parts not given (main process first,
     so that processes never write the same download at once); no CLOOB download unless
     `need_cloob`."""
-    from . import hub
+    from ..io import hub
 
     files = dict(files)
     with accelerator.main_process_first():
@@ -115,8 +115,8 @@ def resolve_encoder_files(files: dict, accelerator, need_cloob: bool = True) -> 
 
 def load_encoders(files: dict, need_autoencoder: bool = True, need_cloob: bool = True):
     """(autoencoder, CLOOB) from resolved files; a part not needed is None."""
-    from .models.autoencoder import load_autoencoder
-    from .models.cloob import load_cloob
+    from ..models.autoencoder import load_autoencoder
+    from ..models.cloob import load_cloob
 
     autoencoder = (load_autoencoder(files["autoencoder"], files["autoencoder_config"])
                    if need_autoencoder else None)
@@ -129,7 +129,7 @@ def load_unet_weights(path, what: str):
     weights in the reference's contiguous layout (training starts from them)."""
     import torch
 
-    from .models.unet import unet_from_state_dict, unet_weights
+    from ..models.unet import unet_from_state_dict, unet_weights
 
     sd, config = unet_weights(path, what)
     unet = unet_from_state_dict(sd, path, config).to(memory_format=torch.contiguous_format)
@@ -138,14 +138,14 @@ def load_unet_weights(path, what: str):
 
 def download_defaults(cloob_name: str | None = None) -> list[Path]:
     """Fetches the default models into the local caches (`ccld download`)."""
-    from . import hub
+    from ..io import hub
 
     return [hub.default_unet(), *hub.default_autoencoder(), hub.download_cloob(cloob_name)]
 
 
 def unet_file_latent_scale(path: Path, stored: float | None) -> str:
     """Which latent scale `ccld generate --unet path` decodes with, and why, for `ccld info`."""
-    from . import hub
+    from ..io import hub
 
     scale = 1.0 if stored is None else stored
     said = f"{scale} (the file's stored autoencoder_scale; --latent-scale overrides it)"
@@ -161,7 +161,7 @@ UNET_RECORDS = ("autoencoder_scale", "guidance_range", "distilled_timesteps")  #
 
 def distillation_summary(config: dict) -> dict:
     """How a distilled student samples by default, in words, for `ccld info`."""
-    from .pipeline import sampling_defaults
+    from ..pipeline import sampling_defaults
 
     if not any(k in config for k in ("guidance_input", "guidance_range", "distilled_steps")):
         return {}
@@ -173,8 +173,8 @@ def distillation_summary(config: dict) -> dict:
 
 def describe_checkpoint(path: str | os.PathLike) -> dict:
     """What a file is: kind, architecture, parameter count and latent scale where it has one."""
-    from .checkpoints import describe_foreign_state_dict, load_array_pickle, load_state_file
-    from .models.unet import infer_unet_config, is_unet_state_dict, unet_state_dict
+    from ..io.checkpoints import describe_foreign_state_dict, load_array_pickle, load_state_file
+    from ..models.unet import infer_unet_config, is_unet_state_dict, unet_state_dict
 
     p = Path(path)
     if p.is_dir():

@@ -39,7 +39,7 @@ from typing import BinaryIO, Callable, Sequence
 
 import torch
 
-from ._version import __version__
+from .._version import __version__
 from .files import TEMP_SUFFIX, fsync_folder, temporary_name
 
 CONVERTER_VERSION = 3  # bump when any converter's output changes: every entry is then rebuilt

@@ -11,7 +11,7 @@ value), and "Vary" paints variations of the selected result. Requests wait in Gr
 `--queue-size`) and at most `--concurrency` of them sample at once (1 on a CPU). Every input is
 checked in `generate`, which turns a bad value, an unreadable upload or a `CCLDError` from the
 pipeline into a `gr.Error`: the page shows its one-line message and the server carries on.
-Results are PNGs written by `ccld.images.save_png`, so each carries its parameters; they live in
+Results are PNGs written by `ccld.io.images.save_png`, so each carries its parameters; they live in
 a temporary folder that keeps only recent batches (`ResultStore`) and is removed when the server
 stops.
 
@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CCLDError
-from .limits import (
+from ..errors import CCLDError
+from ..limits import (
     SIZE,
     STRENGTH,
     UPLOAD_MB,
@@ -69,7 +69,7 @@ from .limits import (
     WEB_STEPS,
     WEIGHT,
 )
-from .pipeline import (
+from ..pipeline import (
     DEFAULT_GUIDANCE,
     DEFAULT_METHOD,
     DEFAULT_STEPS,
@@ -78,7 +78,7 @@ from .pipeline import (
     PREVIEW_EVERY,
 )
 
-log = logging.getLogger("ccld.web")
+log = logging.getLogger("ccld.apps.web")
 
 # A request's limits are the WEB_* rows of ccld.limits.
 DEFAULT_MAX_UPLOAD_MB = UPLOAD_MB.default
@@ -198,7 +198,7 @@ def _upload_path(item) -> str | None:
 
 def _load_upload(item, what: str, max_bytes: int):
     """(PIL image, file name) from an upload; a clear gr.Error for a big or non-image file."""
-    from .images import load_image
+    from ..io.images import load_image
 
     path = _upload_path(item)
     if path is None:
@@ -221,7 +221,7 @@ def _load_upload(item, what: str, max_bytes: int):
 
 def _load_image_prompts(items, weight: float, max_bytes: int) -> list:
     """The uploaded image prompts as `Prompt`s of `weight`, labelled with their file names."""
-    from .pipeline import Prompt
+    from ..pipeline import Prompt
 
     if items is None or items == "":
         items = []
@@ -239,7 +239,7 @@ def _load_image_prompts(items, weight: float, max_bytes: int) -> list:
 
 def parse_prompts(text, guidance: float) -> list[tuple[str, float]]:
     """One `TEXT[:WEIGHT]` prompt a line (blank lines skipped) as (text, weight) pairs."""
-    from .prompts import parse_weighted
+    from ..prompts import parse_weighted
 
     if text is None:
         return []
@@ -305,7 +305,7 @@ def check_request(*, prompts, image_prompts, image_weight, init_image, strength,
     `gr.Error` with a one-line message for the first one the user must fix. Blank values take
     defaults: the guidance DEFAULT_GUIDANCE, the image prompt weight the guidance, the seed a
     random one, the width and height `size` (the server's)."""
-    from . import sampling
+    from .. import sampling
 
     with _page_errors():
         steps = WEB_STEPS.check("steps", steps)
@@ -396,7 +396,7 @@ def save_gallery(store: ResultStore, request: Request, pixels, params: dict):
     """Writes the images into a new batch folder as PNGs carrying `params` and their index;
     returns the gallery's (path, caption) pairs. Failing to save is the server's problem, and the
     message says so plainly."""
-    from .images import save_png, tensor_to_pil
+    from ..io.images import save_png, tensor_to_pil
 
     gallery = []
     images = (image for chunk in pixels for image in chunk)
@@ -453,7 +453,7 @@ def generate(pipe, prompts: str = "", *, image_prompts=None, image_weight=DEFAUL
 
 def preview_gallery(pixels, step: int, steps: int) -> list:
     """The gallery's (image, caption) pairs of a preview; PIL images, nothing saved."""
-    from .images import tensor_to_pil
+    from ..io.images import tensor_to_pil
 
     return [(tensor_to_pil(image), f"preview · step {step}/{steps}") for image in pixels]
 
@@ -589,7 +589,7 @@ def _input_column(num_images: int, size: int, defaults: dict) -> _Form:
     then the folded uploads."""
     import gradio as gr
 
-    from . import sampling
+    from .. import sampling
 
     with gr.Column(scale=2, min_width=320):
         prompts = gr.Textbox(label="Prompts", lines=3, max_lines=WEB_PROMPTS.high, elem_id="prompts",
@@ -755,7 +755,7 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
 
 def add_serve_command(sub) -> argparse.ArgumentParser:
     """Adds `ccld serve` to the CLI's subparsers."""
-    from .loading import add_model_options
+    from .options import add_model_options
 
     s = sub.add_parser("serve", help="run the web app (Gradio) on this machine",
                        description="Serve the gallery web app and its API. The models load once "
@@ -861,7 +861,7 @@ def _require_gradio() -> None:
 
 def _load_models(args):
     """(the pipeline, loaded once; how many samplings may run at once on its device)."""
-    from .loading import load_pipeline
+    from .options import load_pipeline
 
     log.info("loading the models ...")
     t0 = time.perf_counter()

@@ -16,9 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._version import __version__
-from .errors import CCLDError, command_line
-from .limits import (
+from .._version import __version__
+from ..errors import CCLDError, command_line
+from ..limits import (
     ETA,
     GRID_IMAGES,
     IMAGES_PER_CALL,
@@ -32,7 +32,7 @@ from .limits import (
     VARIATION_STRENGTH,
     WEIGHT,
 )
-from .prompts import how_read, parse_weighted
+from ..prompts import how_read, parse_weighted
 
 
 def check_writable_folder(folder: Path, option: str) -> None:
@@ -59,7 +59,7 @@ def apply_recipe(args) -> None:
     Method, steps and guidance left out otherwise stay None: the pipeline fills them with the
     model's own defaults (a distilled student's, else the fast ones). Options given explicitly
     always win."""
-    from .pipeline import (
+    from ..pipeline import (
         REFERENCE_METHOD,
         REFERENCE_PRECISION,
         REFERENCE_STEPS,
@@ -110,7 +110,7 @@ def check_generate_args(args) -> None:
 def default_weight(args) -> float:
     """The weight of a prompt given without one, for the checks before the model is loaded
     (which weight it then gets, the model may say: see `CCLDPipeline.sampling_defaults`)."""
-    from .pipeline import DEFAULT_GUIDANCE
+    from ..pipeline import DEFAULT_GUIDANCE
 
     return DEFAULT_GUIDANCE if args.guidance is None else args.guidance
 
@@ -128,8 +128,8 @@ def cmd_generate(args) -> int:
         note = how_read(spec, default_weight(args))
         if note:
             print(f"ccld: note: {note}", file=sys.stderr)
-    from .loading import load_pipeline
-    from .pipeline import DEFAULT_STRENGTH
+    from ..pipeline import DEFAULT_STRENGTH
+    from .options import load_pipeline
 
     pipe = load_pipeline(args)
     batch_size = args.batch_size or pipe.default_batch_size
@@ -151,7 +151,7 @@ def cmd_generate(args) -> int:
 # The picture's size and variations: their options, checks and pipeline settings
 
 def add_picture_options(g: argparse.ArgumentParser) -> None:
-    from .pipeline import DEFAULT_SIZE, DEFAULT_VARIATION_STRENGTH
+    from ..pipeline import DEFAULT_SIZE, DEFAULT_VARIATION_STRENGTH
 
     g.add_argument("--width", type=int, default=DEFAULT_SIZE,
                    help=f"picture width in pixels, a multiple of 64 (default {DEFAULT_SIZE}, the "
@@ -187,7 +187,7 @@ def check_picture_args(args) -> None:
 
 
 def add_preview_option(g: argparse.ArgumentParser) -> None:
-    from .pipeline import PREVIEW_EVERY
+    from ..pipeline import PREVIEW_EVERY
 
     g.add_argument("--preview", action="store_true",
                    help=f"keep OUT/{PREVIEW_FILE} showing the current batch's clean prediction, "
@@ -203,9 +203,9 @@ def preview_writer(pipe, args, out: Path):
     viewer never reads half a file) every PREVIEW_EVERY steps and at each batch's last step."""
     if not args.preview:
         return None
-    from .files import atomic_write
-    from .images import make_grid, tensor_to_pil
-    from .pipeline import PREVIEW_EVERY
+    from ..io.files import atomic_write
+    from ..io.images import make_grid, tensor_to_pil
+    from ..pipeline import PREVIEW_EVERY
 
     def write(info: dict) -> None:
         done = info["i"] + 1
@@ -235,7 +235,7 @@ def write_numbered(images, out: Path, grid: bool) -> None:
     """Writes each image as soon as it is painted, numbered on from the pictures already in
     `out`, and prints its path; then the grid of the first GRID_IMAGES, numbered like the first
     image. `out` is created for the first picture, and removed again if that cannot be written."""
-    from .images import make_grid, next_index, save_numbered
+    from ..io.images import make_grid, next_index, save_numbered
 
     first = number = None
     in_grid = []
@@ -283,7 +283,7 @@ def compile_unet(pipe, args, batch_size: int) -> None:
 
 
 def cmd_download(args) -> int:
-    from .loading import download_defaults
+    from .options import download_defaults
 
     for p in download_defaults(args.cloob):
         print(p)
@@ -291,7 +291,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .loading import load_pipeline
+    from .options import load_pipeline
 
     output = Path(args.output)
     check_writable_folder(output, "the output folder")
@@ -303,7 +303,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .loading import describe_checkpoint
+    from .options import describe_checkpoint
 
     info = describe_checkpoint(args.path)
     if args.json:
@@ -320,7 +320,7 @@ def _megabytes(size: int) -> str:
 
 
 def cmd_cache(args) -> int:
-    from . import weights_cache
+    from ..io import weights_cache
 
     converted = weights_cache.converted_dir()
     if args.action == "clear":
@@ -347,9 +347,8 @@ def cmd_cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import sampling
-    from .loading import add_model_options
-    from .pipeline import (
+    from .. import sampling
+    from ..pipeline import (
         DEFAULT_GUIDANCE,
         DEFAULT_METHOD,
         DEFAULT_STEPS,
@@ -358,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         REFERENCE_PRECISION,
         REFERENCE_STEPS,
     )
+    from .options import add_model_options
 
     p = argparse.ArgumentParser(prog="ccld", description="CLOOB-conditioned latent diffusion: "
                                 "paint from text and image prompts.")
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .web import add_serve_command
     add_serve_command(sub)
-    from .training.commands import add_training_commands
+    from ..training.commands import add_training_commands
     add_training_commands(sub)
     return p
 
@@ -464,7 +464,7 @@ def main(argv=None) -> int:
         # A first run's converted-weights copies may still be being written: waited for here,
         # where Ctrl-C is an interruption (the interpreter's own wait at exit would print a
         # traceback), and leaves only a temporary that the next writer removes.
-        from .weights_cache import finish_writes
+        from ..io.weights_cache import finish_writes
 
         finish_writes()
         return status

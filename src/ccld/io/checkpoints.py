@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CCLDError
+from ..errors import CCLDError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import CCLDError
+from ..errors import CCLDError
+from ..limits import IMAGE_ASPECT, IMAGE_PIXELS
 from .files import atomic_write
-from .limits import IMAGE_ASPECT, IMAGE_PIXELS
 
 MAX_PIXELS = IMAGE_PIXELS.high  # larger images are refused before their pixels are decoded
 MAX_ASPECT = IMAGE_ASPECT.high  # longer strips are cut to this ratio (their middle) before resizing
@@ -175,7 +175,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict,
              exclusive: bool = False) -> Path:
     """Writes a PNG holding `json.dumps(parameters)` in its `parameters` text chunk, atomically.
 
-    A crash never leaves a half-written PNG under the final name (see `ccld.files`).
+    A crash never leaves a half-written PNG under the final name (see `ccld.io.files`).
     `exclusive`: FileExistsError rather than replacing a file at `path`.
     """
     info = PngImagePlugin.PngInfo()

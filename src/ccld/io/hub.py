@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import CCLDError
+from ..errors import CCLDError
 
 DEFAULT_UNET = ("huggan/distill-ccld-wa", "model_student.ckpt")  # the 105M distilled student
 DEFAULT_AUTOENCODER = ("huggan/ccld_wa", "ae_model.ckpt", "ae_model.yaml")
@@ -97,7 +97,7 @@ def hub_list_files(repo_id: str) -> list[str]:
 
 def cache_dir() -> Path:
     """Where non-hub downloads (the CLOOB pickle) live: ccld's cache folder, `CCLD_CACHE_DIR` or
-    beside the Hugging Face hub cache (see `ccld.weights_cache`)."""
+    beside the Hugging Face hub cache (see `ccld.io.weights_cache`)."""
     from .weights_cache import cache_root
 
     return cache_root()
@@ -173,7 +173,7 @@ def builtin_cloob_name(config) -> str | None:
 
 def download_cloob(name: str | None = None) -> Path:
     """The released CLOOB pickle for a built-in config, downloaded once and verified."""
-    from .models.cloob import BUILTIN_CONFIGS
+    from ..models.cloob import BUILTIN_CONFIGS
 
     name = name or DEFAULT_CLOOB
     if name not in BUILTIN_CONFIGS:
