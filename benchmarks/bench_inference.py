@@ -137,23 +137,22 @@ STAGES_CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import torch
-from ccld.apps.cli import apply_recipe, build_parser
+from ccld.apps.cli import build_parser
+from ccld.apps.generate import settings_options
 from ccld.apps.options import load_pipeline
+from ccld.settings import Settings
 t_import = time.perf_counter()
 args = build_parser().parse_args(sys.argv[1:])
-apply_recipe(args)
-pipe = load_pipeline(args)
+settings = Settings.build(**settings_options(args))
+pipe = load_pipeline(args, settings.precision)
 t_load = time.perf_counter()
 forwards = []
 def timed(module, inputs, output):
     forwards.append(time.perf_counter())
 pipe.unet.register_forward_hook(timed)
-guidance = pipe.sampling_defaults["guidance"] if args.guidance is None else args.guidance
-with pipe.autocast():
-    embeds, weights = pipe.conditions(args.prompts, args.image_prompt, guidance)
+embeds, weights = pipe.conditions(settings=settings)
 t_text = time.perf_counter()
-latents = pipe.generate_latents(args.prompts, args.image_prompt, steps=args.steps,
-                                method=args.method, guidance=guidance, seed=args.seed)
+latents = pipe.generate_latents(settings=settings)
 t_sample = time.perf_counter()
 pipe.decode(latents)  # the tiny decoder where --decoder gives one
 t_decode = time.perf_counter()

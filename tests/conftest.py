@@ -10,7 +10,8 @@ import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 
-from ccld.pipeline import DEFAULT_STEPS, DEFAULT_STRENGTH, DEFAULT_VARIATION_STRENGTH, picture_size
+from ccld.pipeline import sampling_defaults
+from ccld.settings import Settings
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -245,23 +246,25 @@ class FakePipe:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def generate_latents(self, prompts=(), image_prompts=(), *, num_images=1, steps=None,
-                         method=None, guidance=None, seed=0, eta=0.0, init_image=None,
-                         strength=DEFAULT_STRENGTH, size=None, height=None, width=None,
-                         variation_of=None, variation_index=0,
-                         variation_strength=DEFAULT_VARIATION_STRENGTH, callback=None):
-        steps = DEFAULT_STEPS if steps is None else steps  # the plain model's defaults
+    @staticmethod
+    def _settings(prompts, image_prompts, settings, options) -> Settings:
+        """The settings as the real pipeline resolves them for a plain model."""
+        return Settings.build(prompts, image_prompts, base=settings,
+                              **options).resolved(sampling_defaults({}))
+
+    def generate_latents(self, prompts=None, image_prompts=None, *, settings=None, callback=None,
+                         **options):
+        settings = self._settings(prompts, image_prompts, settings, options)
         with self._lock:
             self.running += 1
             self.calls += 1
             self.most_at_once = max(self.most_at_once, self.running)
         try:
-            height, width = picture_size(size, height, width)
-            latents = torch.zeros(num_images, 4, height // 8, width // 8)
-            for i in range(steps):
-                time.sleep(self.delay / steps)
+            latents = torch.zeros(settings.num_images, 4, settings.height // 8, settings.width // 8)
+            for i in range(settings.steps):
+                time.sleep(self.delay / settings.steps)
                 if callback:
-                    callback({"i": i, "t": 1 - i / steps, "x": latents, "pred": latents})
+                    callback({"i": i, "t": 1 - i / settings.steps, "x": latents, "pred": latents})
             return latents
         finally:
             with self._lock:
@@ -276,17 +279,7 @@ class FakePipe:
         self.decoded_by.append("tiny" if self.tiny_decoder is not None else "linear")
         return torch.zeros(latents.shape[0], 3, latents.shape[2] * 8, latents.shape[3] * 8)
 
-    def describe(self, prompts, image_prompts, *, num_images, steps, method, guidance, seed, eta,
-                 init_image, strength, latent_scale, size=None, height=None, width=None,
-                 variation_of=None, variation_index=0,
-                 variation_strength=DEFAULT_VARIATION_STRENGTH, full_decoder=False) -> dict:
-        height, width = picture_size(size, height, width)
-        params = {"prompts": [list(p) for p in prompts], "seed": seed, "steps": steps,
-                  "num_images": num_images, "method": method,
-                  "image_prompts": [[p.label, p.weight] for p in image_prompts],
-                  "width": width, "height": height,
-                  "decoder": "tiny" if self.tiny_decoder is not None and not full_decoder else "full"}
-        if variation_of is not None:
-            params.update(variation_of=variation_of, variation_index=variation_index,
-                          variation_strength=variation_strength)
-        return params
+    def describe(self, prompts=None, image_prompts=None, *, settings=None, **options) -> dict:
+        settings = self._settings(prompts, image_prompts, settings, options)
+        tiny = self.tiny_decoder is not None and not settings.full_decoder
+        return {**settings.to_dict(), "decoder": "tiny" if tiny else "full"}

@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -50,9 +51,13 @@ def test_bare_state_dict_and_explicit_config(fixtures, io, tmp_path):
 
 def test_missing_yaml(fixtures, tmp_path):
     shutil.copy(fixtures / "autoencoder.ckpt", tmp_path / "lonely.ckpt")
-    with pytest.raises(CCLDError, match=r"lonely\.ckpt.*--autoencoder-config") as e:
+    with pytest.raises(CCLDError, match=r"lonely\.ckpt.*autoencoder_config=") as e:
         load_autoencoder(tmp_path / "lonely.ckpt")
     assert "\n" not in str(e.value)
+    # the command line words the same error by its option
+    from ccld.errors import option_words
+
+    assert re.search(r"lonely\.ckpt.*--autoencoder-config", e.value.worded(option_words))
 
 
 def test_wrong_kind_of_checkpoint(fixtures, tmp_path):

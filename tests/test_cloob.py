@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ccld.errors import CCLDError
+from ccld.errors import CCLDError, option_words
 from ccld.models.cloob import (
     BUILTIN_CONFIGS,
     SelfAttention,
@@ -77,12 +77,14 @@ def test_weights_not_fitting_the_config(fixtures):
     config = json.loads((fixtures / "cloob.json").read_text())
     config["image_encoder"]["d_model"] = 32
     with pytest.raises(CCLDError, match=r"does not match the CLOOB config .*image_encoder.*"
-                                        r"expected \[32.*got \[64.*--cloob-config"):
+                                        r"expected \[32.*got \[64.*cloob_config=") as e:
         load_cloob(fixtures / "cloob.pkl", config)
+    assert "--cloob-config" in e.value.worded(option_words)  # as the command line says it
     config = json.loads((fixtures / "cloob.json").read_text())
     config["text_encoder"]["n_layers"] = 1
-    with pytest.raises(CCLDError, match=r"text_encoder\.layers\.1\..*--cloob-config"):
+    with pytest.raises(CCLDError, match=r"text_encoder\.layers\.1\..*cloob_config=") as e:
         load_cloob(fixtures / "cloob.pkl", config)
+    assert "--cloob-config" in e.value.worded(option_words)
 
 
 def test_truncated_pickle(fixtures, tmp_path):
@@ -117,8 +119,9 @@ def test_config_from_checkpoint_name(tmp_path):
     assert config["name"] == BUILTIN and config["image_encoder"]["image_size"] == 224
     assert resolve_cloob_config(None, "cloob_laion_400m_vit_b_16_32_epochs.safetensors")["url"] \
         == BUILTIN_CONFIGS["cloob_laion_400m_vit_b_16_32_epochs"]["url"]
-    with pytest.raises(CCLDError, match="--cloob-config"):
+    with pytest.raises(CCLDError, match="cloob_config=") as e:
         resolve_cloob_config(None, tmp_path / "my_cloob.pkl")
+    assert "--cloob-config" in e.value.worded(option_words)
 
 
 def test_builtin_configs():

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from ccld import CCLDError, CCLDPipeline, limits
-from ccld.apps.cli import build_parser, check_generate_args, main
+from ccld.apps.cli import build_parser, main
+from ccld.apps.generate import settings_options
 from ccld.limits import IMAGES_PER_CALL, SEED, STEPS, WEIGHT
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -100,7 +101,9 @@ def test_a_run_of_many_images_is_not_the_per_call_limit(fixture_pipeline, model_
     assert len(list(itertools.islice(images, 2))) == 2  # painted two at a time
     args = build_parser().parse_args(["generate", "a castle", "-n", "100000", *model_flags])
     args.steps = 10
-    check_generate_args(args)  # the CLI takes it, and paints it in batches
+    from ccld import Settings
+
+    assert Settings.build(**settings_options(args)).num_images == 100000  # the CLI takes it
 
 
 def test_web_checks_against_the_same_table():

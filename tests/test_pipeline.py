@@ -240,7 +240,7 @@ def test_published_models_decode_at_the_demos_latent_scale(fixture_pipeline, fil
     latents = torch.randn(1, 4, 32, 32)
     assert torch.equal(pipe.decode(latents), fixture_pipeline.decode(latents, latent_scale=2.55))
     assert pipe.describe("x", (), num_images=1, steps=1, method="ddim", guidance=3.0, seed=0,
-                         eta=0.0, init_image=None, strength=0.6, latent_scale=None,
+                         eta=0.0, init_image=None, latent_scale=None,
                          size=256)["latent_scale"] == 2.55
     # a converted folder keeps the scale it was decoded with; --latent-scale still overrides
     pipe.save_pretrained(tmp_path / "m")
@@ -314,7 +314,7 @@ def test_output_names_are_claimed_atomically(tmp_path):
 
 
 def test_the_grid_is_capped(tmp_path, capsys):
-    from ccld.apps.cli import write_numbered
+    from ccld.apps.generate import write_numbered
     from ccld.limits import GRID_IMAGES
 
     write_numbered(numbered_images(GRID_IMAGES.high + 6), tmp_path, grid=True)
@@ -327,7 +327,7 @@ def test_the_grid_is_capped(tmp_path, capsys):
 
 def test_a_folder_made_for_a_picture_that_cannot_be_written_is_removed(tmp_path, monkeypatch):
     from ccld import CCLDError
-    from ccld.apps.cli import write_numbered
+    from ccld.apps.generate import write_numbered
 
     def disk_full(image, path, parameters, exclusive=False):
         raise CCLDError(f"{path}: could not write the image (No space left on device)")

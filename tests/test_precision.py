@@ -85,9 +85,9 @@ def test_bf16_text_embeddings_are_close(pipe):
 
 
 def test_auto_on_a_cpu_without_bf16_is_fp32_channels_last_within_1e4(pipe, fixtures, monkeypatch):
-    import ccld.pipeline
+    import ccld.pipeline.precision
 
-    monkeypatch.setattr(ccld.pipeline, "fast_bf16_cpu", lambda: False)  # as on an AVX2-only CPU
+    monkeypatch.setattr(ccld.pipeline.precision, "fast_bf16_cpu", lambda: False)  # as on an AVX2-only CPU
     io = load_file(fixtures / "unet_io.safetensors")
     x, t, e = io["x"], io["t"], io["embed"]
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

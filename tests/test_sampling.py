@@ -146,7 +146,7 @@ def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(model
         pipe.generate_latents("a red circle", num_images=1, steps=3, method="toy-heun")
         assert len(calls) == sampling.get_sampler("toy-heun").forwards(3) and schedules == [3]
         assert pipe.describe("a red circle", (), num_images=1, steps=3, method="toy-heun",
-                             guidance=3.0, seed=0, eta=0.0, init_image=None, strength=0.6,
+                             guidance=3.0, seed=0, eta=0.0, init_image=None,
                              latent_scale=None, size=256)["method"] == "toy-heun"
     finally:
         sampling.SAMPLERS.pop("toy-heun", None)

@@ -46,7 +46,7 @@ def test_size_is_the_square_alias(fixture_pipeline):
                        fixture_pipeline.generate_latents("x", height=64, width=64, **kw))
     params = fixture_pipeline.describe("x", (), num_images=1, steps=1, method="ddim",
                                        guidance=3.0, seed=0, eta=0.0, init_image=None,
-                                       strength=0.6, latent_scale=None, size=128)
+                                       latent_scale=None, size=128)
     assert (params["width"], params["height"]) == (128, 128)
     with pytest.raises(CCLDError, match="size=64 disagrees with height=None, width=128"):
         fixture_pipeline.generate_latents("x", size=64, width=128, **kw)

@@ -2,8 +2,9 @@
 
 from ._version import __version__
 from .errors import CCLDError
+from .settings import Settings
 
-__all__ = ["CCLDPipeline", "CCLDError", "__version__"]
+__all__ = ["CCLDPipeline", "CCLDError", "Settings", "__version__"]
 
 
 def __getattr__(name: str):

@@ -79,6 +79,10 @@ LATENT_SCALE = Limit(0, 100, "the decoding scale: `--latent-scale`, `latent_scal
                      low_open=True)
 SEED = Limit(0, 2 ** 64 - 1, "`--seed`, `seed=` (the range of a torch generator's seed)",
              "any whole number in range paints its own pictures", whole=True)
+PROMPTS = Limit(0, 64, "text prompts, and image prompts, mixed into one painting",
+                "mix fewer prompts; several runs paint several", whole=True)
+PROMPT_CHARS = Limit(0, 10_000, "characters of one text prompt", "the text encoder reads only "
+                     "the first 77 tokens", whole=True)
 SIZE = Limit(64, 1024, "picture width and height in pixels: `--width`, `--height`, `width=`, "
              "`height=`, `size=` (both), `ccld serve --size`",
              "the models were trained at 256 and paint best near it", whole=True, multiple_of=64)

@@ -11,19 +11,21 @@ from .limits import WEIGHT
 _NUMBERISH = re.compile(r"^[+\-.\d]")
 
 
-def parse_weighted(spec: str, default_weight: float, what: str = "prompt",
-                   is_path: bool = False) -> tuple[str, float]:
-    """Splits `TEXT:WEIGHT` at the last colon.
+def parse_weighted(spec: str, default_weight: float | None, what: str = "prompt",
+                   is_path: bool = False) -> tuple[str, float | None]:
+    """Splits `TEXT:WEIGHT` at the last colon; a prompt without a weight gets `default_weight`
+    (None: the painting's guidance, filled in once the model's defaults are known).
 
     A suffix that is not a number is part of the text ("Monet: water lilies"), unless it looks
     like a mistyped number ("cat:3x", "cat:"), which is an error rather than a silent guess. For
     image prompts an existing path wins, so "C:/art.png" and "a:b.png" stay paths.
     """
+    default = None if default_weight is None else float(default_weight)
     if is_path and Path(spec).exists():
-        return spec, float(default_weight)
+        return spec, default
     text, sep, suffix = spec.rpartition(":")
     if not sep:
-        return spec, float(default_weight)
+        return spec, default
     try:
         weight = float(suffix)
     except ValueError:
@@ -34,7 +36,7 @@ def parse_weighted(spec: str, default_weight: float, what: str = "prompt",
         if s == "" or (_NUMBERISH.match(s) and " " not in s):
             raise CCLDError(f"bad {what} weight in {spec!r}: {suffix!r} is not a number; "
                             f"write TEXT:WEIGHT, e.g. '{text.strip() or 'a castle'}:2.5'") from None
-        return spec, float(default_weight)
+        return spec, default
     if not text:
         raise CCLDError(f"bad {what} {spec!r}: nothing before the weight; write TEXT:WEIGHT")
     return text, float(WEIGHT.check(f"the weight in {what} {spec!r}", weight))

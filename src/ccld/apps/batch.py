@@ -28,19 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CCLDError
-from ..limits import IMAGES_PER_RUN, SEED
-from ..prompts import parse_weighted
+from ..errors import CCLDError, python_words
+from ..settings import ALIASES, Settings, options_from_dict
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.rank*.jsonl"  # one process's lines, until the first process merges them
-# the settings that are not numbers (numbers are checked against ccld.limits when planned)
-KINDS = {"init_image": (str, 'a path, e.g. "sketch.png"'), "full_decoder": (bool, "true or false"),
-         "method": (str, 'a sampler\'s name, e.g. "plms"')}
-ALIASES = {"n": "num_images"}  # what a row may call a keyword argument, as the CLI option does
-NOT_ROW_KEYS = {"batch_size", "progress", "callback"}  # the run's, not a row's
+NOT_ROW_KEYS = ("batch_size", "precision", "index")  # the run's, not a row's
 MODEL_FILES = ("model", "unet", "autoencoder", "autoencoder_config", "cloob", "cloob_config")
-MODEL_OPTIONS = (*MODEL_FILES, "decoder", "precision")  # the run's options that shape every picture
 
 
 @dataclass(frozen=True)
@@ -49,153 +43,111 @@ class Row:
     number: int  # its position among the rows, from 0
     line: int  # its line in the file, from 1
     name: str  # "FILE line N", as errors name it
-    request: dict  # `iter_images` keyword arguments, as JSON values
+    settings: Settings  # the command's options and the row's own
     stochastic: bool  # its sampler draws step noise: its pictures depend on its batches
     key: str  # the hash of what shapes its pictures (its number of images left out)
 
     @property
     def num_images(self) -> int:
-        return int(self.request.get("num_images", 1))
+        return self.settings.num_images
 
     def pending(self, done: set[tuple]) -> list[int]:
         """The indices of its images that `done` does not hold."""
         return [i for i in range(self.num_images) if (self.number, self.key, i) not in done]
 
 
-def row_keywords() -> list[str]:
-    """What a row may set: the pipeline's `iter_images` keywords (less the run's own)."""
-    import inspect
-
-    from ..pipeline import CCLDPipeline
-
-    return [name for name in inspect.signature(CCLDPipeline.iter_images).parameters
-            if name not in NOT_ROW_KEYS and name != "self"]
-
-
-def command_defaults(args, keywords: list[str]) -> dict:
-    """The generate options that are rows' defaults: each named like a row keyword, and
-    --image-prompt and -n; options left unset are left to the pipeline."""
-    given = {name: getattr(args, name) for name in keywords if hasattr(args, name)}
-    given.update(image_prompts=list(args.image_prompt), num_images=args.n)
-    given.pop("prompts", None)
-    given.pop("seed", None)  # a row's seed is its own (see `read_prompts_file`)
-    return {name: value for name, value in given.items() if value not in (None, [])}
-
-
-def read_prompts_file(path: Path, defaults: dict, base_seed: int, run: dict) -> list[Row]:
-    """The rows of a prompt file, each with the command's defaults filled in; `run`: the
-    options that shape every picture, hashed into each row's key."""
-    keywords = row_keywords()
+def read_prompts_file(path: Path, defaults: dict, run: dict) -> list[Row]:
+    """The rows of a prompt file, each with the command's settings `defaults` (by name) filled
+    in, all checked before anything is painted; `run`: the options that shape every picture,
+    hashed into each row's key. A row's seed is its own, else the command's plus its position."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise CCLDError(f"--prompts-file {path}: cannot read it ({getattr(e, 'strerror', None) or e}); "
                         "give a UTF-8 text file of prompts, one a line") from None
+    base_seed = defaults.get("seed", 0)
     rows = []
     for line_number, line in enumerate(lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
         name = f"{path} line {line_number}"
-        values = parse_json_row(text, name, keywords) if text.startswith("{") else {"prompts": [text]}
-        request = {**defaults, **values}
-        request.setdefault("seed", base_seed + len(rows))
-        check_row(request, name)
-        stochastic = is_stochastic(request, name)
-        rows.append(Row(len(rows), line_number, name, request, stochastic,
-                        row_key(request, run, stochastic)))
+        try:
+            values = parse_json_row(text) if text.startswith("{") else {"prompts": [text]}
+            options = {**defaults, "seed": base_seed + len(rows), **values}
+            settings = Settings.build(**options)
+        except CCLDError as e:
+            raise CCLDError(f"{name}: {e.worded(row_words)}") from None
+        stochastic = is_stochastic(settings)
+        rows.append(Row(len(rows), line_number, name, settings, stochastic,
+                        row_key(settings, run, stochastic)))
     if not rows:
         raise CCLDError(f"--prompts-file {path}: no prompts in it; write one PROMPT[:WEIGHT] or "
                         "JSON object a line")
     return rows
 
 
-def parse_json_row(text: str, name: str, keywords: list[str]) -> dict:
+def row_words(name: str, giving: bool, what: str = "") -> str:
+    """A setting named as a row names it: by its key (`n` for num_images)."""
+    return python_words({v: k for k, v in ALIASES.items()}.get(name, name), giving, what)
+
+
+def parse_json_row(text: str) -> dict:
+    """A JSON row's settings, by name (`options_from_dict`)."""
     try:
-        values = json.loads(text)
+        values = json.loads(text, object_pairs_hook=_refuse_repeated_keys)
     except json.JSONDecodeError as e:
-        raise CCLDError(f"{name}: not JSON ({e.msg} at column {e.colno}); write a JSON object "
-                        'per line, e.g. {"prompts": ["a castle"], "seed": 3}') from None
-    if not isinstance(values, dict):
-        raise CCLDError(f"{name}: a JSON {type(values).__name__}, not an object; write e.g. "
-                        '{"prompts": ["a castle"], "seed": 3}')
-    row = {}
-    for key, value in values.items():
-        keyword = ALIASES.get(key, key)
-        if keyword not in keywords:
-            raise CCLDError(f"{name}: unknown key {key!r}; a row may set "
-                            f"{', '.join(sorted([*keywords, *ALIASES]))}")
-        if keyword in row:
-            raise CCLDError(f"{name}: {key!r} repeats another key's setting; give it once")
-        row[keyword] = value
-    return row
+        raise CCLDError(f"not JSON ({e.msg} at column {e.colno}); write a JSON object per line, "
+                        'e.g. {"prompts": ["a castle"], "seed": 3}') from None
+    return options_from_dict(values, not_allowed=NOT_ROW_KEYS, who="a row may set")
 
 
-def check_row(request: dict, name: str) -> None:
-    """What can be checked before the models load: the number of images, the seed, the
-    prompts' form and weights, and that there is something to paint from. (The other settings
-    are checked when the row is planned.)"""
-    try:
-        IMAGES_PER_RUN.check("n", request.get("num_images", 1))
-        SEED.check("seed", request["seed"])
-    except CCLDError as e:
-        raise CCLDError(f"{name}: {e}") from None
-    for key, (kind, example) in KINDS.items():
-        if key in request and request[key] is not None and not isinstance(request[key], kind):
-            raise CCLDError(f"{name}: {key} is {request[key]!r:.40}; give {example}")
-    for key, is_path in (("prompts", False), ("image_prompts", True)):
-        value = request.get(key, [])
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
-            raise CCLDError(f"{name}: {key} is {value!r:.40}; give a string or a list of them")
-        for item in items:
-            if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
-                continue  # [value, weight]: the weight is checked when planned
-            if not isinstance(item, str):
-                raise CCLDError(f"{name}: {key} holds {item!r:.40}; give \"TEXT[:WEIGHT]\" "
-                                "strings or [TEXT, WEIGHT] pairs")
-            try:
-                parse_weighted(item, 1.0, key[:-1].replace("_", " "), is_path=is_path)
-            except CCLDError as e:
-                raise CCLDError(f"{name}: {e}") from None
-    if not (request.get("prompts") or request.get("image_prompts") or request.get("init_image")):
-        raise CCLDError(f"{name}: nothing to paint from; give prompts, image_prompts or init_image")
+def _refuse_repeated_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise CCLDError(f"the key {repeated!r} is given twice; give it once")
+    return dict(pairs)
 
 
-def row_key(request: dict, run: dict, stochastic: bool) -> str:
+def row_key(settings: Settings, run: dict, stochastic: bool) -> str:
     """The hash of what shapes a row's pictures: its settings and the run's models, precision
     and (for a stochastic sampler, whose pictures depend on it) batch size. The number of
     images is left out: asking for more paints only the new ones."""
-    shaping = {k: v for k, v in request.items() if k != "num_images"}
+    shaping = {k: v for k, v in settings.to_dict().items() if k != "num_images"}
     if not stochastic:
         run = {k: v for k, v in run.items() if k != "batch_size"}
     text = json.dumps({"row": shaping, "run": run}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_settings(args, batch_size: int) -> dict:
-    """The run's options that shape every picture, model paths made absolute."""
+def run_settings(args, device: str, batch_size: int | None) -> dict:
+    """The run's options that shape every picture: its models (paths made absolute), decoder,
+    and its precision and batch size as they resolve on `device` (`auto` paints fp16 on a GPU
+    and bf16 or fp32 on a CPU: a run resumed on other hardware must not mix them)."""
+    import torch
+
+    from ..pipeline import resolve_precision
+
     settings = {}
-    for option in MODEL_OPTIONS:
+    for option in (*MODEL_FILES, "decoder"):
         value = getattr(args, option, None)
         if option in MODEL_FILES and value is not None and Path(value).exists():
             value = os.path.abspath(value)  # the same file, however the command spells it
         settings[option] = value
-    settings["batch_size"] = batch_size
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    settings["precision"] = resolve_precision(args.precision or "auto", device)
+    settings["batch_size"] = batch_size or (16 if device.type == "cuda" else 4)
     return settings
 
 
-def is_stochastic(request: dict, name: str) -> bool:
+def is_stochastic(settings: Settings) -> bool:
     """Whether the row's sampler draws step noise (its pictures then depend on its batches)."""
     from .. import sampling
-    from ..pipeline import DEFAULT_METHOD
+    from ..settings import DEFAULT_METHOD
 
-    try:
-        sampler = sampling.get_sampler(request.get("method", DEFAULT_METHOD))
-    except CCLDError as e:
-        raise CCLDError(f"{name}: {e}") from None
-    eta = request.get("eta", 0.0)
-    return bool(sampler.eta(eta if isinstance(eta, (int, float)) else 0.0))
+    return bool(sampling.get_sampler(settings.method or DEFAULT_METHOD).eta(settings.eta))
 
 
 # The manifest
@@ -343,32 +295,24 @@ def shard(rows: list[Row], done: set[tuple], processes: Processes) -> list[tuple
     return list(mine.values())
 
 
-def pipeline_arguments(request: dict) -> dict:
-    """A row's JSON values as `iter_images` takes them: [value, weight] pairs as tuples."""
-    arguments = dict(request)
-    for key in ("prompts", "image_prompts"):
-        if isinstance(arguments.get(key), list):
-            arguments[key] = [tuple(p) if isinstance(p, list) else p for p in arguments[key]]
-    return arguments
-
-
-def generate_from_file(args, out: Path) -> int:
-    """`ccld generate --prompts-file`: paints the rows' images not yet in the manifest."""
+def generate_from_file(args, out: Path, options: dict) -> int:
+    """`ccld generate --prompts-file`: paints the rows' images not yet in the manifest; the
+    command's settings `options` are every row's defaults."""
     from ..training.commands import check_all_processes_started
 
     processes = Processes.from_environment()
     check_all_processes_started(processes.world)
     path = Path(args.prompts_file)
-    defaults = command_defaults(args, row_keywords())
-    batch_size = args.batch_size
-    rows = read_prompts_file(path, defaults, args.seed, run_settings(args, batch_size))
+    defaults = {k: v for k, v in options.items() if k not in ("batch_size", "precision")}
+    device = processes.device(args.device)
+    rows = read_prompts_file(path, defaults, run_settings(args, device, options.get("batch_size")))
     processes.start()
     try:
         done = done_images(out)
         processes.barrier()  # everyone has read the manifest before anyone adds to it
         mine = shard(rows, done, processes)
         if mine:
-            paint(args, out, mine, processes, batch_size)
+            paint(args, out, mine, processes, device, options)
         processes.barrier()
         if processes.rank == 0:
             merge_parts(out)
@@ -381,19 +325,19 @@ def generate_from_file(args, out: Path) -> int:
 
 
 def paint(args, out: Path, mine: list[tuple[Row, list[int]]], processes: Processes,
-          batch_size: int | None) -> None:
+          device: str, options: dict) -> None:
     """Paints this process's share, writing each image, then its manifest line, as it is done."""
     from ..io.images import next_index, save_numbered
     from .options import load_pipeline
 
-    args.device = processes.device(args.device)
-    pipe = load_pipeline(args)
+    args.device = device
+    pipe = load_pipeline(args, options.get("precision"))
     if args.compile:
         pipe.compile()
-    images = pipe.iter_many([pipeline_arguments(row.request) for row, _ in mine],
+    images = pipe.iter_many([row.settings for row, _ in mine],
                             wanted=[indices for _, indices in mine],
-                            names=[row.name for row, _ in mine], batch_size=batch_size,
-                            progress=not args.quiet)
+                            names=[row.name for row, _ in mine],
+                            batch_size=options.get("batch_size"), progress=not args.quiet)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

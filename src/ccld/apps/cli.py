@@ -1,4 +1,5 @@
-"""The `ccld` command: generate, download, convert, info, cache.
+"""The `ccld` command: generate (`ccld.apps.generate`), serve (`ccld.apps.web`), the training
+commands (`ccld.training.commands`), download, convert, info, cache.
 
 Problems the user can fix arrive as `CCLDError` and are printed as one line with exit status 2.
 This module imports only the standard library and ccld's light modules: torch and the models
@@ -8,7 +9,6 @@ load inside `main`, so that Ctrl-C during start-up is "ccld: interrupted", not a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -17,269 +17,7 @@ import warnings
 from pathlib import Path
 
 from .._version import __version__
-from ..errors import CCLDError, command_line
-from ..limits import (
-    ETA,
-    GRID_IMAGES,
-    IMAGES_PER_CALL,
-    IMAGES_PER_RUN,
-    LATENT_SCALE,
-    SEED,
-    SIZE,
-    STEPS,
-    STRENGTH,
-    VARIATION_INDEX,
-    VARIATION_STRENGTH,
-    WEIGHT,
-)
-from ..prompts import how_read, parse_weighted
-
-
-def check_writable_folder(folder: Path, option: str) -> None:
-    """Fails now, before any slow work, when `folder` could not be created or written into;
-    creates nothing, so a run that fails later leaves no empty folder behind."""
-    existing = folder
-    try:
-        while not existing.exists():  # the nearest part of the path that exists
-            existing = existing.parent
-    except OSError as e:
-        raise CCLDError(f"{option} {folder}: cannot look there ({e.strerror}); pass another "
-                        "folder") from None
-    if not existing.is_dir():
-        where = "" if existing == folder else f" {existing} is"
-        raise CCLDError(f"{option} {folder}:{where} a file, not a folder; pass a folder path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CCLDError(f"{option} {folder}: no permission to write in {existing}; pass a "
-                        "folder you can write to")
-
-
-def apply_recipe(args) -> None:
-    """Fills the sampling options left out: the reference demo's recipe with --reference (plms,
-    15 steps, contiguous fp32; the latent scale is the model's own reference one either way).
-    Method, steps and guidance left out otherwise stay None: the pipeline fills them with the
-    model's own defaults (a distilled student's, else the fast ones). Options given explicitly
-    always win."""
-    from ..pipeline import (
-        REFERENCE_METHOD,
-        REFERENCE_PRECISION,
-        REFERENCE_STEPS,
-    )
-
-    reference = getattr(args, "reference", False)
-    if reference and getattr(args, "method", "") is None:
-        args.method = REFERENCE_METHOD
-    if reference and getattr(args, "steps", 0) is None:
-        args.steps = REFERENCE_STEPS
-    if args.precision is None:
-        args.precision = REFERENCE_PRECISION if reference else "auto"
-
-
-def check_generate_args(args) -> None:
-    """Every number against ccld.limits, the image prompts' weights, and that there is
-    something to paint from, before anything slow (a download, loading the models)."""
-    IMAGES_PER_RUN.check("-n", args.n)
-    if args.batch_size is not None:
-        IMAGES_PER_CALL.check("--batch-size", args.batch_size)
-    if args.steps is not None:
-        STEPS.check("--steps", args.steps)
-    SEED.check("--seed", args.seed)
-    if args.guidance is not None:
-        WEIGHT.check("--guidance", args.guidance)
-    ETA.check("--eta", args.eta)
-    if args.latent_scale is not None:
-        LATENT_SCALE.check("--latent-scale", args.latent_scale)
-    if args.strength is not None:
-        if args.init_image is None:
-            raise CCLDError("--strength needs --init-image PATH")
-        STRENGTH.check("--strength", args.strength)
-    if args.prompts_file is not None:
-        if args.prompts:
-            raise CCLDError("give the prompts either on the command line or in --prompts-file, "
-                            "not both")
-        if args.grid:
-            raise CCLDError("--grid is for one prompt's pictures; leave it out with "
-                            "--prompts-file")
-    elif not (args.prompts or args.image_prompt or args.init_image):
-        raise CCLDError('nothing to paint from; give a prompt, e.g. ccld generate "a snowy '
-                        'landscape, oil on canvas", or --image-prompt PATH or --init-image PATH')
-    for spec in args.image_prompt:
-        parse_weighted(spec, default_weight(args), "image prompt", is_path=True)
-    check_picture_args(args)
-
-
-def default_weight(args) -> float:
-    """The weight of a prompt given without one, for the checks before the model is loaded
-    (which weight it then gets, the model may say: see `CCLDPipeline.sampling_defaults`)."""
-    from ..pipeline import DEFAULT_GUIDANCE
-
-    return DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-
-
-def cmd_generate(args) -> int:
-    apply_recipe(args)
-    check_generate_args(args)
-    out = Path(args.out)
-    check_writable_folder(out, "--out")
-    if args.prompts_file is not None:
-        from .batch import generate_from_file
-
-        return generate_from_file(args, out)
-    for spec in args.prompts:  # also refuses a bad weight before the models load
-        note = how_read(spec, default_weight(args))
-        if note:
-            print(f"ccld: note: {note}", file=sys.stderr)
-    from ..pipeline import DEFAULT_STRENGTH
-    from .options import load_pipeline
-
-    pipe = load_pipeline(args)
-    batch_size = args.batch_size or pipe.default_batch_size
-    if args.compile:
-        compile_unet(pipe, args, min(batch_size, args.n))
-    images = pipe.iter_images(args.prompts, image_prompts=args.image_prompt, num_images=args.n,
-                              batch_size=batch_size, steps=args.steps, method=args.method,
-                              guidance=args.guidance, seed=args.seed, eta=args.eta,
-                              init_image=args.init_image,
-                              strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-                              latent_scale=args.latent_scale, progress=not args.quiet,
-                              callback=preview_writer(pipe, args, out), **picture_settings(args))
-    write_numbered(images, out, grid=args.grid)
-    global _finished_on_disk
-    _finished_on_disk = True
-    return 0
-
-
-# The picture's size and variations: their options, checks and pipeline settings
-
-def add_picture_options(g: argparse.ArgumentParser) -> None:
-    from ..pipeline import DEFAULT_SIZE, DEFAULT_VARIATION_STRENGTH
-
-    g.add_argument("--width", type=int, default=DEFAULT_SIZE,
-                   help=f"picture width in pixels, a multiple of 64 (default {DEFAULT_SIZE}, the "
-                        "size the models were trained at and paint best near)")
-    g.add_argument("--height", type=int, default=DEFAULT_SIZE,
-                   help=f"picture height in pixels, a multiple of 64 (default {DEFAULT_SIZE})")
-    g.add_argument("--variation-of", type=int, default=None, metavar="SEED",
-                   help="paint variations of the picture this seed painted: each starting noise "
-                        "is slerped from that picture's towards --seed's")
-    g.add_argument("--variation-index", type=int, default=None, metavar="I",
-                   help="with --variation-of: vary picture I of that seed's run (its PNG's "
-                        "index; default 0, the first)")
-    g.add_argument("--variation-strength", type=float, default=None, metavar="S",
-                   help=f"with --variation-of: how far from that picture, 0..1 (default "
-                        f"{DEFAULT_VARIATION_STRENGTH:g}; 0 paints it again)")
-
-
-def check_picture_args(args) -> None:
-    SIZE.check("--width", args.width)
-    SIZE.check("--height", args.height)
-    if args.variation_of is None:
-        for option, value in (("--variation-index", args.variation_index),
-                              ("--variation-strength", args.variation_strength)):
-            if value is not None:
-                raise CCLDError(f"{option} needs --variation-of SEED, the seed of the picture "
-                                "to vary")
-        return
-    SEED.check("--variation-of", args.variation_of)
-    if args.variation_index is not None:
-        VARIATION_INDEX.check("--variation-index", args.variation_index)
-    if args.variation_strength is not None:
-        VARIATION_STRENGTH.check("--variation-strength", args.variation_strength)
-
-
-def add_preview_option(g: argparse.ArgumentParser) -> None:
-    from ..pipeline import PREVIEW_EVERY
-
-    g.add_argument("--preview", action="store_true",
-                   help=f"keep OUT/{PREVIEW_FILE} showing the current batch's clean prediction, "
-                        f"updated every {PREVIEW_EVERY} sampling steps (a quick linear look at "
-                        "the latents, or the tiny decoder's)")
-
-
-PREVIEW_FILE = "preview.png"
-
-
-def preview_writer(pipe, args, out: Path):
-    """With --preview, the sampling callback that replaces OUT/preview.png (atomically: a
-    viewer never reads half a file) every PREVIEW_EVERY steps and at each batch's last step."""
-    if not args.preview:
-        return None
-    from ..io.files import atomic_write
-    from ..io.images import make_grid, tensor_to_pil
-    from ..pipeline import PREVIEW_EVERY
-
-    def write(info: dict) -> None:
-        done = info["i"] + 1
-        if done % PREVIEW_EVERY and done != info["steps"]:
-            return
-        pixels = pipe.preview(info["pred"], args.latent_scale)
-        grid = make_grid([tensor_to_pil(p) for p in pixels])
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / PREVIEW_FILE, lambda f: grid.save(f, format="PNG"), "preview")
-
-    return write
-
-
-def picture_settings(args) -> dict:
-    """The pipeline keyword arguments the options of `add_picture_options` give."""
-    settings = dict(width=args.width, height=args.height)
-    if args.variation_of is not None:
-        settings["variation_of"] = args.variation_of
-        if args.variation_index is not None:
-            settings["variation_index"] = args.variation_index
-        if args.variation_strength is not None:
-            settings["variation_strength"] = args.variation_strength
-    return settings
-
-
-def write_numbered(images, out: Path, grid: bool) -> None:
-    """Writes each image as soon as it is painted, numbered on from the pictures already in
-    `out`, and prints its path; then the grid of the first GRID_IMAGES, numbered like the first
-    image. `out` is created for the first picture, and removed again if that cannot be written."""
-    from ..io.images import make_grid, next_index, save_numbered
-
-    first = number = None
-    in_grid = []
-    for image in images:
-        if first is None:
-            created = [folder for folder in [out, *out.parents] if not folder.exists()]
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                path, first = save_numbered(image, out, next_index(out))
-            except BaseException as e:
-                for folder in created:  # deepest first; each is empty unless another run wrote
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
-                if isinstance(e, OSError):
-                    raise CCLDError(f"--out {out}: cannot create the folder ({e.strerror}); "
-                                    "pass another folder") from None
-                raise
-            number = first
-        else:
-            path, number = save_numbered(image, out, number + 1)
-        print(path)
-        if grid and len(in_grid) < GRID_IMAGES.high:
-            in_grid.append(image)
-    if in_grid:
-        painted = json.loads(in_grid[0].info["parameters"])["num_images"]
-        if painted > len(in_grid):
-            print(f"ccld: the grid shows the first {len(in_grid)} of the {painted} pictures",
-                  file=sys.stderr)
-        picture = make_grid(in_grid)
-        picture.info["parameters"] = json.dumps({**json.loads(in_grid[0].info["parameters"]),
-                                                 "grid": True})
-        print(save_numbered(picture, out, first, prefix="grid-")[0])
-
-
-def compile_unet(pipe, args, batch_size: int) -> None:
-    """torch.compile the U-Net and warm it up on this run's batch shape, saying what it cost."""
-    import time
-
-    started = time.perf_counter()
-    pipe.compile()
-    pipe.generate_latents(args.prompts, args.image_prompt, num_images=batch_size, steps=1,
-                          method=args.method, guidance=args.guidance, seed=args.seed,
-                          init_image=args.init_image, **picture_settings(args))
-    print(f"ccld: torch.compile warm-up took {time.perf_counter() - started:.1f} s", file=sys.stderr)
+from ..errors import CCLDError, option_words
 
 
 def cmd_download(args) -> int:
@@ -291,6 +29,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from .generate import check_writable_folder
     from .options import load_pipeline
 
     output = Path(args.output)
@@ -347,16 +86,6 @@ def cmd_cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import sampling
-    from ..pipeline import (
-        DEFAULT_GUIDANCE,
-        DEFAULT_METHOD,
-        DEFAULT_STEPS,
-        DEFAULT_STRENGTH,
-        REFERENCE_METHOD,
-        REFERENCE_PRECISION,
-        REFERENCE_STEPS,
-    )
     from .options import add_model_options
 
     p = argparse.ArgumentParser(prog="ccld", description="CLOOB-conditioned latent diffusion: "
@@ -364,60 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ccld {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="paint pictures from prompts",
-                       description="Paint pictures from text and image prompts. Each PNG records "
-                       "its parameters; the same seed and settings paint the same picture.")
-    g.add_argument("prompts", nargs="*", metavar="PROMPT[:WEIGHT]",
-                   help="text prompts; a weight after the last colon (negative steers away)")
-    g.add_argument("--prompts-file", metavar="FILE",
-                   help="paint every row of FILE: a PROMPT[:WEIGHT] line, or a JSON object of "
-                        "settings (prompts, image_prompts, seed, steps, method, guidance, size, "
-                        "n, ...); the options are each row's defaults, a row's seed is --seed "
-                        "plus its position. Writes OUT/manifest.jsonl; a rerun paints only what "
-                        "it lacks")
-    g.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT]",
-                   help="an image prompt (repeatable)")
-    g.add_argument("--init-image", metavar="PATH", help="start from this image (image to image)")
-    g.add_argument("--strength", type=float, default=None,
-                   help=f"how far to noise the init image, 0..1 (default {DEFAULT_STRENGTH})")
-    g.add_argument("-n", type=int, default=1,
-                   help=f"number of images (default 1, at most {IMAGES_PER_RUN.high}); any "
-                        "number paints in the memory of one batch")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help=f"images sampled at once (default 16 on a GPU, else 4; at most "
-                        f"{IMAGES_PER_CALL.high}); each is written as soon as its batch is done")
-    g.add_argument("--seed", type=int, default=0,
-                   help=f"random seed, 0 to {SEED.high} (default 0)")
-    g.add_argument("--steps", type=int, default=None,
-                   help=f"sampling steps (default {DEFAULT_STEPS}; {REFERENCE_STEPS} with "
-                        "--reference; a step-distilled student's own count)")
-    g.add_argument("--method", default=None, choices=list(sampling.SAMPLERS),
-                   help=f"sampler (default {DEFAULT_METHOD}; {REFERENCE_METHOD} with --reference; "
-                        "distilled for a step-distilled student)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (default 0: deterministic)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help=f"default prompt weight (classifier-free guidance scale, default "
-                        f"{DEFAULT_GUIDANCE:g}, or brought into a guidance-distilled student's "
-                        "range)")
-    g.add_argument("--latent-scale", type=float, default=None,
-                   help="latent scale for decoding (default: 2.55 for the published WikiArt "
-                        "models, as their demos decode; else the U-Net's stored autoencoder_scale)")
-    g.add_argument("--reference", action="store_true",
-                   help=f"the reference demo's exact recipe: {REFERENCE_METHOD}, "
-                        f"{REFERENCE_STEPS} steps, contiguous {REFERENCE_PRECISION} (options given "
-                        "explicitly still win)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the U-Net first (pays a warm-up, reported; worth it for "
-                        "many images)")
-    g.add_argument("--out", default="out", help="output folder (default out)")
-    g.add_argument("--grid", action="store_true",
-                   help=f"also write grid-NNNNN.png (numbered by the run's first image) of the "
-                        f"first {GRID_IMAGES.high} images")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_picture_options(g)
-    add_preview_option(g)
-    add_model_options(g)
-    g.set_defaults(func=cmd_generate)
+    from .generate import add_generate_command
+
+    add_generate_command(sub)
 
     d = sub.add_parser("download", help="fetch the default models into the Hugging Face cache")
     d.add_argument("--cloob", default=None, help="built-in CLOOB config name")
@@ -452,15 +130,42 @@ def build_parser() -> argparse.ArgumentParser:
 INTERRUPTED = 130  # main's status after Ctrl-C: 128 + SIGINT, what a shell reports for it
 
 
+def command_words(parser: argparse.ArgumentParser):
+    """How the command line names a parameter in a message (see `ccld.errors`): by its option
+    (`--steps`, `-n`; `--variation-of SEED` where the message says what to give); a positional
+    argument by its metavar."""
+    actions = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                for sub_action in subparser._actions:
+                    actions.setdefault(sub_action.dest, sub_action)
+
+    def words(name: str, giving: bool, what: str) -> str:
+        action = actions.get(name)
+        if action is None:
+            return option_words(name, giving, what)
+        if not action.option_strings:
+            return action.metavar or name.upper()
+        flag = next((o for o in action.option_strings if o.startswith("--")),
+                    action.option_strings[0])
+        return f"{flag} {what}" if giving and what else flag
+
+    return words
+
+
 def main(argv=None) -> int:
+    global _finished_on_disk
+    parser = None
     try:  # everything, imports included: Ctrl-C while torch loads is an interruption too
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         warnings.simplefilter("default")
         from huggingface_hub.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line errors
-        with command_line():
-            status = args.func(args)
+        status = args.func(args)
+        _finished_on_disk = status == 0 and getattr(args, "result_on_disk_at_return", False)
         # A first run's converted-weights copies may still be being written: waited for here,
         # where Ctrl-C is an interruption (the interpreter's own wait at exit would print a
         # traceback), and leaves only a temporary that the next writer removes.
@@ -469,17 +174,18 @@ def main(argv=None) -> int:
         finish_writes()
         return status
     except CCLDError as e:
-        print(f"ccld: error: {e}", file=sys.stderr)
+        message = e.worded(command_words(parser)) if parser is not None else str(e)
+        print(f"ccld: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ccld: interrupted", file=sys.stderr)
         return INTERRUPTED
 
 
-# Set by a command whose whole result is on disk when it returns (one process's paintings): the
-# console command then ends without the interpreter's teardown, which frees every tensor and
-# module one by one (0.3 s after a painting) and only delays the prompt. Commands that may leave
-# work to exit handlers (training's trackers, a launcher's process group) never set it.
+# True after a command whose parser sets `result_on_disk_at_return` (one process's paintings)
+# succeeded: the console command then ends without the interpreter's teardown, which frees every
+# tensor and module one by one (0.3 s after a painting) and only delays the prompt. Commands that
+# may leave work to exit handlers (training's trackers, a launcher's process group) never set it.
 _finished_on_disk = False
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CCLDError
+from ..errors import CCLDError, give
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
@@ -81,7 +81,7 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint", mmap: boo
         refused = re.search(r"GLOBAL (\S+)", str(e))
         if refused and refused.group(1).startswith("numpy"):
             raise CCLDError(f"{path}: a pickle of numpy arrays (like the CLOOB release), not a "
-                            f"PyTorch {what}; if it is CLOOB, pass it with --cloob") from None
+                            f"PyTorch {what}; if it is CLOOB, pass it with {give('cloob')}") from None
         if refused:
             raise CCLDError(f"{path}: refused to load: the file asks for {refused.group(1)}, "
                             "which could run code; a checkpoint holds only tensors, so use a "
@@ -267,9 +267,9 @@ def describe_foreign_state_dict(sd: dict) -> str:
     if isinstance(sd.get("state_dict"), dict):  # a Lightning checkpoint: look inside
         keys = [k.partition(".")[2] for k in sd["state_dict"]]
     if any(k.startswith("net.0.main.0.") for k in keys):
-        return "it looks like a CCLD U-Net: pass it with --unet"
+        return f"it looks like a CCLD U-Net: pass it with {give('unet')}"
     if any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        return "it looks like an autoencoder: pass it with --autoencoder"
+        return f"it looks like an autoencoder: pass it with {give('autoencoder')}"
     if "params" in sd or any(k.startswith(("image_encoder.", "text_encoder.")) for k in keys):
-        return "it looks like a CLOOB checkpoint: pass it with --cloob"
+        return f"it looks like a CLOOB checkpoint: pass it with {give('cloob')}"
     return f"{len(keys)} entries, first {keys[0]!r}" if keys else "it is empty"

@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..errors import CCLDError
+from ..errors import CCLDError, give
 
 DEFAULT_UNET = ("huggan/distill-ccld-wa", "model_student.ckpt")  # the 105M distilled student
 DEFAULT_AUTOENCODER = ("huggan/ccld_wa", "ae_model.ckpt", "ae_model.yaml")
@@ -178,7 +178,7 @@ def download_cloob(name: str | None = None) -> Path:
     name = name or DEFAULT_CLOOB
     if name not in BUILTIN_CONFIGS:
         raise CCLDError(f"unknown CLOOB model {name!r}; choose from {', '.join(BUILTIN_CONFIGS)} "
-                        "or pass --cloob PATH with --cloob-config JSON")
+                        f"or pass {give('cloob')} with {give('cloob_config')}")
     release = BUILTIN_CONFIGS[name]
     filename = release["url"].rpartition("/")[2]
     return download_verified(release["url"], cache_dir() / filename, release["sha256"])

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import CCLDError
+from ..errors import CCLDError, give
 from ..io.checkpoints import load_state_file
 from . import empty_weights
 from .latent_preview import LatentPreview
@@ -393,13 +393,14 @@ def read_autoencoder_config(config_path: str | os.PathLike) -> dict:
     config_path = Path(config_path).expanduser()
     if not config_path.is_file():
         raise CCLDError(f"{config_path}: no such autoencoder config file; pass the LDM yaml "
-                        "(e.g. ae_model.yaml) with --autoencoder-config")
+                        f"(e.g. ae_model.yaml) with {give('autoencoder_config')}")
     try:
         doc = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         detail = " ".join(str(e).split())[:160]
         raise CCLDError(f"{config_path}: not a readable yaml file ({detail}); pass the LDM "
-                        "autoencoder yaml (e.g. ae_model.yaml) with --autoencoder-config") from None
+                        f"autoencoder yaml (e.g. ae_model.yaml) with {give('autoencoder_config')}"
+                        ) from None
     params = doc
     if isinstance(params, dict) and isinstance(params.get("model"), dict):
         params = params["model"]
@@ -409,7 +410,8 @@ def read_autoencoder_config(config_path: str | os.PathLike) -> dict:
         params = params["first_stage_config"].get("params")  # a full LDM config: its autoencoder
     if not (isinstance(params, dict) and isinstance(params.get("ddconfig"), dict)):
         raise CCLDError(f"{config_path}: not an LDM autoencoder config (no model.params.ddconfig); "
-                        "pass the autoencoder's yaml (e.g. ae_model.yaml) with --autoencoder-config")
+                        f"pass the autoencoder's yaml (e.g. ae_model.yaml) with "
+                        f"{give('autoencoder_config')}")
     dd = params["ddconfig"]
     missing = [k for k in ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_ch")
                if k not in dd]
@@ -505,7 +507,7 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
         _ldm_state_dict(load_state_file(path, "autoencoder checkpoint"), path)
         if not given:
             raise CCLDError(f"{path}: no autoencoder config {config_path.name} beside it; pass "
-                            "the LDM yaml (e.g. ae_model.yaml) with --autoencoder-config")
+                            f"the LDM yaml (e.g. ae_model.yaml) with {give('autoencoder_config')}")
         read_autoencoder_config(config_path)  # says the given config is missing, in one line
 
     def convert() -> tuple[dict, dict]:

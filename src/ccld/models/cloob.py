@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import CCLDError
+from ..errors import CCLDError, give
 from . import empty_weights, meta_aware_randn, tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "cloob_configs"
@@ -324,7 +324,7 @@ def _read_config_file(path: Path) -> dict:
                         "check the path") from None
     except json.JSONDecodeError as e:
         raise CCLDError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file or "
-                        f"pass a built-in --cloob-config ({', '.join(BUILTIN_CONFIGS)})") from None
+                        f"pass a built-in {give('cloob_config')} ({', '.join(BUILTIN_CONFIGS)})") from None
     config = validate_cloob_config(config, str(path))
     config.setdefault("name", path.stem)
     return config
@@ -345,7 +345,7 @@ def resolve_cloob_config(config: str | os.PathLike | dict | None = None,
                 return resolve_cloob_config(name)
         where = f"{checkpoint_path}: " if checkpoint_path is not None else ""
         raise CCLDError(f"{where}cannot tell which CLOOB config this checkpoint needs from its "
-                        f"name; pass --cloob-config (one of {', '.join(BUILTIN_CONFIGS)}, "
+                        f"name; pass {give('cloob_config')} (one of {', '.join(BUILTIN_CONFIGS)}, "
                         "or a JSON config file)")
     name = os.fspath(config)
     if name in BUILTIN_CONFIGS:
@@ -454,13 +454,13 @@ def _checked_model(config: dict, state_dict: dict, source: str,
 
     if not any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):
         raise CCLDError(f"{source}: not a CLOOB checkpoint ({describe_foreign_state_dict(state_dict)}); "
-                        "pass the CLOOB release (.pkl) or its conversion with --cloob")
+                        f"pass the CLOOB release (.pkl) or its conversion with {give('cloob')}")
     require_tensors(state_dict, source, "CLOOB checkpoint")
     with empty_weights():  # no wasted random init: the weights come from the file
         model = CLOOB(config)
     expected = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in towers}
     name = model.config.get("name", "given")
-    fix = "pass the right --cloob-config"
+    fix = f"pass the right {give('cloob_config')}"
     for key, value in expected.items():
         got = state_dict.get(key)
         if got is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CCLDError
+from ..errors import CCLDError, arg
 from . import empty_weights
 
 TAESD_INPUT_SCALE = 0.18215  # Stable Diffusion's latent scale, which TAESD's inputs carry
@@ -267,19 +267,19 @@ class DecoderOption:
     path: Path | None = None
 
     @classmethod
-    def parse(cls, text: str | os.PathLike | None, option: str = "--decoder") -> DecoderOption:
-        """The option, checked (a tiny:PATH must exist) before anything loads; `option` names it
-        in messages."""
+    def parse(cls, text: str | os.PathLike | None, option: str = "decoder") -> DecoderOption:
+        """The option, checked (a tiny:PATH must exist) before anything loads; `option` is the
+        parameter it was given as, named in messages."""
         text = "full" if text is None else str(text)
         if text in ("full", "taesd"):
             return cls(text)
         if text.startswith("tiny:") and text[len("tiny:"):]:
             path = Path(text[len("tiny:"):]).expanduser()
             if not path.exists():
-                raise CCLDError(f"{option} {text}: no such file or folder; give tiny:PATH of a "
+                raise CCLDError(f"{arg(option)} {text}: no such file or folder; give tiny:PATH of a "
                                 "folder written by `ccld distill-decoder` or AutoencoderTiny")
             return cls("tiny", path.resolve())
-        raise CCLDError(f"{option} {text!r}: choose {DECODER_CHOICES}")
+        raise CCLDError(f"{arg(option)} {text!r}: choose {DECODER_CHOICES}")
 
     @property
     def label(self) -> str:

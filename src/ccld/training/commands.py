@@ -14,14 +14,9 @@ import logging
 import os
 from pathlib import Path
 
-from ..apps.options import (
-    add_encoder_options,
-    encoder_files,
-    load_encoders,
-    load_unet_weights,
-    resolve_encoder_files,
-)
+from ..apps.options import add_encoder_options
 from ..errors import CCLDError
+from .encoders import encoder_files, load_encoders, load_unet_weights, resolve_encoder_files
 
 TEACHER_ARCHITECTURE = (192, "4,4,8,8")  # the WikiArt teacher
 STUDENT_ARCHITECTURE = (192, "1,1,2,2")  # the distilled WikiArt student
@@ -233,7 +228,7 @@ def settle_autoencoder_scale(model, args, stored: bool, data, accelerator, autoe
 def run_training(args, kind: str, build):
     """Everything train and distill share: data, encoders, resume, scale; `build` makes the
     models and the objective."""
-    from .engine import Trainer, copy_for_ema
+    from .engine import Trainer, TrainingModels, copy_for_ema
 
     check_settings(args)
     settings = settings_from_args(args)
@@ -259,8 +254,8 @@ def run_training(args, kind: str, build):
         teacher.autoencoder_scale.copy_(model.autoencoder_scale)
     config = run_config(args)
     config.update({"unet": model.config, "kind": kind, "encoders": files})
-    trainer = Trainer(settings, objective, model, ema, data, accelerator, autoencoder, cloob,
-                      config, resume)
+    trainer = Trainer(settings, objective, TrainingModels(model, ema, autoencoder, cloob), data,
+                      accelerator, config, resume)
     del resume  # the trainer lets go of the checkpoint once set up, and with it its file mapping
     return trainer.fit()
 
@@ -473,14 +468,14 @@ def cmd_distill(args) -> int:
 def cmd_distill_decoder(args) -> int:
     from ..models.tiny_decoder import PIPELINE_SUBFOLDER, DecoderOption
     from .decoder import DecoderDistillationObjective, new_tiny_decoder, tiny_decoders_from_resume
-    from .engine import Trainer, copy_for_ema
+    from .engine import Trainer, TrainingModels, copy_for_ema
 
     spare_inputs(args, [PIPELINE_SUBFOLDER])
     if args.width < 1:
         raise CCLDError(f"--width must be at least 1 (got {args.width})")
     if not args.feature_weight >= 0:
         raise CCLDError(f"--feature-weight must be at least 0 (got {args.feature_weight})")
-    init = DecoderOption.parse(args.init, "--init") if args.init else None
+    init = DecoderOption.parse(args.init, "init") if args.init else None
     if init is not None and init.kind == "full":
         raise CCLDError("--init full: the full decoder is no tiny decoder; give tiny:PATH or taesd")
     check_settings(args)
@@ -505,28 +500,22 @@ def cmd_distill_decoder(args) -> int:
     config = run_config(args)
     config.update({"kind": "distill-decoder", "encoders": files,
                    "tiny_decoder": model.config.to_dict()})
-    trainer = Trainer(settings, objective, model, ema, data, accelerator, autoencoder, None,
-                      config, resume)
+    trainer = Trainer(settings, objective, TrainingModels(model, ema, autoencoder), data,
+                      accelerator, config, resume)
     return 130 if trainer.fit()["interrupted"] else 0
 
 
 def cmd_encode_dataset(args) -> int:
-    from .data import check_image_size, open_image_source
-    from .encode import DTYPES, encode_dataset
+    from .data import open_image_source
+    from .encode import Encoding, encode_dataset
 
-    check_image_size(args.image_size)
-    for name, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
-        if value < 1:
-            raise CCLDError(f"{name} must be at least 1 (got {value})")
-    if args.dtype not in DTYPES:
-        raise CCLDError(f"--dtype must be one of {', '.join(DTYPES)}")
+    encoding = Encoding(args.image_size, args.batch_size, args.shard_size, args.dtype,
+                        args.num_workers)
     accelerator = start_command("no", args.cpu)
     source = open_image_source(args.data, args.image_column)
     files = resolve_encoder_files(encoder_files(args), accelerator)
-    autoencoder, cloob = load_encoders(files)
-    index = encode_dataset(source, Path(args.out), autoencoder, cloob, accelerator,
-                           args.image_size, args.batch_size, args.shard_size, args.dtype,
-                           args.num_workers, files, progress=not args.quiet)
+    index = encode_dataset(source, Path(args.out), load_encoders(files), accelerator, encoding,
+                           models=files, progress=not args.quiet)
     logger.info(f"ccld: encoded {index['num_encoded']} images into {args.out} "
                 f"({index['num_shards']} shards, {index['num_skipped']} unreadable images skipped)")
     logger.info(f"train with: ccld train --data {args.out} ...")
@@ -552,16 +541,16 @@ def cmd_autoencoder_scale(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .. import sampling
     from ..io.files import atomic_write
     from ..models.unet import load_unet
+    from ..settings import Settings
     from .demo import read_demo_prompts
     from .evaluate import evaluate_student, format_table
 
-    if args.n < 1 or args.steps < 1:
-        raise CCLDError("-n and --steps must be at least 1")
-    sampling.get_sampler(args.method)  # an unknown method fails before any loading
     prompts = list(args.prompts) or read_demo_prompts(args.prompts_file)
+    # every setting checked by the schema before any loading
+    settings = Settings.build(prompts, num_images=args.n, steps=args.steps, method=args.method,
+                              guidance=args.guidance, seed=args.seed, size=args.size)
     accelerator = start_command("no", args.cpu)
     device = accelerator.device
     teacher = load_unet(args.teacher).to(device)
@@ -571,9 +560,8 @@ def cmd_evaluate(args) -> int:
                        f"differs from the student's {float(student.autoencoder_scale):.4f}")
     files = resolve_encoder_files(encoder_files(args), accelerator)
     autoencoder, cloob = load_encoders(files)
-    result = evaluate_student(teacher, student, autoencoder.to(device), cloob.to(device), prompts,
-                              args.n, args.steps, args.method, args.guidance, args.seed,
-                              args.size, args.images)
+    result = evaluate_student(teacher, student, autoencoder.to(device), cloob.to(device),
+                              settings, args.images)
     result.update({"teacher": str(args.teacher), "student": str(args.student)})
     print(format_table(result))
     out = Path(args.json)

@@ -1,4 +1,4 @@
-"""Demo grids during training: guided PLMS samples of fixed prompts from fixed noise.
+"""Demo grids during training: guided PLMS paintings of fixed prompts from fixed noise.
 
 Each row is one model (the EMA weights; for distillation the teacher above the student), each
 column one prompt, all from the same noise, so grids from different steps and rows compare
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import sampling
+from ..settings import Settings
 
 DEFAULT_DEMO_PROMPTS = [
     "a landscape with mountains and a river at dawn, oil on canvas",
@@ -43,28 +44,43 @@ def read_demo_prompts(path: str | None) -> list[str]:
 
 
 @torch.no_grad()
-def render_demo(rows: list[tuple[str, torch.nn.Module]], autoencoder, cloob, prompts: list[str],
-                latent_shape: tuple, steps: int = 50, guidance: float = 3.0, seed: int = 0,
+def render_demo(rows: list[tuple[str, torch.nn.Module]], autoencoder, cloob, settings: Settings,
                 autocast=contextlib.nullcontext):
-    """A grid image: one row per (label, U-Net), one column per prompt."""
+    """A grid image: one row per (label, U-Net), one column per prompt of `settings` (each alone,
+    from picture i of the seed's run), painted as the pipeline paints (`ccld.pipeline.painting`)."""
     from ..io.images import make_grid, tensor_to_pil
-    from ..models.autoencoder import decode_latents
+    from ..pipeline.noise import NoiseStream
+    from ..pipeline.painting import Guide, Trajectory, decoding_scale, paint, timesteps
 
     device = next(rows[0][1].parameters()).device
+    prompts = [p.value for p in settings.prompts]
     embeds = cloob.encode_text(prompts).float().to(device)
-    noise = torch.randn([len(prompts), *latent_shape], generator=torch.Generator().manual_seed(seed))
-    t = sampling.get_timesteps(steps, device=device)
-    weights = sampling.condition_weights([guidance], device)
+    noise = NoiseStream(settings).take(0, len(prompts))
+    sampler = sampling.get_sampler(settings.method)
     images = []
     for _, unet in rows:
+        path = Trajectory(sampler, timesteps(unet, sampler, settings.steps, device=device))
         for i, embed in enumerate(embeds):
-            conditions = torch.stack([torch.zeros_like(embed), embed])
+            guide = Guide.of(unet, torch.stack([torch.zeros_like(embed), embed]), [settings.guidance])
             with autocast():
-                latents = sampling.plms(sampling.guided_model(unet, conditions, weights),
-                                        noise[i:i + 1].to(device), t)
-            pixels = decode_latents(autoencoder, latents.float() * unet.autoencoder_scale)
-            images.append(tensor_to_pil(pixels[0].float()))
+                pixels = paint(unet, autoencoder, [(guide, 1)], noise[i:i + 1].to(device), path,
+                               scale=decoding_scale(unet))
+            images.append(tensor_to_pil(pixels[0]))
     return make_grid(images, cols=len(prompts) if len(rows) > 1 else None)
+
+
+def demo_settings(prompts: list[str], latent_shape: tuple, steps: int, guidance: float,
+                  seed: int) -> Settings:
+    """The settings of a training run's demo grid: PLMS, at the data's size."""
+    from ..errors import CCLDError
+
+    height, width = (8 * n for n in latent_shape[-2:])
+    try:
+        return Settings.build(prompts, method="plms", steps=steps, guidance=guidance, seed=seed,
+                              width=width, height=height)
+    except CCLDError as e:
+        raise CCLDError(f"the demo grids' settings (--demo-prompts, --demo-steps, "
+                        f"--demo-guidance, --seed): {e}") from None
 
 
 def demo_caption(rows: list[tuple[str, torch.nn.Module]], prompts: list[str]) -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import CCLDError
+from ..errors import CCLDError, give
 from ..io.files import atomic_write, remove_stale_temporaries
 from .checkpointing import save_safetensors
 from .data import (
@@ -28,6 +29,7 @@ from .data import (
     ImageSource,
     ShardedStream,
     TrainingData,
+    check_image_size,
     collate_encode_items,
     encode_pixels,
     num_shards,
@@ -73,16 +75,38 @@ def write_index(folder: Path, identity: dict, total_shards: int, extra: dict) ->
     return index
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How `encode_dataset` encodes: the images' size in pixels, images per encoder batch, images
+    per shard, the stored moments' dtype (a name of DTYPES) and the loader's worker processes."""
+    image_size: int = 256
+    batch_size: int = 32
+    shard_size: int = 2048
+    dtype: str = "float32"
+    num_workers: int = 4
+
+    def __post_init__(self):
+        check_image_size(self.image_size)
+        for name, value in (("batch_size", self.batch_size), ("shard_size", self.shard_size)):
+            if value < 1:
+                raise CCLDError(f"{give(name)} must be at least 1 (got {value})")
+        if self.dtype not in DTYPES:
+            raise CCLDError(f"{give('dtype')} must be one of {', '.join(DTYPES)}")
+
+
 @torch.no_grad()
-def encode_dataset(source: ImageSource, out: Path, autoencoder, cloob, accelerator,
-                   image_size: int = 256, batch_size: int = 32, shard_size: int = 2048,
-                   dtype: str = "float32", num_workers: int = 4, models: dict | None = None,
+def encode_dataset(source: ImageSource, out: Path, encoders: tuple, accelerator,
+                   encoding: Encoding = Encoding(), *, models: dict | None = None,
                    progress: bool = True) -> dict:
-    """Encodes `source` into shards in `out`; returns the index. Safe to run again to resume."""
+    """Encodes `source` into shards in `out` with `encoders` (the autoencoder and CLOOB);
+    returns the index. Safe to run again to resume."""
     from tqdm.auto import tqdm
 
     acc = accelerator
     out = Path(out)
+    autoencoder, cloob = encoders
+    image_size, batch_size, shard_size = encoding.image_size, encoding.batch_size, encoding.shard_size
+    dtype, num_workers = encoding.dtype, encoding.num_workers
     identity = {"source": source.description, "num_items": len(source), "shard_size": shard_size,
                 "image_size": image_size, "dtype": dtype, **(models or {})}
     identity.setdefault("autoencoder", None)

@@ -37,7 +37,7 @@ from ..errors import CCLDError
 from ..io.files import remove_stale_temporaries
 from .checkpointing import CheckpointFolder, cpu_state, export_weights
 from .data import ShardedStream, TrainingData, encode_pixels
-from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, render_demo
+from .demo import DEFAULT_DEMO_PROMPTS, demo_caption, demo_settings, render_demo
 from .ema import WARMUP_STEPS, ema_decay, ema_update
 from .logs import RunLog, import_wandb
 from .objective import LatentBatch, Objective, SobolTimesteps
@@ -193,30 +193,39 @@ class IntervalMeter:
         return values
 
 
+@dataclass
+class TrainingModels:
+    """The nets of a training run. `model` and `ema`: CPU or device U-Nets, or tiny decoders (raw
+    and averaged weights; `ema` None on processes other than the main one, which alone saves and
+    demos it); the frozen `autoencoder` and `cloob`, None where nothing reads them (CLOOB when
+    the objective reads no embeddings, both on a latent cache without demos)."""
+    model: torch.nn.Module
+    ema: torch.nn.Module | None
+    autoencoder: torch.nn.Module | None = None
+    cloob: torch.nn.Module | None = None
+
+
 class Trainer:
     """Minimises an objective (`train.VelocityObjective`, `distill.DistillationObjective`,
     `decoder.DecoderDistillationObjective`).
 
-    `model` and `ema` are CPU or device U-Nets, or tiny decoders (raw and averaged weights;
-    `ema` may be None on processes other than the main one, which alone saves and demos it);
-    `cloob` may be None when the objective reads no embeddings; `resume` is a training
-    checkpoint to continue from (its weights already in `model` and `ema`).
+    `models` holds what is trained and what it reads (`TrainingModels`); `config` is the run's
+    record, written into its exports and checkpoints; `resume` is a training checkpoint to
+    continue from (its weights already in the models).
     """
 
-    def __init__(self, settings: Settings, objective: Objective, model, ema, data: TrainingData,
-                 accelerator, autoencoder=None, cloob=None, config: dict | None = None,
+    def __init__(self, settings: Settings, objective: Objective, models: TrainingModels,
+                 data: TrainingData, accelerator, config: dict | None = None,
                  resume: dict | None = None):
         self.s = settings
         self.objective = objective
-        self.model = model
-        self.ema = ema
+        self.model, self.ema = models.model, models.ema
+        self.autoencoder, self.cloob = models.autoencoder, models.cloob
         self.data = data
         self.acc = accelerator
-        self.autoencoder = autoencoder
-        self.cloob = cloob
         self.config = dict(config or {})
         self.resume = resume
-        if not data.cached and autoencoder is None:
+        if not data.cached and self.autoencoder is None:
             raise ValueError("training on images needs the autoencoder to encode them (and CLOOB "
                              "for their embeddings, where the objective reads them)")
 
@@ -261,6 +270,9 @@ class Trainer:
             remove_stale_temporaries(s.out)
         self.log = RunLog(s.out / "logs", acc.is_main_process, s.tensorboard, s.wandb_project,
                           self.config, (self.resume or {}).get("wandb_run_id"))
+        # the demos' settings, checked before the first step rather than at the first demo
+        self.demo_settings = (demo_settings(s.demo_prompts, self.data.latent_shape, s.demo_steps,
+                                            s.demo_guidance, s.seed) if s.demo_every > 0 else None)
         self.step, self.samples = self._start_position()
         self._prepare_models()
         self.timesteps = SobolTimesteps(derive_seed(s.seed, acc.process_index, 1), self.samples)
@@ -422,8 +434,7 @@ class Trainer:
 
         s, step = self.s, self.step
         rows = self.objective.demo_rows(self.ema)
-        grid = render_demo(rows, self.autoencoder, self.cloob, s.demo_prompts,
-                           self.data.latent_shape, s.demo_steps, s.demo_guidance, s.seed,
+        grid = render_demo(rows, self.autoencoder, self.cloob, self.demo_settings,
                            self.acc.autocast)
         folder = s.out / "demo"
         folder.mkdir(parents=True, exist_ok=True)

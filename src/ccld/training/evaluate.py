@@ -22,12 +22,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import sampling
+from ..pipeline.noise import NoiseStream
+from ..pipeline.painting import Guide, Trajectory, decoding_scale, guided_model, paint, timesteps
+from ..settings import Settings
 from .data import cloob_input
 
 
 @dataclass
 class HowSampled:
-    """How `evaluate_student` samples one model."""
+    """How `evaluate_student` samples one model: its sampler, steps and guide."""
     method: str
     steps: int
     guidance: float | None  # the one-row w of a guidance-distilled student, else None
@@ -42,17 +45,6 @@ class HowSampled:
         return cls(method, steps, one_row, sampling.get_sampler(method).forwards(steps),
                    1 if one_row is not None else 2)
 
-    def model(self, unet, conditions, weights):
-        """model(x, t) -> the guided v, as this model gives it."""
-        if self.guidance is not None:
-            return sampling.distilled_guidance_model(unet, conditions[1], self.guidance)
-        return sampling.guided_model(unet, conditions, weights)
-
-    def timesteps(self, unet, device):
-        if self.method == "distilled" and self.steps == unet.distilled_steps:
-            return unet.distilled_timesteps.float().to(device)
-        return sampling.get_sampler(self.method).timesteps(self.steps, device=device)
-
     def describe(self) -> dict:
         return {"method": self.method, "steps": self.steps, "forwards": self.forwards,
                 "rows_per_image": self.rows_per_image, "one_row_guidance": self.guidance}
@@ -64,23 +56,16 @@ def _synchronize(device):
 
 
 @torch.no_grad()
-def _sample_images(unet, how: HowSampled, autoencoder, conditions, weights, noise, record=None):
-    """(pixels in [-1, 1], seconds) for one sampling run and its decoding."""
-    from ..models.autoencoder import decode_latents
-
-    guided = how.model(unet, conditions, weights)
-    if record is not None:
-        model = guided
-
-        def guided(x, t):
-            record.append((x, t))
-            return model(x, t)
-
+def _sample_images(unet, how: HowSampled, autoencoder, guide: Guide, noise, record=None):
+    """(pixels in [-1, 1], seconds) for one sampling run and its decoding, as the pipeline
+    paints (`ccld.pipeline.painting`)."""
     device = noise.device
+    sampler = sampling.get_sampler(how.method)
+    path = Trajectory(sampler, timesteps(unet, sampler, how.steps, device=device))
     _synchronize(device)
     start = time.perf_counter()
-    latents = sampling.sample(how.method, guided, noise, how.timesteps(unet, device))
-    pixels = decode_latents(autoencoder, latents.float() * unet.autoencoder_scale).float()
+    pixels = paint(unet, autoencoder, [(guide, noise.shape[0])], noise, path,
+                   scale=decoding_scale(unet), record=record)
     _synchronize(device)
     return pixels.clamp(-1, 1), time.perf_counter() - start
 
@@ -101,27 +86,29 @@ def cloob_similarity(cloob, pixels: torch.Tensor, text_embed: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], num_images: int = 4,
-                     steps: int = 15, method: str = "plms", guidance: float = 3.0, seed: int = 0,
-                     size: int = 256, images_folder=None) -> dict:
+def evaluate_student(teacher, student, autoencoder, cloob, settings: Settings,
+                     images_folder=None) -> dict:
+    """Both models paint every prompt of `settings` (prompt j from seed + j), as each samples
+    (see `HowSampled`); the metrics per prompt and their means."""
     device = next(teacher.parameters()).device
-    how = {"teacher": HowSampled.of(teacher, method, steps, guidance),
-           "student": HowSampled.of(student, method, steps, guidance)}
-    weights = sampling.condition_weights([guidance], device)
+    how = {"teacher": HowSampled.of(teacher, settings.method, settings.steps, settings.guidance),
+           "student": HowSampled.of(student, settings.method, settings.steps, settings.guidance)}
     rows = []
     totals = {"teacher_seconds": 0.0, "student_seconds": 0.0}
-    for j, prompt in enumerate(prompts):
+    for j, prompt in enumerate(p.value for p in settings.prompts):
         text_embed = cloob.encode_text([prompt]).float().to(device)
         conditions = torch.cat([torch.zeros_like(text_embed), text_embed])
-        generator = torch.Generator().manual_seed(seed + j)
-        noise = torch.randn([num_images, 4, size // 8, size // 8], generator=generator).to(device)
+        guides = {name: Guide.of(unet, conditions, [settings.guidance])
+                  for name, unet in (("teacher", teacher), ("student", student))}
+        noise = NoiseStream(settings.replace(seed=settings.seed + j)).take(
+            0, settings.num_images).to(device)
         record = []
         teacher_pixels, teacher_seconds = _sample_images(teacher, how["teacher"], autoencoder,
-                                                         conditions, weights, noise, record)
+                                                         guides["teacher"], noise, record)
         student_pixels, student_seconds = _sample_images(student, how["student"], autoencoder,
-                                                         conditions, weights, noise)
-        teacher_guided = how["teacher"].model(teacher, conditions, weights)
-        student_guided = how["student"].model(student, conditions, weights)
+                                                         guides["student"], noise)
+        teacher_guided = guided_model(teacher, [(guides["teacher"], noise.shape[0])])
+        student_guided = guided_model(student, [(guides["student"], noise.shape[0])])
         v_mse = sum(torch.nn.functional.mse_loss(student_guided(x, t).float(),
                                                  teacher_guided(x, t).float()).item()
                     for x, t in record) / len(record)
@@ -135,15 +122,15 @@ def evaluate_student(teacher, student, autoencoder, cloob, prompts: list[str], n
         totals["student_seconds"] += student_seconds
         if images_folder is not None:
             _save_comparison(images_folder, j, prompt, teacher_pixels, student_pixels)
-    count = len(prompts) * num_images
+    count = len(settings.prompts) * settings.num_images
     summary = {k: sum(r[k] for r in rows) / len(rows)
                for k in ("v_mse", "psnr_db", "cloob_similarity_teacher", "cloob_similarity_student")}
     summary["seconds_per_image_teacher"] = totals["teacher_seconds"] / count
     summary["seconds_per_image_student"] = totals["student_seconds"] / count
     summary["speedup"] = totals["teacher_seconds"] / max(totals["student_seconds"], 1e-12)
-    return {"settings": {"num_images": num_images, "steps": steps, "method": method,
-                         "guidance": guidance, "seed": seed, "size": size,
-                         "device": str(device)},
+    return {"settings": {"num_images": settings.num_images, "steps": settings.steps,
+                         "method": settings.method, "guidance": settings.guidance,
+                         "seed": settings.seed, "size": settings.width, "device": str(device)},
             "sampled": {name: h.describe() for name, h in how.items()},
             "prompts": rows, "summary": summary}
 

@@ -1,0 +1,108 @@
+"""Precision and layout: which arithmetic the networks run in, and laying their weights out for it.
+
+`auto` is fp16 on CUDA, bf16 on CPUs with native bf16 (AMX / AVX512-BF16) and float32 elsewhere,
+always with channels-last convolutions; an explicit `fp32` is contiguous and bit-faithful to the
+reference demo. Reduced precision runs every network under autocast, with the painting nets'
+convolution and linear weights held rounded to its dtype as autocast would round them at every
+call (the same bits; the float32 originals stay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CCLDError
+from ..models import float32_weights, held_dtype, hold_weights_in, release_held_weights
+from ..settings import PRECISIONS
+
+REDUCED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) under which its kernels have no bf16
+# arithmetic: set to one of these, a CPU with AVX512-BF16 or AMX runs as one without.
+_ISAS_WITHOUT_BF16 = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core",
+                      "avx512_core_vnni"}
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (AMX or AVX512-BF16), as oneDNN is
+    allowed to use it. Elsewhere bf16 is emulated and many times slower than float32, so `auto`
+    keeps float32."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower() in _ISAS_WITHOUT_BF16:
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: fp16 on CUDA, bf16 on a CPU with native bf16, else the bit-faithful fp32."""
+    if precision not in PRECISIONS:
+        raise CCLDError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and fast_bf16_cpu():
+        return "bf16"
+    return "fp32"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the networks run and in which arithmetic."""
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16: resolved
+    channels_last: bool
+
+    @classmethod
+    def wanted(cls, current: Layout, device, precision: str | None) -> Layout:
+        """The layout `to(device, precision)` asks for; what is not given stays as it is.
+        Channels-last convolutions measure faster in every precision, and stay within 1e-5 of
+        contiguous fp32; only an explicit fp32 keeps the reference's layout, bit for bit."""
+        new_device = current.device if device is None else torch.device(device)
+        if precision is None:
+            return cls(new_device, current.precision, current.channels_last)
+        return cls(new_device, resolve_precision(precision, new_device), precision != "fp32")
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @contextlib.contextmanager
+    def autocast(self):
+        """The context every network runs in: inference mode, plus autocast when reduced."""
+        with torch.inference_mode():
+            if self.precision == "fp32":
+                yield
+                return
+            with torch.autocast(self.device.type, dtype=REDUCED_DTYPES[self.precision]):
+                yield
+
+
+def lay_out(parts: dict, painting_nets: list, old: Layout, new: Layout) -> None:
+    """Moves `parts` (every network, by name) from `old.device` to `new.device` and lays the
+    painting nets out for its precision: the originals move and are laid out, rounded copies
+    are made last (copies already held in the new dtype on the same device are kept)."""
+    for net in painting_nets:
+        if new.device != old.device or held_dtype(net) != REDUCED_DTYPES.get(new.precision):
+            release_held_weights(net)
+    if new.device != old.device:
+        for part in parts.values():
+            if part is not None:
+                part.to(new.device)
+    if new.precision == "fp32":
+        # Weights come channels-last from the converted cache: the fast path takes them as they
+        # are, only the exact one copies them. The encoder (init images only) is left as it is
+        # loaded, so its memory-mapped weights are not even read for a painting.
+        for net in painting_nets:
+            net.to(memory_format=new.memory_format)
+    decoder = parts["autoencoder"].decoder
+    with float32_weights(decoder):  # folded from the float32 weights
+        decoder.fold_upsampling(new.channels_last)
+    if new.precision != "fp32":
+        # the rounded copies are laid out; the float32 originals stay as they are loaded
+        for net in painting_nets:
+            hold_weights_in(net, REDUCED_DTYPES[new.precision], new.memory_format)
