@@ -98,14 +98,15 @@ CHANNELS_LAST_KEY = "ccld_channels_last"  # __metadata__: the tensors stored cha
 
 
 def write_safetensors(f: BinaryIO, tensors: StateDict, channels_last: Sequence[str] = ()) -> None:
-    """Writes `tensors` in the safetensors format, straight from their memory.
+    """Writes `tensors` in the safetensors format, each straight from its own memory: the
+    safetensors library would want the channels-last ones as contiguous copies made all at once
+    (a second copy of the kernels; see benchmarks/notes/cache.md).
 
-    The safetensors library would first turn every tensor into a bytes object (a second copy of
-    the whole model). Larger elements come first, so every tensor starts at a multiple of its
-    element size: `map_safetensors` can then view each in place. The 4-d tensors named in
-    `channels_last` are stored in that memory order (as [N, H, W, C], listed in the header's
-    metadata), so that `map_safetensors` gives them back as channels-last views: a net that runs
-    channels-last then needs no copy of them.
+    Larger elements come first, so every tensor starts at a multiple of its element size:
+    `map_safetensors` can then view each in place. The 4-d tensors named in `channels_last` are
+    stored in that memory order (as [N, H, W, C], listed in the header's metadata), so that
+    `map_safetensors` gives them back as channels-last views: a net that runs channels-last then
+    needs no copy of them.
     """
     channels_last = sorted(set(channels_last))
     stored = {k: v.detach().cpu() for k, v in tensors.items()}

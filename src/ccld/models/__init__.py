@@ -1,40 +1,16 @@
 """The three frozen networks: the conditioned U-Net, CLOOB and the KL-f8 autoencoder."""
 
 import contextlib
-import threading
 
 import torch
 from torch import nn
 
-# The layers whose constructors initialise their weights (by `reset_parameters`).
-_INITIALISED = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
-_EMPTY_LOCK = threading.Lock()
 
-
-def _no_initialisation(module) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def empty_weights():
-    """Builds modules as skeletons on the meta device, their initialisers not even run: the
-    loaders build each net and then assign it the file's weights. (On the meta device an
-    initialiser computes nothing, but each of its tensor operations still passes through
-    PyTorch's device dispatch in Python: a third of a second for the three nets.)
-
-    The layers' `reset_parameters` are switched off for the duration, for every thread, so
-    builds take a lock; nothing else in ccld builds modules while a loader does.
-    """
-    with _EMPTY_LOCK:
-        saved = {cls: cls.__dict__["reset_parameters"] for cls in _INITIALISED}
-        try:
-            for cls in _INITIALISED:
-                cls.reset_parameters = _no_initialisation
-            with torch.device("meta"):
-                yield
-        finally:
-            for cls, method in saved.items():
-                cls.reset_parameters = method
+def empty_weights() -> torch.device:
+    """The context the loaders build each net in: on the meta device, as skeletons that hold no
+    memory and draw no random numbers, to be given the file's tensors by
+    `load_state_dict(assign=True)`."""
+    return torch.device("meta")
 
 
 def meta_aware_randn(*shape: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ccld.errors import CCLDError
 from ccld.training.ema import ema_decay, ema_update
 from conftest import LAUNCH_ENV, QUIET, accelerate_launch, encoder_options, state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--base-channels", "8", "--channel-multipliers", "1,1,1,1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from ccld.io.images import read_png_parameters  # noqa: E402
 from conftest import api_client, free_port  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("CCLD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -15,7 +15,7 @@ from PIL import Image
 from ccld.apps.cli import main
 from conftest import LAUNCH_ENV, accelerate_launch
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 FAST = ["--steps", "2", "-q"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 # Runs `ccld` in this process's Python and prints, after it, the process's peak resident memory.
 MEASURED = ("import resource, sys\nfrom ccld.apps.cli import main\ncode = main(sys.argv[1:])\n"
             "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")

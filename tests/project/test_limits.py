@@ -13,7 +13,7 @@ from ccld.apps.cli import build_parser, main
 from ccld.apps.generate import settings_options
 from ccld.limits import IMAGES_PER_CALL, SEED, STEPS, WEIGHT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_shows_the_table():
