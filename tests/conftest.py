@@ -1,17 +1,31 @@
 """Shared test fixtures: the reference models and outputs in ../shared/fixtures."""
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-import huggingface_hub.constants as hf_constants
-import pytest
-import torch
+# No test touches the user's caches: every cache this session's code and subprocesses could
+# write (ccld's converted weights, the Hugging Face hub's, torch's, XDG's) is a folder of the
+# session's own, set before anything reads it (huggingface_hub reads its at import, the launch
+# environment below copies os.environ).
+SESSION_CACHES = Path(tempfile.mkdtemp(prefix="ccld-test-caches-"))
+atexit.register(shutil.rmtree, SESSION_CACHES, ignore_errors=True)
+for _variable, _folder in {"CCLD_CACHE_DIR": "ccld", "HF_HOME": "huggingface",
+                           "XDG_CACHE_HOME": "xdg", "TORCH_HOME": "torch"}.items():
+    os.environ[_variable] = str(SESSION_CACHES / _folder)
+os.environ.pop("HF_HUB_CACHE", None)  # (it would win over HF_HOME)
 
-from ccld.pipeline import sampling_defaults
-from ccld.settings import Settings
+import huggingface_hub.constants as hf_constants  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ccld.pipeline import sampling_defaults  # noqa: E402
+from ccld.settings import Settings  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -169,16 +183,8 @@ def fixture_pipeline(model_files):
     return CCLDPipeline.from_files(**model_files)
 
 
-# The converted-weights cache: one per test session
-# Loads during the tests convert into a fresh folder of the session's own, never the user's cache
-# (subprocesses inherit it). Tests of the cache itself point CCLD_CACHE_DIR at their tmp_path.
-
-
-@pytest.fixture(scope="session", autouse=True)
-def session_weights_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CCLD_CACHE_DIR", str(tmp_path_factory.mktemp("ccld_cache")))
-        yield
+# The converted-weights cache: the session's own (SESSION_CACHES), inherited by subprocesses;
+# tests of the cache itself point CCLD_CACHE_DIR at their tmp_path.
 
 
 @pytest.fixture(autouse=True)

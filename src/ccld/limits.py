@@ -124,6 +124,22 @@ WEB_IMAGE_PROMPTS = Limit(0, 8, "image prompts of one web request", "upload fewe
 UPLOAD_MB = Limit(0, 1000, "`ccld serve --max-upload-mb`: the largest upload, in MB",
                   "uploads are images of a few MB", low_open=True, default=10)
 
+# Training, distillation and evaluation (`ccld train`, `distill`, `distill-decoder`, `evaluate`)
+LEARNING_RATE = Limit(0, 1, "`--lr`: the AdamW learning rate", "1e-5 to 1e-4 is typical",
+                      low_open=True)
+WEIGHT_DECAY = Limit(0, 10, "`--weight-decay`: AdamW's decoupled weight decay", "0.01 is typical")
+TRAINING_BATCH = Limit(1, 65_536, "`--batch-size` of training (per process) and `--grad-accum`",
+                       "accumulate gradients for larger effective batches", whole=True)
+STEP_COUNT = Limit(1, 10 ** 9, "`--max-steps`, `--ema-decay-at`, `--log-every`", "a run of millions of steps "
+                   "is already long", whole=True)
+STEP_INTERVAL = Limit(0, 10 ** 9, "`--checkpoint-every`, `--demo-every`, "
+                      "`--keep-checkpoints`, `--ema-warmup-steps` (0: never, or keep all)",
+                      "0 turns it off", whole=True)
+WORKERS = Limit(0, 256, "`--num-workers`: data loading processes per GPU", "0 loads in the "
+                "training process", whole=True)
+BASE_CHANNELS = Limit(8, 1024, "`--base-channels` of a new U-Net", "the student has 192, "
+                      "the teacher 192 with wider levels", whole=True, multiple_of=8)
+
 TABLE = {name: value for name, value in globals().items() if isinstance(value, Limit)}
 
 

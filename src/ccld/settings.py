@@ -41,8 +41,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIASES = {"n": "num_images"}
 # Keys of PNG parameters that record how a picture was painted, not what to paint: read back
 # by nobody (`from_dict` skips them)
-RECORDS = frozenset({"grid", "models", "ccld_version", "channels_last", "distilled",
-                     "decoder"})
+RECORDS = frozenset({"grid", "models", "ccld_version", "distilled", "decoder", "batch"})
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,10 @@ class Settings:
         "the first picture's place in its seed's run (0: the run's first picture)",
         limits.VARIATION_INDEX))
     num_images: int = field(default=1, metadata=_doc("how many pictures", limits.IMAGES_PER_RUN))
+    picture: int | None = field(default=None, metadata=_doc(
+        "paint only this picture of the run (its place in the seed's run), in one batch with the "
+        "others: how a picture painted in a batch of several is painted again exactly",
+        limits.VARIATION_INDEX))
     batch_size: int | None = field(default=None, metadata=_doc(
         "pictures sampled at once (a stochastic sampler's pictures depend on it)",
         limits.IMAGES_PER_CALL))
@@ -107,6 +110,9 @@ class Settings:
         "decode with the KL decoder even where the pipeline has a tiny one"))
     precision: str | None = field(default=None, metadata=_doc(
         f"arithmetic: {', '.join(PRECISIONS)} (default: the pipeline's)"))
+    channels_last: bool | None = field(default=None, metadata=_doc(
+        "convolutions laid out channels-last (default: the precision's own layout, channels-last "
+        "except in an explicit fp32, which keeps the reference's contiguous one bit for bit)"))
 
     def __post_init__(self):
         # numbers first, the cheapest checks, then the prompts and images (which look at files)
@@ -130,6 +136,15 @@ class Settings:
                 if getattr(self, name) is not None:
                     raise CCLDError(f"{arg(name)} needs {give('variation_of', 'SEED')}, the seed "
                                     "of the picture to vary")
+        if self.picture is not None and self.num_images > limits.IMAGES_PER_CALL.high:
+            raise CCLDError(f"{arg('picture')} paints its run in one batch, which holds at most "
+                            f"{limits.IMAGES_PER_CALL.high} pictures; give {give('num_images')} "
+                            f"up to that, or leave {arg('picture')} out")
+        if self.picture is not None and not (
+                self.index <= self.picture < self.index + self.num_images):
+            raise CCLDError(f"{arg('picture')} {self.picture} is not one of the run's pictures "
+                            f"({self.index} to {self.index + self.num_images - 1}); give a "
+                            f"place from {arg('index')} to {arg('index')} + {arg('num_images')} - 1")
         if not (self.prompts or self.image_prompts or self.init_image is not None):
             raise CCLDError(f"nothing to paint from; give a prompt ({give('prompts')}), an image "
                             f"prompt ({give('image_prompts', 'PATH')}) or an init image "
@@ -195,6 +210,13 @@ class Settings:
         """The weights of the prompts, then of the image prompts."""
         return [p.weight for p in (*self.prompts, *self.image_prompts)]
 
+    @property
+    def wanted(self) -> range:
+        """The pictures to keep, 0 being the run's first."""
+        if self.picture is None:
+            return range(self.num_images)
+        return range(self.picture - self.index, self.picture - self.index + 1)
+
     # JSON: PNG parameters, manifests, prompt-file rows
 
     def to_dict(self) -> dict:
@@ -223,6 +245,8 @@ class Settings:
             out["batch_size"] = self.batch_size
         if self.precision is not None:
             out["precision"] = self.precision
+        if self.channels_last is not None:
+            out["channels_last"] = self.channels_last
         if self.full_decoder:
             out["decoder"] = "full"
         return out
@@ -369,6 +393,10 @@ def _flag(name: str, value):
     return value
 
 
+def _optional_flag(name: str, value):
+    return None if value is None else _flag(name, value)
+
+
 def _precision(name: str, value):
     if value is not None and value not in PRECISIONS:
         raise CCLDError(f"unknown precision {value!r}; choose from {', '.join(PRECISIONS)}")
@@ -487,6 +515,7 @@ _LOOKS_AT_FILES = ("prompts", "image_prompts", "init_image")
 _CHECKS = {
     "prompts": _prompts, "image_prompts": _prompts, "init_image": _init_image,
     "method": _method, "full_decoder": _flag, "precision": _precision,
+    "channels_last": _optional_flag,
     "eta": _required_number(limits.ETA), "seed": _required_number(limits.SEED),
     "index": _required_number(limits.VARIATION_INDEX),
     "num_images": _required_number(limits.IMAGES_PER_RUN),

@@ -31,6 +31,7 @@ def closed_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="ru_maxrss is POSIX")
+@pytest.mark.slow
 def test_many_images_paint_in_bounded_memory(model_flags, tmp_path):
     """Peak memory for 16 images is that for 2, give or take: a batch at a time, each written
     when done (one batch of 16 would need about 700 MB more with the fixture models)."""
@@ -68,6 +69,7 @@ def test_ctrl_c_during_start_up_is_one_line(model_flags, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_offline_is_said_at_once_in_one_line(tmp_path):
     """The hub at a closed loopback port and an empty cache: one complete line in seconds (not
     a minute of retries), and no output folder."""
@@ -97,6 +99,7 @@ def test_offline_is_said_at_once_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_painting_ends_the_process_with_everything_on_disk(model_flags, tmp_path):
     """`ccld generate` skips the interpreter's teardown once done (os._exit): what it printed is
     flushed, the picture written, and a first run's cache entries published, not left half."""

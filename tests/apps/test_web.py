@@ -392,3 +392,25 @@ def test_queue_is_bounded_and_overflow_gets_a_message(tmp_path, store):
         assert one(0) == "ok"  # and it carries on
     finally:
         demo.close()
+
+
+def test_the_api_example_takes_the_pages_own_address(store):
+    """Not a fixed 127.0.0.1:7860: the page puts its own address in when it loads (whatever
+    --host and --port, or a proxy in front, made it)."""
+    demo = web.build_app(FakePipe(), store=store, size=64, examples=[])
+    config = demo.get_config_file()
+    texts = [c["props"].get("value", "") for c in config["components"]
+             if c.get("type") == "markdown"]
+    assert not any("7860" in str(t) for t in texts)
+    assert any("window.location" in str(d.get("js")) for d in config["dependencies"])
+
+
+def test_a_web_response_reveals_no_server_path(pipe, store, fixtures):
+    gallery, params = web.generate(pipe, "a cat", steps=1, seed=5, num_images=1, store=store,
+                                   size=64)
+    from ccld.io.images import read_png_parameters
+
+    served = read_png_parameters(gallery[0][0])
+    for record in (params, served):
+        assert str(fixtures) not in repr(record) and str(store.root) not in repr(record)
+    assert not any("/" in value for value in params["models"].values()), params["models"]

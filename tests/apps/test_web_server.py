@@ -26,6 +26,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 from ccld.io.images import read_png_parameters  # noqa: E402
 from conftest import api_client, free_port  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real server process, started once per module
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("CCLD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -222,6 +224,7 @@ def browser():
             b.close()
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium(server, browser):
     from playwright.sync_api import expect
 
@@ -241,6 +244,11 @@ def test_page_in_headless_chromium(server, browser):
     prompt = page.locator("#prompts textarea")
     expect(prompt).to_be_visible(timeout=30_000)
     expect(page.get_by_text("Example prompts")).to_be_visible()
+    assert page.title() == "ccld: CLOOB-conditioned latent diffusion"
+    # the API example names the address the page was loaded from (the server's own port)
+    page.get_by_text("API", exact=True).first.click()
+    expect(page.locator("code").filter(has_text="Client(")).to_contain_text(
+        f'Client("{server.url}")', timeout=10_000)
 
     # empty prompt: a message on the page, no crash
     page.locator("#generate").click()

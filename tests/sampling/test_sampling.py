@@ -150,3 +150,15 @@ def test_a_registered_sampler_reaches_the_cli_the_web_app_and_the_pipeline(model
                              latent_scale=None, size=256)["method"] == "toy-heun"
     finally:
         sampling.SAMPLERS.pop("toy-heun", None)
+
+
+@pytest.mark.parametrize("method", list(sampling.SAMPLERS))
+def test_every_sampler_refuses_empty_timesteps_by_name(method):
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    empty = torch.zeros([0])
+    for run in (lambda: sampling.sample(method, model, torch.randn(1, 4, 8, 8), empty),
+                lambda: sampling.get_sampler(method).fn(model, torch.randn(1, 4, 8, 8), empty)):
+        with pytest.raises(ValueError, match="timesteps must be a 1-d tensor of at least one time"):
+            run()

@@ -13,7 +13,8 @@ from ccld.training.distill import DistillationObjective
 from ccld.training.objective import NoisedBatch
 from conftest import QUIET, encoder_options, state
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# training runs and launched processes, each torch on one thread
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

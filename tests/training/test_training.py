@@ -20,7 +20,8 @@ from conftest import LAUNCH_ENV, QUIET, accelerate_launch, encoder_options, stat
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--base-channels", "8", "--channel-multipliers", "1,1,1,1"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# training runs and launched processes, each torch on one thread
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CCLDError, python_words
+from ..io.jsontext import JSONInputError, parse
 from ..settings import ALIASES, Settings, options_from_dict
 
 MANIFEST = "manifest.jsonl"
 PART_GLOB = "manifest.rank*.jsonl"  # one process's lines, until the first process merges them
-NOT_ROW_KEYS = ("batch_size", "precision", "index")  # the run's, not a row's
+NOT_ROW_KEYS = ("batch_size", "precision", "channels_last", "index", "picture")  # the run's
 MODEL_FILES = ("model", "unet", "autoencoder", "autoencoder_config", "cloob", "cloob_config")
 
 
@@ -95,19 +96,27 @@ def row_words(name: str, giving: bool, what: str = "") -> str:
 def parse_json_row(text: str) -> dict:
     """A JSON row's settings, by name (`options_from_dict`)."""
     try:
-        values = json.loads(text, object_pairs_hook=_refuse_repeated_keys)
-    except json.JSONDecodeError as e:
-        raise CCLDError(f"not JSON ({e.msg} at column {e.colno}); write a JSON object per line, "
-                        'e.g. {"prompts": ["a castle"], "seed": 3}') from None
+        values = parse(text)
+    except JSONInputError as e:
+        raise CCLDError(f"{e}; write a JSON object per line, e.g. "
+                        '{"prompts": ["a castle"], "seed": 3}') from None
+    repeated = _first_repeated_key(text)
+    if repeated is not None:
+        raise CCLDError(f"the key {repeated!r} is given twice; give it once")
     return options_from_dict(values, not_allowed=NOT_ROW_KEYS, who="a row may set")
 
 
-def _refuse_repeated_keys(pairs: list) -> dict:
-    keys = [key for key, _ in pairs]
-    repeated = next((key for key in keys if keys.count(key) > 1), None)
-    if repeated is not None:
-        raise CCLDError(f"the key {repeated!r} is given twice; give it once")
-    return dict(pairs)
+def _first_repeated_key(text: str) -> str | None:
+    """A key some object of the (already parsed, so bounded) JSON `text` gives twice."""
+    repeated = []
+
+    def pairs_hook(pairs: list) -> dict:
+        keys = [key for key, _ in pairs]
+        repeated.extend(key for key in keys if keys.count(key) > 1)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=pairs_hook)
+    return repeated[0] if repeated else None
 
 
 def row_key(settings: Settings, run: dict, stochastic: bool) -> str:
@@ -157,8 +166,10 @@ def append_line(path: Path, entry: dict) -> None:
     """Appends `entry` as one JSON line in a single write, fsynced; after a torn last line (a
     crash mid-write) it starts a new line."""
     data = (json.dumps(entry) + "\n").encode()
+    require_regular_file(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     0o666)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -174,24 +185,58 @@ def append_line(path: Path, entry: dict) -> None:
                         "command again: it resumes where this run stopped") from None
 
 
+def require_regular_file(path: Path) -> None:
+    """Nothing but a regular file (or nothing) at a manifest's name: a symlink there would have
+    the run read or append outside --out."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CCLDError(f"{path}: cannot look at the manifest ({e.strerror}); check the "
+                        "folder's permissions") from None
+    if not stat.S_ISREG(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+        raise CCLDError(f"{path}: {kind}; the manifest is a regular file inside --out, so "
+                        "remove it (or pass another --out)")
+
+
 def read_lines(path: Path) -> list[dict]:
-    """The manifest entries of one file; lines that are not whole entries (a torn last line)
-    are skipped."""
+    """The manifest entries of one file; lines that are not whole entries (a torn last line,
+    a line edited by hand) are skipped, those other than a torn last line with a note."""
+    require_regular_file(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return []
     except OSError as e:
         raise CCLDError(f"{path}: cannot read the manifest ({e.strerror}); check its permissions") from None
-    entries = []
-    for line in raw.splitlines():
+    entries, skipped = [], 0
+    lines = raw.splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            entry = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(entry, dict) and {"row", "key", "index"} <= entry.keys():
+            entry = parse(line)
+        except JSONInputError:
+            entry = None
+        if _is_entry(entry):
             entries.append(entry)
+        elif line.strip() and not (number == len(lines) and not raw.endswith(b"\n")):
+            skipped += 1  # (a torn last line, a crash mid-write, is expected: not noted)
+    if skipped:
+        print(f"ccld: note: {path}: skipped {skipped} line(s) that are not entries ccld "
+              "writes; their images, if any, are painted again", file=sys.stderr)
     return entries
+
+
+def _is_entry(entry) -> bool:
+    """Whether a manifest line's value is an entry as `paint` writes them."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    return (isinstance(entry, dict) and whole(entry.get("row")) and whole(entry.get("index"))
+            and isinstance(entry.get("key"), str) and len(entry["key"]) <= 64)
 
 
 def entry_key(entry: dict) -> tuple:
@@ -338,14 +383,16 @@ def paint(args, out: Path, mine: list[tuple[Row, list[int]]], processes: Process
                             wanted=[indices for _, indices in mine],
                             names=[row.name for row, _ in mine],
                             batch_size=options.get("batch_size"), progress=not args.quiet)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CCLDError(f"--out {out}: cannot create the folder ({e.strerror}); pass another "
-                        "folder") from None
     manifest = processes.manifest(out)
-    number = next_index(out)
+    number = None
     for position, image in images:
+        if number is None:  # made with the first picture: a run that paints none leaves none
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CCLDError(f"--out {out}: cannot create the folder ({e.strerror}); pass "
+                                "another folder") from None
+            number = next_index(out)
         row = mine[position][0]
         path, number = save_numbered(image, out, number)
         parameters = json.loads(image.info["parameters"])

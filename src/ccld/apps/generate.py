@@ -163,12 +163,12 @@ def cmd_generate(args) -> int:
         from .batch import generate_from_file
 
         return generate_from_file(args, out, options)
-    base = None
     if args.from_png is not None:
         from ..pipeline.metadata import settings_from_png
 
-        base = settings_from_png(args.from_png)
-    settings = Settings.build(base=base, **options)
+        settings = settings_from_png(args.from_png, **options)
+    else:
+        settings = Settings.build(**options)
     check_writable_folder(out, "--out")
     for prompt in args.prompts:  # says how a prompt with a colon but no weight was read
         note = how_read(prompt, DEFAULT_GUIDANCE if args.guidance is None else args.guidance)

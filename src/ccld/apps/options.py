@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CCLDError
 from ..pipeline import PRECISIONS, CCLDPipeline
+from ..pipeline.precision import check_device
 
 
 def _add_encoder_arguments(g, cloob_config_default: str, cloob: bool = True) -> None:
@@ -67,6 +68,7 @@ def load_pipeline(args, precision: str | None = None) -> CCLDPipeline:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)  # before the slow loading
     precision = precision or getattr(args, "precision", None) or "auto"
     # built in its precision on the CPU, so that the weights are laid out once for it
     built_in = precision if device == "cpu" else "fp32"

@@ -89,8 +89,10 @@ class SamplingPlan:
     def painted_alone(self) -> bool:
         """Whether its batches hold no other painting's rows: a stochastic sampler's pictures
         depend on its own batches, and a guidance-distilled student's one-row forward has no
-        place for other rows' conditions."""
-        return self.stochastic or self.guide.one_row is not None
+        place for other rows' conditions; a painting of one `picture` is painted in the company
+        its settings give."""
+        return (self.stochastic or self.guide.one_row is not None
+                or self.settings.picture is not None)
 
     def trajectory(self, generator: torch.Generator | None = None) -> Trajectory:
         """The walk its batches sample along; `generator` draws a stochastic sampler's noise."""

@@ -14,6 +14,7 @@ from .._version import __version__
 from ..errors import CCLDError, give
 from ..io import checkpoints, hub
 from ..models import hold_weights_in
+from .metadata import model_identity
 from .precision import REDUCED_DTYPES, resolve_precision
 
 PathLike = Union[str, os.PathLike]
@@ -112,7 +113,9 @@ class PipelineLoading:
         for name in sorted(parts, key=lambda name: parts[name][0] is None):
             given, default, load = parts[name]
             files = given if given is not None else default()
-            sources[name] = str(files[0])
+            sources[name] = model_identity(files[0])
+            if name == "unet":
+                unet_file = str(files[0])
             if (name == "autoencoder" and may_wait
                     and import_converter_early(files[0], autoencoder_config or files[1])):
                 last.append((name, files))
@@ -120,16 +123,15 @@ class PipelineLoading:
             loaded[name] = load(*files)
         for name, files in last:
             loaded[name] = parts[name][2](*files)
-        if (built_rounded is not None
-                and not str(sources["unet"]).endswith(checkpoints.SAFETENSORS_SUFFIXES)):
+        if built_rounded is not None and not unet_file.endswith(checkpoints.SAFETENSORS_SUFFIXES):
             # the rounded copies as stored by a former run (or now, for the next): `to` keeps them
             hold_weights_in(loaded["unet"], built_rounded, torch.channels_last,
-                            stored_rounded_weights(sources["unet"], loaded["unet"], built_rounded))
+                            stored_rounded_weights(unet_file, loaded["unet"], built_rounded))
         # the published student is decoded as its demo did, whatever its buffer says
         latent_scale = hub.PUBLISHED_LATENT_SCALE if unet is None else None
         tiny = decoder_option.load()
         if tiny is not None:
-            sources["tiny_decoder"] = decoder_option.label
+            sources["tiny_decoder"] = model_identity(decoder_option.label)
         return cls(**loaded, sources=sources, latent_scale=latent_scale, decoder=tiny,
                    precision=precision)
 
@@ -183,10 +185,14 @@ class PipelineLoading:
         architecture = folder_unet_architecture(folder, unet_config)
         unet = unet_from_state_dict(unet_sd, folder / "unet", architecture)
         cloob_sd = checkpoints.load_safetensors_file(folder / "cloob" / CLOOB_WEIGHTS, "CLOOB weights")
-        sources = index.get("sources", {})  # with the folder's tiny decoder's name, if it has one
+        # the folder, and what it was converted from (earlier folders kept paths: their names)
+        recorded = index.get("sources", {})
+        sources = {"pipeline": model_identity(folder),
+                   **{k: Path(str(v)).name if os.path.isabs(str(v)) else str(v)
+                      for k, v in (recorded.items() if isinstance(recorded, dict) else ())}}
         if decoder is not None:
             option = DecoderOption.parse(decoder)
-            tiny, sources = option.load(), {**sources, "tiny_decoder": option.label}
+            tiny, sources = option.load(), {**sources, "tiny_decoder": model_identity(option.label)}
         elif (folder / PIPELINE_SUBFOLDER).is_dir():
             tiny = load_tiny_decoder(folder / PIPELINE_SUBFOLDER)
         else:

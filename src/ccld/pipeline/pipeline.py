@@ -60,7 +60,7 @@ class CCLDPipeline(PipelineLoading):
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.cloob = cloob.eval().requires_grad_(False)
         self.tiny_decoder = None if decoder is None else decoder.eval().requires_grad_(False)
-        self.sources = dict(sources or {})  # where each part came from, recorded in PNGs
+        self.sources = dict(sources or {})  # what identifies each part (not where it lies), for PNGs
         # the tiny decoder's name, as the PNGs record it: taesd, tiny:<path> (see DecoderOption)
         if decoder is None:
             self.sources.pop("tiny_decoder", None)
@@ -87,12 +87,13 @@ class CCLDPipeline(PipelineLoading):
     def channels_last(self) -> bool:
         return self.layout.channels_last
 
-    def to(self, device: str | torch.device | None = None,
-           precision: str | None = None) -> CCLDPipeline:
-        """Moves the models; `precision` (auto, fp32, bf16, fp16) picks the arithmetic (see
+    def to(self, device: str | torch.device | None = None, precision: str | None = None,
+           channels_last: bool | None = None) -> CCLDPipeline:
+        """Moves the models; `precision` (auto, fp32, bf16, fp16) picks the arithmetic and
+        `channels_last` the convolutions' layout (default: the precision's; see
         `ccld.pipeline.precision`): the sampler's own arithmetic and the seed noise stay float32,
         and a saved pipeline is float32 whatever it runs in."""
-        wanted = Layout.wanted(self.layout, device, precision)
+        wanted = Layout.wanted(self.layout, device, precision, channels_last)
         if wanted == self._laid_out:
             return self  # as it is: nothing is moved, laid out or rounded again
         parts = {"unet": self.unet, "autoencoder": self.autoencoder, "cloob": self.cloob,
@@ -102,6 +103,12 @@ class CCLDPipeline(PipelineLoading):
         lay_out(parts, painting_nets, self.layout, wanted)
         self.layout = self._laid_out = wanted
         return self
+
+    def __reduce__(self):
+        # each memory-mapped tensor would pickle its whole file: gigabytes for a small model
+        raise CCLDError("a CCLDPipeline does not pickle; save it with save_pretrained(FOLDER) "
+                        "and load it with CCLDPipeline.from_pretrained(FOLDER), or load it in "
+                        "each process")
 
     def compile(self, **options) -> CCLDPipeline:
         """torch.compile the U-Net in place (its state dict keeps its keys); the next sampling
@@ -148,12 +155,12 @@ class CCLDPipeline(PipelineLoading):
             number(arg("num_images"), options.get("num_images", getattr(settings, "num_images", 1)),
                    IMAGES_PER_CALL, optional=False)
         settings = Settings.build(prompts, image_prompts, base=settings, **options)
-        if settings.precision is not None:
-            self.to(precision=settings.precision)
+        if settings.precision is not None or settings.channels_last is not None:
+            self.to(precision=settings.precision, channels_last=settings.channels_last)
         one_batch = settings.num_images if most is IMAGES_PER_CALL else self.default_batch_size
         return settings.resolved(self.sampling_defaults).replace(
             latent_scale=decoding_scale(self.unet, self.latent_scale, settings.latent_scale),
-            precision=self.precision,
+            precision=self.precision, channels_last=self.channels_last,
             batch_size=settings.batch_size or min(one_batch, settings.num_images))
 
     def settings_from_png(self, path, **overrides) -> Settings:
@@ -188,7 +195,7 @@ class CCLDPipeline(PipelineLoading):
         with self.autocast():
             plan = conditioning.plan(self, settings)
         # 3-6. Prepare noise, sample, decode, describe: a batch at a time
-        painted = scheduling.paint(self, [plan], [range(settings.num_images)],
+        painted = scheduling.paint(self, [plan], [settings.wanted],
                                    settings.batch_size, progress, callback)
         return [image for _, image in painted]
 
@@ -207,7 +214,7 @@ class CCLDPipeline(PipelineLoading):
         settings = self.check_inputs(prompts, image_prompts, settings, **options)
         with self.autocast():
             plan = conditioning.plan(self, settings)
-        painted = scheduling.paint(self, [plan], [range(settings.num_images)],
+        painted = scheduling.paint(self, [plan], [settings.wanted],
                                    settings.batch_size, progress, callback)
         return (image for _, image in painted)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CCLDError
+from ..errors import CCLDError, arg
 from ..models import float32_weights, held_dtype, hold_weights_in, release_held_weights
 from ..settings import PRECISIONS
 
@@ -50,6 +50,35 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device ccld can paint on, checked before anything moves; a
+    CCLDError naming it otherwise (a pipeline moved to an unusable device would be broken)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CCLDError(f"{arg('device')} {device!r} is not a device; give one of cpu, cuda, cuda:N "
+                        "or mps") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise CCLDError(f"{arg('device')} {device!r}: ccld paints on {', '.join(DEVICE_TYPES)}; give one "
+                        "of them")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CCLDError(f"{arg('device')} {device!r}: CUDA is not available in this torch ({build}); "
+                            "use cpu, or install a CUDA build of torch")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CCLDError(f"{arg('device')} {device!r}: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s); give cuda:0 to cuda:"
+                            f"{torch.cuda.device_count() - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise CCLDError(f"{arg('device')} {device!r}: MPS is not available here (it needs Apple silicon "
+                        "and a torch built with it); use cpu")
+    return parsed
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where the networks run and in which arithmetic."""
@@ -58,14 +87,20 @@ class Layout:
     channels_last: bool
 
     @classmethod
-    def wanted(cls, current: Layout, device, precision: str | None) -> Layout:
-        """The layout `to(device, precision)` asks for; what is not given stays as it is.
-        Channels-last convolutions measure faster in every precision, and stay within 1e-5 of
-        contiguous fp32; only an explicit fp32 keeps the reference's layout, bit for bit."""
-        new_device = current.device if device is None else torch.device(device)
+    def wanted(cls, current: Layout, device, precision: str | None,
+               channels_last: bool | None = None) -> Layout:
+        """The layout `to(device, precision, channels_last)` asks for; what is not given stays
+        as it is. Channels-last convolutions measure faster in every precision, and stay within
+        1e-5 of contiguous fp32; so a precision given without a layout is channels-last, except
+        an explicit fp32, which keeps the reference's layout, bit for bit."""
+        new_device = current.device if device is None else check_device(device)
         if precision is None:
-            return cls(new_device, current.precision, current.channels_last)
-        return cls(new_device, resolve_precision(precision, new_device), precision != "fp32")
+            new_precision = current.precision
+            layout = current.channels_last
+        else:
+            new_precision = resolve_precision(precision, new_device)
+            layout = precision != "fp32"
+        return cls(new_device, new_precision, layout if channels_last is None else channels_last)
 
     @property
     def memory_format(self) -> torch.memory_format:

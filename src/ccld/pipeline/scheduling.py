@@ -24,19 +24,24 @@ def batches(plans: Sequence[SamplingPlan], wanted: Sequence[Sequence[int]],
             batch_size: int) -> list[Batch]:
     """The batches that paint pictures `wanted[n]` (places in painting n's seed run) of each
     plan: shared between plans that may share, in order. A stochastic plan gets batches of its
-    own, from its run's first picture up to the last one wanted (the others are dropped)."""
+    own, from its run's first picture up to the last one wanted (the others are dropped); a
+    plan of one `picture` paints its whole run in one batch and keeps that picture."""
     groups: dict[tuple, list[int]] = {}
     for number, plan in enumerate(plans):
         if wanted[number]:
             groups.setdefault(plan.shares_batches_with(), []).append(number)
     work = []
     for numbers in groups.values():
+        settings = plans[numbers[0]].settings
+        end = settings.index + settings.num_images
         if plans[numbers[0]].stochastic:  # whole batches: their pictures depend on them
             (number,) = numbers
-            settings = plans[number].settings
-            end = settings.index + settings.num_images
             work += [[(number, list(range(first, min(first + batch_size, end))))]
                      for first in range(0, max(wanted[number]) + 1, batch_size)]
+            continue
+        if settings.picture is not None:  # one picture, in the one batch of its run
+            (number,) = numbers
+            work.append([(number, list(range(settings.index, end)))])
             continue
         items = [(n, i) for n in numbers for i in sorted(wanted[n])]
         for k in range(0, len(items), batch_size):
@@ -109,8 +114,16 @@ def _images(pixels, batch: Batch, params, wanted_sets) -> Iterator[tuple[int, ob
     from ..io.images import tensor_to_pil
 
     pixels = iter(require_finite(pixels.float().cpu(), "decoding"))
+    # a batch of one run's consecutive pictures is recorded, so that each can be painted again
+    # exactly, in the same company (kernels of other batch sizes round differently)
+    company = None
+    if len(batch) == 1 and len(batch[0][1]) > 1:
+        first, count = batch[0][1][0], len(batch[0][1])
+        if batch[0][1] == list(range(first, first + count)):
+            company = [first, count]
     for number, indices in batch:
         for index in indices:
             image = next(pixels)
             if index in wanted_sets[number]:
-                yield number, with_parameters(tensor_to_pil(image), params[number], index)
+                yield number, with_parameters(tensor_to_pil(image), params[number], index,
+                                              company)

@@ -47,6 +47,15 @@ def _transfer(x, eps, t_1, t_2):
     return pred * alpha_2 + eps * sigma_2, pred
 
 
+def _require_steps(timesteps: torch.Tensor) -> torch.Tensor:
+    """`timesteps`, a 1-d tensor of at least one time: a sampler's answer is a model's
+    prediction, which needs one call."""
+    if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1 or len(timesteps) == 0:
+        shape = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps)
+        raise ValueError(f"timesteps must be a 1-d tensor of at least one time (got {shape})")
+    return timesteps
+
+
 def _notify(callback, i, t, x, pred):
     if callback is not None:
         callback({"i": i, "t": t, "x": x, "pred": pred})
@@ -60,6 +69,7 @@ def ddim(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *, eta: float =
     """DDIM with noise level eta (eta=1 is DDPM ancestral sampling, registered as `ddpm`).
 
     Returns the last x0 estimate."""
+    _require_steps(timesteps)
     alphas, sigmas = t_to_alpha_sigma(timesteps)
     for i in range(len(timesteps)):
         v = model(x, timesteps[i].expand(x.shape[0])).float()
@@ -117,6 +127,7 @@ def _lms_step(model, x, history, t_1, t_2, order):
 
 @torch.no_grad()
 def _pseudo_sample(model, x, timesteps, choose_step, callback):
+    _require_steps(timesteps)
     timesteps = torch.cat([timesteps, timesteps.new_zeros([1])])
     history = []
     for i in range(len(timesteps) - 1):
@@ -162,6 +173,7 @@ def dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
     Steps from each timestep to the next and finally to t = 0, where it returns the clean
     latent. lambda = log(alpha / sigma) is the half log-SNR.
     """
+    _require_steps(timesteps)
     timesteps = torch.cat([timesteps, timesteps.new_zeros([1])])
     alphas, sigmas = t_to_alpha_sigma(timesteps)
     lambdas = torch.log(alphas) - torch.log(sigmas)
@@ -194,6 +206,7 @@ def unipc(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
     One forward a step. Returns the clean-latent prediction at the last timestep, shifted by
     the last correction: near t = 0 the prediction moves by dx / alpha when x moves by dx.
     """
+    _require_steps(timesteps)
     schedule = _LogSNRSchedule.of(timesteps)
     x_last = pred_last = pred_older = None  # the previous point, its prediction, the one before
     for i in range(len(timesteps)):
@@ -273,7 +286,7 @@ class Sampler:
                  eta: float = 0.0, generator: torch.Generator | None = None,
                  callback: Callback = None) -> torch.Tensor:
         noise = {"eta": self.eta(eta), "generator": generator} if self.stochastic else {}
-        return self.fn(model, x, timesteps, callback=callback, **noise)
+        return self.fn(model, x, _require_steps(timesteps), callback=callback, **noise)
 
 
 SAMPLERS: dict[str, Sampler] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -36,6 +37,20 @@ def parse_multipliers(text: str) -> list[int]:
         raise CCLDError(f"--channel-multipliers {text!r}: give four positive integers separated "
                         "by commas, e.g. 1,1,2,2")
     return values
+
+
+def new_architecture(args, default: tuple[int, str]) -> tuple[int, list[int]]:
+    """(base channels, multipliers) of a new U-Net: --base-channels and --channel-multipliers
+    where given (checked against the limits), else `default`'s."""
+    from ..limits import BASE_CHANNELS
+
+    base = default[0] if args.base_channels is None else args.base_channels
+    mults = parse_multipliers(default[1] if args.channel_multipliers is None
+                              else args.channel_multipliers)
+    if any(m > 64 for m in mults):
+        raise CCLDError(f"--channel-multipliers {args.channel_multipliers!r}: at most 64 each "
+                        "(the teacher's widest level is 8)")
+    return BASE_CHANNELS.check("--base-channels", base), mults
 
 
 def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
@@ -98,22 +113,17 @@ def open_data(args):
 
 
 def check_settings(args) -> None:
-    checks = [("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
-              ("--log-every", args.log_every, 1), ("--num-workers", args.num_workers, 0),
-              ("--checkpoint-every", args.checkpoint_every, 0), ("--demo-every", args.demo_every, 0),
-              ("--demo-steps", args.demo_steps, 1), ("--keep-checkpoints", args.keep_checkpoints, 0),
-              ("--scale-batches", args.scale_batches, 1)]
-    for name, value, low in checks:
-        if value < low:
-            raise CCLDError(f"{name} must be at least {low} (got {value})")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise CCLDError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    """The run's options that are not training Settings (those check themselves: see
+    `ccld.training.engine.Settings`), against the limits table, before any work."""
+    from ..limits import BASE_CHANNELS, LATENT_SCALE, STEP_COUNT
+
+    STEP_COUNT.check("--scale-batches", args.scale_batches)
     if not 0 <= args.cond_drop <= 1:
         raise CCLDError(f"--cond-drop is a probability in [0, 1] (got {args.cond_drop})")
-    if not args.lr > 0:
-        raise CCLDError(f"--lr must be positive (got {args.lr})")
-    if args.autoencoder_scale is not None and not args.autoencoder_scale > 0:
-        raise CCLDError(f"--autoencoder-scale must be positive (got {args.autoencoder_scale})")
+    if args.autoencoder_scale is not None:
+        LATENT_SCALE.check("--autoencoder-scale", args.autoencoder_scale)
+    if getattr(args, "base_channels", None) is not None:
+        BASE_CHANNELS.check("--base-channels", args.base_channels)
     if args.wandb_project:
         from .logs import import_wandb
 
@@ -281,8 +291,7 @@ def cmd_train(args) -> int:
                 raise CCLDError("--base-channels and --channel-multipliers are for training from "
                                 "scratch; --init takes the architecture from the checkpoint")
             return model, None, objective, stored
-        base = args.base_channels or TEACHER_ARCHITECTURE[0]
-        mults = parse_multipliers(args.channel_multipliers or TEACHER_ARCHITECTURE[1])
+        base, mults = new_architecture(args, TEACHER_ARCHITECTURE)
         torch.manual_seed(args.seed)  # the same initial weights on every process and run
         return CCLDUNet(base, mults, embed_dim), None, objective, False
 
@@ -339,8 +348,7 @@ def new_student(args, teacher):
         model = teacher
     elif (args.objective == "velocity" or args.base_channels is not None
           or args.channel_multipliers is not None):
-        base = args.base_channels or STUDENT_ARCHITECTURE[0]
-        mults = parse_multipliers(args.channel_multipliers or STUDENT_ARCHITECTURE[1])
+        base, mults = new_architecture(args, STUDENT_ARCHITECTURE)
         torch.manual_seed(args.seed)
         model = CCLDUNet(base, mults, embed_dim=teacher.embed_dim)
     else:
@@ -540,6 +548,34 @@ def cmd_autoencoder_scale(args) -> int:
     return 0
 
 
+def check_evaluation_target(out: Path) -> None:
+    """--json may replace an evaluation ccld wrote, nothing else (a checkpoint or a config
+    passed there by mistake would be lost)."""
+    from ..io.jsontext import JSONInputError, parse
+
+    if not out.exists() and not out.is_symlink():
+        return
+    try:
+        earlier = parse(out.read_bytes()) if out.is_file() and out.stat().st_size < 1 << 20 else None
+    except (OSError, JSONInputError):
+        earlier = None
+    if not (isinstance(earlier, dict) and {"teacher", "student"} <= earlier.keys()):
+        raise CCLDError(f"--json {out}: exists and is not an evaluation ccld wrote; pass another "
+                        "--json, or remove it first")
+
+
+def finite_or_none(value):
+    """`value` with every non-finite float (a PSNR of identical pictures is infinite) as None:
+    JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def cmd_evaluate(args) -> int:
     from ..io.files import atomic_write
     from ..models.unet import load_unet
@@ -548,9 +584,11 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_student, format_table
 
     prompts = list(args.prompts) or read_demo_prompts(args.prompts_file)
-    # every setting checked by the schema before any loading
+    # every setting checked by the schema, and the output file, before any loading
     settings = Settings.build(prompts, num_images=args.n, steps=args.steps, method=args.method,
                               guidance=args.guidance, seed=args.seed, size=args.size)
+    out = Path(args.json)
+    check_evaluation_target(out)
     accelerator = start_command("no", args.cpu)
     device = accelerator.device
     teacher = load_unet(args.teacher).to(device)
@@ -564,9 +602,9 @@ def cmd_evaluate(args) -> int:
                               settings, args.images)
     result.update({"teacher": str(args.teacher), "student": str(args.student)})
     print(format_table(result))
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()), "evaluation")
+    data = json.dumps(finite_or_none(result), indent=2, allow_nan=False).encode()
+    atomic_write(out, lambda f: f.write(data), "evaluation")
     logger.info(f"wrote {out}")
     return 0
 

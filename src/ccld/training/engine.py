@@ -33,7 +33,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
-from ..errors import CCLDError
+from .. import limits
+from ..errors import CCLDError, arg
 from ..io.files import remove_stale_temporaries
 from .checkpointing import CheckpointFolder, cpu_state, export_weights
 from .data import ShardedStream, TrainingData, encode_pixels
@@ -68,6 +69,23 @@ class Settings:
     num_workers: int = 4
     tensorboard: bool = True
     wandb_project: str | None = None
+
+    def __post_init__(self):
+        # every number against the limits table, before any work (argparse checks types only)
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            if value is not None or name != "max_steps":
+                setattr(self, name, limit.check(arg(name), value))
+
+
+_LIMITS = {"batch_size": limits.TRAINING_BATCH, "grad_accum": limits.TRAINING_BATCH,
+           "max_steps": limits.STEP_COUNT, "lr": limits.LEARNING_RATE,
+           "weight_decay": limits.WEIGHT_DECAY, "ema_decay_at": limits.STEP_COUNT,
+           "ema_warmup_steps": limits.STEP_INTERVAL, "seed": limits.SEED,
+           "checkpoint_every": limits.STEP_INTERVAL, "keep_checkpoints": limits.STEP_INTERVAL,
+           "demo_every": limits.STEP_INTERVAL, "demo_steps": limits.STEPS,
+           "demo_guidance": limits.WEIGHT, "log_every": limits.STEP_COUNT,
+           "num_workers": limits.WORKERS}
 
 
 def derive_seed(*numbers: int) -> int:
@@ -249,8 +267,6 @@ class Trainer:
     def _setup(self) -> None:
         """The run folder and logs, the position to start from, the models and the optimizer."""
         s, acc = self.s, self.acc
-        if s.batch_size < 1 or s.grad_accum < 1:
-            raise CCLDError("--batch-size and --grad-accum must be at least 1")
         if s.lr_schedule not in LR_SCHEDULES:
             raise CCLDError(f"--lr-schedule {s.lr_schedule!r}: choose one of "
                             f"{', '.join(LR_SCHEDULES)}")
@@ -344,6 +360,7 @@ class Trainer:
         """AdamW on the gradients of `grad_accum` micro-batches, then the EMA update."""
         s, acc = self.s, self.acc
         started = time.perf_counter()
+        finite = torch.ones((), device=acc.device)
         for micro in range(s.grad_accum):
             batch = next(batches)
             latents = self._latent_batch(batch, micro)
@@ -353,6 +370,14 @@ class Trainer:
                 loss, parts = self.objective.loss(self.model, latents)
                 acc.backward(loss / s.grad_accum)
             self.meter.add_micro_batch(loss, parts, batch, s.grad_accum)
+            finite = finite * torch.isfinite(loss.detach())
+        # a non-finite loss would make every weight NaN at this update: the run stops before
+        # it, on every process alike, and what is on disk is its last good checkpoint
+        if acc.reduce(finite, "sum").item() < acc.num_processes:
+            raise CCLDError(f"step {self.step + 1}: the loss went non-finite (NaN or infinity); "
+                            "the run stopped before updating the weights, and its last "
+                            "checkpoint is its last good state; lower --lr, or train in "
+                            "--mixed-precision no")
         self.samples += s.batch_size * s.grad_accum
         for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
             group["lr"] = s.lr * lr_factor(s.lr_schedule, self.step, s.max_steps)

@@ -3,6 +3,7 @@ loaded pipeline (`build_app`)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 
@@ -49,6 +50,10 @@ Image prompts and the init image are uploads: `image_prompts=[handle_file("ref.p
 `init_image=handle_file("start.png")`; `width=` and `height=` set the size (multiples of 64).
 """
 
+
+API_URL_UNKNOWN = "http://HOST:PORT/"  # until the page, loaded, puts its own address in
+_API_DOC_JS = ("() => " + json.dumps(API_DOC)
+               + ".replace('{url}', window.location.origin + window.location.pathname)")
 
 INTRO = (f"## {TITLE}\nPaint pictures from text and image prompts. One prompt a line as `TEXT` or "
          "`TEXT:WEIGHT` (a negative weight steers away). Every PNG records its parameters; the "
@@ -286,8 +291,10 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
                         inputs=form.example_inputs(), label="Example prompts",
                         cache_examples=False)
         with gr.Accordion("API", open=False):
-            gr.Markdown(API_DOC.format(url="http://127.0.0.1:7860/"))
+            api_doc = gr.Markdown(API_DOC.format(url=API_URL_UNKNOWN))
         _wire(form, results, run, concurrency)
+        # the address is the browser's: the server's --host and --port, or a proxy in front
+        demo.load(None, None, api_doc, js=_API_DOC_JS, queue=False, api_visibility="private")
     demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=concurrency)
     demo.ccld_store = store  # for the server's cleanup and for tests
     demo.ccld_css = CSS
