@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Union
@@ -34,15 +35,47 @@ def check_file_arguments(files: dict) -> None:
                             f"{type(value).__name__}; pass the path as a str or pathlib.Path")
 
 
-def folder_unet_architecture(folder: Path, config: dict) -> dict:
-    """The U-Net architecture a pipeline folder's unet/config.json records, checked."""
-    def positive(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+CONFIG_BYTES = 1 << 20  # a pipeline folder's JSON configs are a few hundred bytes
 
-    wanted = {"base_channels": (positive, "a positive integer"),
-              "embed_dim": (positive, "a positive integer"),
+
+def read_json_config(path: Path, what: str):
+    """The value of a pipeline folder's JSON file, bounded in size and depth (ccld.io.jsontext);
+    a CCLDError naming the file otherwise."""
+    from ..io.jsontext import parse_file_text
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_BYTES + 1)
+    except OSError as e:
+        raise CCLDError(f"{path}: cannot read the {what} ({e.strerror}); convert the model "
+                        "again") from None
+    if len(raw) > CONFIG_BYTES:
+        raise CCLDError(f"{path}: more than {CONFIG_BYTES >> 20} MiB, not a {what}; convert the "
+                        "model again")
+    value = parse_file_text(raw, str(path), "convert the model again")
+    if not isinstance(value, dict):
+        raise CCLDError(f"{path}: a JSON {type(value).__name__}, not the {what}'s object; "
+                        "convert the model again")
+    return value
+
+
+def _bounded_whole(low: int, high: int):
+    def fits(v):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+    return fits, f"a whole number from {low} to {high}"
+
+
+def folder_unet_architecture(folder: Path, config: dict) -> dict:
+    """The U-Net architecture a pipeline folder's unet/config.json records, checked against
+    the bounds a net can be built in (see `ccld.limits`)."""
+    from ..limits import BASE_CHANNELS, STEPS
+
+    positive, _ = _bounded_whole(1, 64)
+    wanted = {"base_channels": _bounded_whole(int(BASE_CHANNELS.low), int(BASE_CHANNELS.high)),
+              "embed_dim": _bounded_whole(1, 4096),
               "channel_multipliers": (lambda v: isinstance(v, list) and len(v) == 4
-                                      and all(map(positive, v)), "a list of four positive integers")}
+                                      and all(map(positive, v)),
+                                      "a list of four whole numbers from 1 to 64")}
     architecture = {}
     for key, (fits, kind) in wanted.items():
         value = config.get(key) if isinstance(config, dict) else None
@@ -53,9 +86,10 @@ def folder_unet_architecture(folder: Path, config: dict) -> dict:
     # a distilled student's records (see ccld.models.unet), present only when it has them
     optional = {"guidance_input": (lambda v: v is True, "true"),
                 "guidance_range": (lambda v: isinstance(v, list) and len(v) == 2 and all(
-                    isinstance(w, (int, float)) and not isinstance(w, bool) for w in v),
-                    "a [low, high] pair of numbers"),
-                "distilled_steps": (positive, "a positive integer")}
+                    isinstance(w, (int, float)) and not isinstance(w, bool)
+                    and math.isfinite(w) for w in v) and v[0] <= v[1],
+                    "a [low, high] pair of finite numbers"),
+                "distilled_steps": _bounded_whole(1, int(STEPS.high))}
     for key, (fits, kind) in optional.items():
         if key in config:
             if not fits(config[key]):
@@ -175,12 +209,14 @@ class PipelineLoading:
         if not index_path.is_file():
             raise CCLDError(f"{folder}: no {MODEL_INDEX}; give a folder written by "
                             "`ccld convert` or `CCLDPipeline.save_pretrained`")
-        try:
-            index = json.loads(index_path.read_text())
-            unet_config = json.loads((folder / "unet" / "config.json").read_text())
-            cloob_config = json.loads((folder / "cloob" / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CCLDError(f"{folder}: unreadable pipeline config ({e}); convert again") from None
+        index = read_json_config(index_path, "pipeline index")
+        unet_config = read_json_config(folder / "unet" / "config.json", "U-Net config")
+        cloob_config = read_json_config(folder / "cloob" / "config.json", "CLOOB config")
+        latent_scale = index.get("latent_scale")
+        if latent_scale is not None:
+            from ..limits import LATENT_SCALE
+
+            latent_scale = LATENT_SCALE.check(f"{index_path}: latent_scale", latent_scale)
         unet_sd = checkpoints.load_safetensors_file(folder / "unet" / UNET_WEIGHTS, "U-Net weights")
         architecture = folder_unet_architecture(folder, unet_config)
         unet = unet_from_state_dict(unet_sd, folder / "unet", architecture)
@@ -198,7 +234,7 @@ class PipelineLoading:
         else:
             tiny = None
         return cls(unet, load_autoencoder(folder / "vae"), cloob_from_state_dict(cloob_config, cloob_sd),
-                   sources, index.get("latent_scale"), decoder=tiny, precision=precision)
+                   sources, latent_scale, decoder=tiny, precision=precision)
 
     def save_pretrained(self, folder: PathLike) -> Path:
         """Writes a self-contained folder of safetensors and JSON configs. It appears whole or
