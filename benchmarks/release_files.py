@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import sys
 from pathlib import Path
 
 import torch
@@ -150,5 +149,10 @@ def write_release_files(folder: Path) -> dict:
 
 
 if __name__ == "__main__":
-    for option, path in write_release_files(Path(sys.argv[1])).items():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write random-weight stand-ins for the "
+                                     "published model files (about 1.3 GB) into FOLDER.")
+    parser.add_argument("folder", type=Path)
+    for option, path in write_release_files(parser.parse_args().folder).items():
         print(option, path, f"{Path(path).stat().st_size / 1e6:.0f} MB")

@@ -2,7 +2,7 @@
 
 The CLI, the Python API and the web app check each number they are given against a row of this
 table with `Limit.check`, which raises a one-line `CCLDError` naming the input (as the caller
-spells it: `--steps`, `steps`, ...), the allowed range and a fix. The README's table of limits is
+spells it: `--steps`, `steps`, ...), the allowed range and a fix. The table in docs/limits.md is
 `markdown_table()`. A web server caps one request more tightly than the CLI caps a run (fewer
 steps, fewer images, a seed a browser holds exactly); those caps are rows here too, named WEB_*.
 
@@ -24,7 +24,7 @@ class Limit:
 
     low: float
     high: float
-    what: str  # what the limit bounds and where, for the README's table
+    what: str  # what the limit bounds and where, for the table in docs/limits.md
     fix: str  # advice appended to a refusal
     whole: bool = False  # whole numbers only
     low_open: bool = False  # `low` itself is not allowed (a strength of 0 would do nothing)
@@ -144,7 +144,7 @@ TABLE = {name: value for name, value in globals().items() if isinstance(value, L
 
 
 def markdown_table() -> str:
-    """The table as the README shows it."""
+    """The table as docs/limits.md shows it."""
     rows = ["| limit | allowed | bounds |", "| --- | --- | --- |"]
     for name, limit in TABLE.items():
         allowed = limit.range_text()

@@ -13,11 +13,11 @@ from ccld.apps.cli import build_parser, main
 from ccld.apps.generate import settings_options
 from ccld.limits import IMAGES_PER_CALL, SEED, STEPS, WEIGHT
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+LIMITS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "limits.md"
 
 
-def test_readme_shows_the_table():
-    assert limits.markdown_table() in README.read_text()
+def test_the_limits_page_shows_the_table():
+    assert limits.markdown_table() in LIMITS_PAGE.read_text()
 
 
 def test_check_reads_numbers_and_refuses_the_rest():
