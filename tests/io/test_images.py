@@ -237,3 +237,12 @@ def test_extreme_aspect_ratios_are_cut_first_so_memory_stays_bounded(tmp_path):
     cut = images.crop_to_aspect(wide, 4.0)
     assert cut.size == (40, 10) and np.array_equal(np.asarray(cut), np.asarray(wide)[:, 80:120])
     assert images.crop_to_aspect(wide.crop((0, 0, 40, 10)), 4.0).size == (40, 10)  # at the limit
+
+
+def test_save_png_keeps_the_parameters_an_image_carries(tmp_path):
+    from ccld.io.images import read_png_parameters, save_png
+
+    image = Image.new("RGB", (8, 8))
+    image.info["parameters"] = json.dumps({"seed": 4, "prompts": [["a cat", 3.0]]})
+    save_png(image, tmp_path / "a.png")
+    assert read_png_parameters(tmp_path / "a.png") == {"seed": 4, "prompts": [["a cat", 3.0]]}

@@ -1,5 +1,9 @@
 """Reading image prompts, preparing them for the encoders, and writing results.
 
+Every image a user gives ccld is opened by `open_image`, which lets Pillow try only the raster
+formats in `IMAGE_FORMATS` (PNG, JPEG, WebP, BMP, GIF, TIFF): any other is refused by name,
+identified from its first bytes, never opened (Pillow hands EPS files to Ghostscript, an
+interpreter of PostScript programs, and other formats to plugins nobody needs for a picture).
 `load_image` turns whatever a user points at (grayscale, 16-bit, transparent, CMYK, rotated by
 EXIF) into an RGB image, or raises a one-line `CCLDError` naming the file and the fix. Alpha is
 dropped, as the reference's `convert('RGB')` drops it.
@@ -24,6 +28,9 @@ from ..errors import CCLDError
 from ..limits import IMAGE_ASPECT, IMAGE_PIXELS
 from .files import atomic_write
 
+# The formats ccld opens (Pillow's names), and how messages name them
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+FORMATS_IN_WORDS = "a PNG, JPEG, WebP, BMP, GIF or TIFF"
 MAX_PIXELS = IMAGE_PIXELS.high  # larger images are refused before their pixels are decoded
 MAX_ASPECT = IMAGE_ASPECT.high  # longer strips are cut to this ratio (their middle) before resizing
 PARAMETERS_KEY = "parameters"
@@ -39,6 +46,67 @@ def _too_big(path, width: int, height: int) -> CCLDError:
                      "resize it to a few megapixels first")
 
 
+# What a file in another format is, by a signature strong enough to name it (formats without
+# one, TGA say, are just "not an image ccld can read"): (offset, first bytes, in words)
+_SIGNATURES = [
+    (0, b"%!PS", "an EPS image"), (0, b"\xc5\xd0\xd3\xc6", "an EPS image"),
+    (0, b"%PDF", "a PDF document"), (0, b"8BPS", "a PSD image"), (0, b"\0\0\1\0", "an ICO image"),
+    (0, b"icns", "an ICNS image"), (0, b"\0\0\0\x0cjP  \r\n\x87\n", "a JPEG 2000 image"),
+    (0, b"\xffO\xffQ", "a JPEG 2000 image"), (0, b"\0\0\0\x0cJXL \r\n\x87\n", "a JPEG XL image"),
+    (0, b"\xff\n", "a JPEG XL image"), (4, b"ftypavif", "an AVIF image"),
+    (4, b"ftypheic", "a HEIC image"), (4, b"ftypheix", "a HEIC image"),
+    (4, b"ftypmif1", "a HEIF image"), (0, b"qoif", "a QOI image"), (0, b"DDS ", "a DDS image"),
+    (0, b"gimp xcf", "an XCF image"), (0, b"SIMPLE  =", "a FITS image"),
+    (0, b"\x01\xda", "an SGI image"), (0, b"/* XPM */", "an XPM image"),
+    (0, b"#define", "an XBM image"), (0, b"\x59\xa6\x6a\x95", "a Sun raster image"),
+    (0, b"\x76\x2f\x31\x01", "an OpenEXR image"), (0, b"#?RADIANCE", "an HDR image"),
+    (0, b"BLP1", "a BLP image"), (0, b"BLP2", "a BLP image"), (0, b"\x0a\x05\x01", "a PCX image"),
+    *((0, b"P%d%c" % (n, c), "a PNM (PBM, PGM or PPM) image") for n in range(1, 8)
+      for c in b" \t\r\n"),
+    (0, b"PK\x03\x04", "a zip archive"),
+]
+
+
+def image_format_of(fp) -> str | None:
+    """What a file (a path or a seekable binary file) is, in words ("an EPS image"), if its
+    first bytes say so clearly; read, never opened by an image plugin (the file's position is
+    kept)."""
+    try:
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "rb") as f:
+                head = f.read(512)
+        else:
+            where = fp.tell()
+            head = fp.read(512)
+            fp.seek(where)
+    except (OSError, ValueError, AttributeError):
+        return None
+    found = next((words for offset, magic, words in _SIGNATURES
+                  if head[offset:offset + len(magic)] == magic), None)
+    if found is None and b"<svg" in head:
+        found = "an SVG image"
+    return found
+
+
+def open_image(fp, name=None, formats=IMAGE_FORMATS, fix: str = "") -> Image.Image:
+    """`PIL.Image.open(fp, formats=formats)`: the one way ccld opens a user's image. An image of
+    any other format is refused (a one-line `CCLDError`: "NAME: an EPS image; give a PNG,
+    JPEG, WebP, BMP, GIF or TIFF", or `fix`), having been named from its first bytes only:
+    no other plugin reads it, and no external program (Ghostscript) ever sees it. A file that
+    is no image ccld can name raises Pillow's `UnidentifiedImageError`, for the caller to
+    word."""
+    try:
+        return Image.open(fp, formats=list(formats))
+    except UnidentifiedImageError:
+        if hasattr(fp, "seek"):
+            fp.seek(0)
+        kind = image_format_of(fp)
+        if kind is not None:
+            shown = name if name is not None else fp
+            raise CCLDError(f"{shown}: {kind}; {fix or 'give ' + FORMATS_IN_WORDS}") from None
+        raise
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """An RGB image from any common file, EXIF applied; transparency is dropped (each pixel keeps
     its stored colour), as the reference's `Image.open(path).convert('RGB')` does."""
@@ -51,7 +119,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow only warns about decompression bombs below twice its own limit.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with open_image(path, path) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise _too_big(path, im.width, im.height)
                 im.load()
@@ -171,13 +239,18 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict,
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | None = None,
              exclusive: bool = False) -> Path:
-    """Writes a PNG holding `json.dumps(parameters)` in its `parameters` text chunk, atomically.
+    """Writes a PNG holding `json.dumps(parameters)` in its `parameters` text chunk, atomically;
+    by default the parameters the image carries (a pipeline's images carry theirs: PIL's own
+    `image.save` would drop them).
 
     A crash never leaves a half-written PNG under the final name (see `ccld.io.files`).
     `exclusive`: FileExistsError rather than replacing a file at `path`.
     """
+    if parameters is None:
+        carried = image.info.get(PARAMETERS_KEY)
+        parameters = json.loads(carried) if isinstance(carried, str) else {}
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(parameters))
     info.add_text("Software", "ccld")
@@ -209,7 +282,7 @@ def read_png_parameters(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CCLDError(f"{path}: no such image file; check the path")
     try:
-        with Image.open(path) as im:
+        with open_image(path, path, fix="give a PNG written by ccld") as im:
             im.load()  # text chunks after the image data are read only with the pixels
             text = getattr(im, "text", None) or im.info
             raw = text.get(PARAMETERS_KEY)

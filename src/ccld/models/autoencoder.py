@@ -295,8 +295,12 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 def autoencoder_from_state_dict(config: AutoencoderConfig, state_dict: dict,
                                 source: str | os.PathLike = "checkpoint") -> KLAutoencoder:
-    """A frozen autoencoder holding diffusers-named weights; built on the meta device, so no
-    random initialisation is spent on weights the file replaces."""
+    """A frozen autoencoder holding diffusers-named weights (as `checked_weights` gives them:
+    float32, finite); built on the meta device, so no random initialisation is spent on
+    weights the file replaces."""
+    from ..io.checkpoints import checked_weights
+
+    state_dict = checked_weights(state_dict, source, "autoencoder checkpoint")
     try:
         with empty_weights():
             ae = KLAutoencoder(config)
@@ -316,6 +320,7 @@ def autoencoder_from_state_dict(config: AutoencoderConfig, state_dict: dict,
 # Loading: LDM checkpoints (converted by diffusers) and diffusers folders
 
 LDM_PREFIXES = ("", "first_stage_model.", "vae.")  # bare, or inside a full LDM/SD checkpoint
+LDM_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # the autoencoder's own
 
 
 def _ldm_vae_tools():
@@ -447,12 +452,14 @@ def diffusers_vae_config(ae_config: dict, state_dict: dict | None = None) -> dic
 
 
 def _ldm_state_dict(obj: dict, path: Path) -> dict:
+    """The autoencoder's weights in an LDM file, under their names there: never its training
+    loss (`loss.*`) nor, in a full LDM checkpoint, the other models' weights."""
     sd = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
-    sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}  # the training loss only
     for prefix in LDM_PREFIXES:
         if (any(k.startswith(prefix + "encoder.") for k in sd)
                 and any(k.startswith(prefix + "decoder.") for k in sd)):
-            return sd
+            parts = tuple(prefix + part for part in LDM_PARTS)
+            return {k: v for k, v in sd.items() if k.startswith(parts)}
     raise CCLDError(f"{path}: not an autoencoder checkpoint (no encoder.*/decoder.* weights); "
                     "pass the LDM autoencoder .ckpt (e.g. ae_model.ckpt)")
 
@@ -511,11 +518,16 @@ def load_autoencoder(path: str | os.PathLike, config_path: str | os.PathLike | N
         read_autoencoder_config(config_path)  # says the given config is missing, in one line
 
     def convert() -> tuple[dict, dict]:
+        from ..io.checkpoints import checked_weights
+
         # mapped: the release's training-loss weights (LPIPS, discriminator) are never read
         state_dict = _ldm_state_dict(load_state_file(path, "autoencoder checkpoint", mmap=True),
                                      path)
+        # checked under the file's own names, converted to float32 before diffusers sees them
+        state_dict = checked_weights(state_dict, path, "autoencoder checkpoint")
         weights, config = convert_ldm(state_dict, read_autoencoder_config(config_path), path)
-        return weights, {"config": asdict(config)}
+        # stored as the net takes them (the converter only renames and reshapes)
+        return checked_weights(weights, path, "autoencoder checkpoint"), {"config": asdict(config)}
 
     # The latent preview map is not fitted here: it costs seconds (encoding and decoding its
     # pictures) that a painting without previews should not pay; `CCLDPipeline.latent_preview`

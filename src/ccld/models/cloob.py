@@ -139,12 +139,12 @@ class Encoder(nn.Module):
             if self._deferred is None:  # another thread was first
                 return self
             weights, moves, hooks = self._deferred
-            for hook in hooks:
-                hook.remove()
             # Outside any caller's inference mode: these become the tower's ordinary parameters.
             with torch.inference_mode(False), torch.no_grad():
                 if callable(weights):
-                    weights = weights()
+                    weights = weights()  # (a refusal leaves the tower waiting, to refuse again)
+                for hook in hooks:
+                    hook.remove()
                 self.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
                 for fn in moves:
                     super()._apply(fn)
@@ -225,16 +225,27 @@ class CLOOB(nn.Module):
         self._placement = fn(self._placement)
         return super()._apply(fn, recurse)
 
-    def defer_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def defer_weights(self, state_dict: dict[str, torch.Tensor],
+                      source: str = "CLOOB checkpoint") -> None:
         """Keeps `state_dict` (shapes already checked); each tower takes up its part on first
         use (see `Encoder`)."""
         for name in TOWERS:
-            self.defer_tower_weights(name, tower_state_dict(state_dict, name))
+            self.defer_tower_weights(name, tower_state_dict(state_dict, name), source)
 
-    def defer_tower_weights(self, name: str, weights: dict | Callable[[], dict]) -> None:
-        """One tower's weights (or a function making them, on the CPU), taken up on first use."""
-        getattr(self, name).defer_weights(weights)
+    def defer_tower_weights(self, name: str, weights: dict | Callable[[], dict],
+                            source: str = "CLOOB checkpoint") -> None:
+        """One tower's weights (or a function making them, on the CPU), taken up on first use,
+        as `checked_weights` gives them (float32, finite: checked then, the tower's weights
+        being read only then; `source` names the file in a refusal)."""
+        from ..io.checkpoints import checked_weights
+
         device = "cpu" if callable(weights) else next(iter(weights.values())).device
+
+        def checked() -> dict:
+            return checked_weights(weights() if callable(weights) else weights, source,
+                                   "CLOOB checkpoint", prefix=f"{name}.")
+
+        getattr(self, name).defer_weights(checked)
         self._placement = torch.empty(0, device=device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -384,13 +395,14 @@ TOWERS = ("text_encoder", "image_encoder")
 
 
 def _as_float_tensor(array, relayout, contiguous: bool = True) -> torch.Tensor:
-    """A contiguous float32 tensor of a pickled array in PyTorch's layout, copied at most once
-    (600 MB of them: a copy more is a second of a first run and a peak of memory); with
-    `contiguous=False` a view where the layout differs (its shape is all a check needs)."""
+    """A contiguous float32 tensor of a pickled float array (any precision or byte order) in
+    PyTorch's layout, copied at most once (600 MB of them: a copy more is a second of a first
+    run and a peak of memory); with `contiguous=False` a view where the layout differs (its
+    shape is all a check needs)."""
     if array.dtype == numpy.float32 and array.flags.writeable and array.dtype.isnative:
         t = torch.from_numpy(array)  # the array's own memory, freed with the tensor
     else:
-        t = torch.tensor(array, dtype=torch.float32)
+        t = torch.from_numpy(array.astype(numpy.float32))
     t = relayout(t) if relayout else t
     return t.contiguous() if contiguous else t
 
@@ -404,6 +416,8 @@ def convert_haiku_params(image_params: dict, text_params: dict,
     the pickle's arrays and their conversion are never both whole in memory. The towers not
     in `towers` come as views in PyTorch's shapes, not laid out: enough to check them.
     """
+    from ..io.checkpoints import refuse_weight_type
+
     state = {}
     for tree in (image_params, text_params):
         for module_path in list(tree):
@@ -423,10 +437,13 @@ def convert_haiku_params(image_params: dict, text_params: dict,
                     raise CCLDError(f"{source}: unexpected Haiku parameter {module_path}/{name}; "
                                     "this is not a CLOOB checkpoint ccld knows")
                 key, relayout = names[name]
-                if not (isinstance(array, numpy.ndarray) and array.dtype.kind in "biuf"):
+                if not isinstance(array, numpy.ndarray):
                     raise CCLDError(f"{source}: {module_path}/{name} is a {type(array).__name__}, "
                                     "not an array of numbers; this is not a CLOOB checkpoint "
                                     "ccld knows")
+                if array.dtype.kind != "f":  # the rule of every loader (checked_weights)
+                    raise refuse_weight_type(source, f"{module_path}/{name}", array.dtype,
+                                             "CLOOB checkpoint")
                 state[f"{prefix}.{key}"] = _as_float_tensor(array, relayout,
                                                              _BASES[base] in towers)
     return state
@@ -442,7 +459,7 @@ def cloob_from_state_dict(config: dict, state_dict: dict, source: str = "CLOOB c
     """A frozen CLOOB in eval mode holding `state_dict`, each tower taking up its weights on first
     use; CCLDError if the weights do not fit the config."""
     model = _checked_model(config, state_dict, source)
-    model.defer_weights(state_dict)
+    model.defer_weights(state_dict, source)
     return model
 
 
@@ -450,12 +467,15 @@ def _checked_model(config: dict, state_dict: dict, source: str,
                    towers: Sequence[str] = TOWERS) -> CLOOB:
     """CLOOB of `config` on the meta device, frozen, once `state_dict` (the weights of `towers`)
     is checked to fit it."""
-    from ..io.checkpoints import describe_foreign_state_dict, require_tensors
+    from ..io.checkpoints import describe_foreign_state_dict, require_held, require_tensors
 
     if not any(k.startswith(("image_encoder.", "text_encoder.")) for k in state_dict):
         raise CCLDError(f"{source}: not a CLOOB checkpoint ({describe_foreign_state_dict(state_dict)}); "
                         f"pass the CLOOB release (.pkl) or its conversion with {give('cloob')}")
+    # floating point, holding what they claim (cheap: no data read); converted and checked
+    # finite when a tower takes them up
     require_tensors(state_dict, source, "CLOOB checkpoint")
+    require_held(state_dict, source)
     with empty_weights():  # no wasted random init: the weights come from the file
         model = CLOOB(config)
     expected = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in towers}
@@ -520,6 +540,7 @@ def _load_release_pickle(path: Path, config: dict) -> CLOOB:
     once, and the pickle read again (a fraction of a second) to store it when it is first used.
     So a text-only run neither writes the image tower nor holds it in memory.
     """
+    from ..io.checkpoints import checked_weights
     from ..io.weights_cache import load_converted, open_converted
 
     source = str(path)
@@ -528,15 +549,19 @@ def _load_release_pickle(path: Path, config: dict) -> CLOOB:
     def stored_tower(tower: str, convert) -> dict:
         return load_converted(_CACHE_KINDS[tower], [path], keyed_by, convert)[0]
 
+    def checked_tower(state_dict: dict, tower: str) -> dict:  # stored as the tower takes it
+        return checked_weights(tower_state_dict(state_dict, tower), source, "CLOOB checkpoint",
+                               prefix=f"{tower}.")
+
     def read_tower(tower: str) -> tuple[dict, dict]:
-        return tower_state_dict(haiku_pickle_state_dict(path, [tower]), tower), {}
+        return checked_tower(haiku_pickle_state_dict(path, [tower]), tower), {}
 
     stored = {t: open_converted(_CACHE_KINDS[t], [path], keyed_by) for t in TOWERS}
     stored = {t: entry[0] for t, entry in stored.items() if entry is not None}
     if not stored:
         state_dict = haiku_pickle_state_dict(path, ["text_encoder"])  # the image tower checked only
         _checked_model(config, state_dict, source)  # a misfit is never stored
-        text = tower_state_dict(state_dict, "text_encoder")
+        text = checked_tower(state_dict, "text_encoder")
         del state_dict
         stored["text_encoder"] = stored_tower("text_encoder", lambda: (text, {}))
         del text
@@ -546,5 +571,5 @@ def _load_release_pickle(path: Path, config: dict) -> CLOOB:
                                     for k, v in sd.items()}, source, list(stored))
     for tower in TOWERS:
         model.defer_tower_weights(tower, stored.get(tower) or functools.partial(
-            stored_tower, tower, functools.partial(read_tower, tower)))
+            stored_tower, tower, functools.partial(read_tower, tower)), source)
     return model

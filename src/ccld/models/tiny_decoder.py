@@ -20,6 +20,7 @@ clamped, as `AutoencoderTiny.decode` gives it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -69,9 +70,11 @@ class TinyDecoderConfig:
         if len(config.decoder_block_out_channels) != len(config.num_decoder_blocks):
             raise CCLDError(f"{source}: decoder_block_out_channels and num_decoder_blocks differ "
                             "in length; save the decoder again")
-        if not float(config.input_scale) > 0:
+        if not (isinstance(config.input_scale, (int, float))
+                and not isinstance(config.input_scale, bool)
+                and math.isfinite(config.input_scale) and config.input_scale > 0):
             raise CCLDError(f"{source}: input_scale {config.input_scale!r} is not a positive "
-                            "number; save the decoder again")
+                            "finite number; save the decoder again")
         return config
 
     def to_dict(self) -> dict:
@@ -161,11 +164,14 @@ def tiny_decoder_from_state_dict(config: TinyDecoderConfig, state_dict: dict,
                                  source: str | os.PathLike = "tiny decoder") -> TinyDecoder:
     """A frozen tiny decoder holding `decoder.*` weights (others, such as an `AutoencoderTiny`'s
     `encoder.*`, are ignored); built on the meta device, so no random init is wasted."""
+    from ..io.checkpoints import checked_weights
+
     weights = {k: v for k, v in state_dict.items() if k.startswith("decoder.")}
     if not weights:
         raise CCLDError(f"{source}: no decoder.layers.* weights, so not a tiny decoder in "
                         "diffusers' AutoencoderTiny layout; pass a folder written by "
                         "AutoencoderTiny.save_pretrained or `ccld distill-decoder`")
+    weights = checked_weights(weights, source, "tiny decoder")  # float32, finite
     try:
         with empty_weights():
             decoder = TinyDecoder(config)

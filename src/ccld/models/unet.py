@@ -445,6 +445,11 @@ _WIDTH_KEYS = (  # the first conv of each resolution level gives that level's wi
 )
 _EMBED_KEY = "mapping.0.main.0.weight"
 _GUIDANCE_KEY = "guidance_embed.linear.weight"
+# Bounds on what shapes may claim, far beyond the published nets (widths up to 1536, a 512-wide
+# CLOOB embedding, a handful of distilled steps): a file's claims past them are damage.
+MAX_WIDTH = 16384
+MAX_EMBED_DIM = 16384
+MAX_DISTILLED_STEPS = 1000
 
 
 def is_unet_state_dict(sd: dict) -> bool:
@@ -473,6 +478,7 @@ def infer_unet_config(sd: dict, source: str | os.PathLike = "checkpoint") -> dic
         kind = describe_foreign_state_dict(sd)
         raise CCLDError(f"{source}: not a CCLD U-Net checkpoint ({kind}; no {missing[0]}); "
                         "pass the diffusion model file, e.g. model_student.ckpt")
+    _check_architecture_shapes(sd, source)
     widths = [int(sd[k].shape[0]) for k in _WIDTH_KEYS]
     embed_dim = int(sd[_EMBED_KEY].shape[1]) - MAPPING_FOURIER
     for base, mults in KNOWN_ARCHITECTURES:
@@ -491,13 +497,60 @@ def infer_unet_config(sd: dict, source: str | os.PathLike = "checkpoint") -> dic
     return config
 
 
-def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
-                         config: dict | None = None) -> CCLDUNet:
-    """A frozen U-Net holding `sd`, of the architecture `config` or, by default, the one the
-    tensor shapes say."""
+def _check_architecture_shapes(sd: dict, source) -> None:
+    """The shapes the architecture is read from are the U-Net's kinds of tensor, and within
+    bounds: a damaged or hostile file names a sane net or none."""
     from ..io.checkpoints import require_tensors
 
+    read = [*_WIDTH_KEYS, _EMBED_KEY, *(k for k in RECORDS if k in sd)]
+    require_tensors({k: sd[k] for k in read}, source, "U-Net checkpoint")
+
+    def shape(key):
+        return list(sd[key].shape)
+
+    fix = "the file is damaged or not a CCLD U-Net"
+    for i, key in enumerate(_WIDTH_KEYS):
+        got = shape(key)
+        if not (len(got) == 4 and got[2:] == [3, 3] and got[0] >= 1
+                and (i or got[1] == 4 + PLANE_FOURIER)):
+            want = f"[width, {4 + PLANE_FOURIER if not i else 'channels'}, 3, 3]"
+            raise CCLDError(f"{source}: its tensor {key!r} has the shape {got}, not the "
+                            f"U-Net's {want}; {fix}")
+        if got[0] > MAX_WIDTH:
+            raise CCLDError(f"{source}: its tensor {key!r} claims a U-Net level {got[0]} "
+                            f"channels wide, more than {MAX_WIDTH}; {fix}")
+    got = shape(_EMBED_KEY)
+    if not (len(got) == 2 and got[0] == MAPPING_WIDTH
+            and 1 <= got[1] - MAPPING_FOURIER <= MAX_EMBED_DIM):
+        raise CCLDError(f"{source}: its tensor {_EMBED_KEY!r} has the shape {got}, not the "
+                        f"U-Net's [{MAPPING_WIDTH}, embed_dim + {MAPPING_FOURIER}] (embed_dim "
+                        f"1 to {MAX_EMBED_DIM}); {fix}")
+    if "guidance_range" in sd and shape("guidance_range") != [2]:
+        raise CCLDError(f"{source}: its guidance_range has the shape {shape('guidance_range')}, "
+                        f"not [2] (low, high); {fix}")
+    if "distilled_timesteps" in sd:
+        got = shape("distilled_timesteps")
+        if not (len(got) == 1 and 1 <= got[0] <= MAX_DISTILLED_STEPS):
+            raise CCLDError(f"{source}: its distilled_timesteps has the shape {got}, not 1 to "
+                            f"{MAX_DISTILLED_STEPS} steps; {fix}")
+
+
+def checked_unet_weights(sd: dict, source) -> dict:
+    """`sd` as the U-Net takes it (`ccld.io.checkpoints.checked_weights`: float32, finite),
+    its latent scale first checked on its own, so that a bad one is named as such."""
+    from ..io.checkpoints import checked_weights, require_latent_scale, require_tensors
+
     require_tensors(sd, source, "U-Net checkpoint")
+    if "autoencoder_scale" in sd:
+        require_latent_scale(sd["autoencoder_scale"], source, "autoencoder_scale buffer")
+    return checked_weights(sd, source, "U-Net checkpoint")
+
+
+def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
+                         config: dict | None = None) -> CCLDUNet:
+    """A frozen U-Net holding `sd` (checked and converted by `checked_unet_weights`), of the
+    architecture `config` or, by default, the one the tensor shapes say."""
+    sd = checked_unet_weights(sd, source)
     config = infer_unet_config(sd, source) if config is None else config
     with empty_weights():  # no wasted random init: every weight comes from the file
         unet = CCLDUNet(**config)
@@ -533,6 +586,7 @@ def unet_weights(path: str | os.PathLike, what: str = "U-Net checkpoint", *,
 
     def convert():
         sd, metadata = read()
+        sd = checked_unet_weights(sd, path)  # stored as the net takes it: float32, finite
         unet_from_state_dict(sd, path, metadata["config"])  # cheap: a misfit is never stored
         return sd, metadata
 

@@ -62,7 +62,8 @@ def read_json_config(path: Path, what: str):
 def _bounded_whole(low: int, high: int):
     def fits(v):
         return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-    return fits, f"a whole number from {low} to {high}"
+    return fits, (f"a positive integer up to {high}" if low == 1
+                  else f"a whole number from {low} to {high}")
 
 
 def folder_unet_architecture(folder: Path, config: dict) -> dict:

@@ -111,12 +111,12 @@ def decode_image_bytes(data: bytes, name: str):
     """An RGB image from encoded bytes, with the same checks and conversions as `load_image`."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from ..io.images import _READ_ERRORS, MAX_PIXELS, _to_rgb
+    from ..io.images import _READ_ERRORS, MAX_PIXELS, _to_rgb, open_image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(io.BytesIO(data), name) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise CCLDError(f"{name}: the image is {im.width}x{im.height}, more than the "
                                     f"{MAX_PIXELS / 1e6:.0f} megapixel limit")
