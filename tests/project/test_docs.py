@@ -10,8 +10,9 @@ file contents and do not run. A comment on the line before a fence says what els
 
 Each block is a test, `PAGE:N` (its N-th runnable block). The blocks of a page run in order in
 one working folder, as a reader follows the page: a block may use what the blocks above it
-wrote, and a block run alone runs them first. The folder starts with what a reader would have
-(`write_user_files`: an image prompt, an init image, a folder of training images, a U-Net
+wrote, and a block run alone runs them first. Pages are followed two at a time in the
+background (`page_runs`), each test waiting for its block. The folder starts with what a
+reader would have (`write_user_files`: an image prompt, an init image, a folder of training images, a U-Net
 checkpoint) and the page's `file` blocks.
 
 The published models are the fixture models here: a sitecustomize.py first on the snippets'
@@ -24,13 +25,15 @@ downloads, and nothing outside the test's folders is written.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -242,36 +245,63 @@ def write_user_files(folder: Path, fixtures: Path) -> None:
 
 
 @dataclass
-class PageRun:
-    folder: Path
-    done: set  # the numbers of the blocks that ran
-    failed: str | None = None  # the first block that failed
+class Outcome:
+    """How a block went: None while it has not run yet, else its failure message or ""."""
+    done: threading.Event = field(default_factory=threading.Event)
+    failure: str | None = None
+
+
+PARALLEL_PAGES = 2  # pages followed at once: each block is one single-threaded process
 
 
 @pytest.fixture(scope="session")
-def page_runs(reader, fixtures):
-    """page -> its working folder and what ran in it, made on first use; the folders of pages
-    whose blocks all ran are removed at the end."""
-    runs = {}
+def page_runs(reader, fixtures, request):
+    """block name -> its Outcome. On first use every page whose blocks this session selected is
+    followed in the background, PARALLEL_PAGES at a time, each in its own working folder: its
+    blocks in order, up to the last one selected (the earlier ones too, as a reader would), and
+    none after a failure. The folders of pages whose blocks all ran are removed at the end."""
+    selected = {item.callspec.params["block"].name for item in request.session.items
+                if getattr(item, "originalname", "") == "test_snippet_runs"}
+    outcomes = {block.name: Outcome() for block in RUN_BLOCKS}
+    folders, failed_pages = {}, set()
 
-    def get(page: str) -> PageRun:
-        if page not in runs:
-            folder = reader["root"] / "pages" / page.replace("/", "-").removesuffix(".md")
-            folder.mkdir(parents=True)
-            write_user_files(folder, fixtures)
-            for block in ALL_BLOCKS:
-                if block.page == page and block.marker == "file":
-                    (folder / block.argument).write_text(block.code)
-            runs[page] = PageRun(folder, set())
-        return runs[page]
+    def follow(page: str) -> None:
+        folder = reader["root"] / "pages" / page.replace("/", "-").removesuffix(".md")
+        folder.mkdir(parents=True)
+        folders[page] = folder
+        write_user_files(folder, fixtures)
+        for block in ALL_BLOCKS:
+            if block.page == page and block.marker == "file":
+                (folder / block.argument).write_text(block.code)
+        blocks = [b for b in RUN_BLOCKS if b.page == page and b.marker != "skip"]
+        last = max((i for i, b in enumerate(blocks) if b.name in selected), default=-1)
+        failed = None
+        for block in blocks[:last + 1]:
+            outcome = outcomes[block.name]
+            if failed is not None:
+                outcome.failure = f"{block.where}: an earlier block of the page, {failed}, failed"
+            else:
+                outcome.failure = run_one(block, folder, reader["env"], reader["root"] / "scripts")
+                if outcome.failure:
+                    failed = block.name
+                    failed_pages.add(page)
+            outcome.done.set()
 
-    yield get
-    for run in runs.values():  # (training runs write gigabytes; a failed page's folder stays)
-        if run.failed is None:
-            shutil.rmtree(run.folder, ignore_errors=True)
+    pages = sorted({b.page for b in RUN_BLOCKS if b.name in selected},
+                   key=lambda page: -sum(b.page == page for b in RUN_BLOCKS))  # long ones first
+    pool = concurrent.futures.ThreadPoolExecutor(PARALLEL_PAGES)
+    futures = [pool.submit(follow, page) for page in pages]
+    yield outcomes
+    pool.shutdown(wait=True)
+    for future in futures:
+        future.result()  # (a failure of the runner itself, not of a block)
+    for page, folder in folders.items():  # (training runs write gigabytes; a failed page's stays)
+        if page not in failed_pages:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_one(block: Block, folder: Path, env: dict, scripts: Path) -> None:
+def run_one(block: Block, folder: Path, env: dict, scripts: Path) -> str:
+    """Runs `block` in `folder`; "" if it succeeded, else what went wrong."""
     scripts.mkdir(exist_ok=True)
     if block.language == "python":
         script = scripts / f"{block.name.replace('/', '-').replace(':', '-')}.py"
@@ -286,37 +316,21 @@ def run_one(block: Block, folder: Path, env: dict, scripts: Path) -> None:
                               stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
-        pytest.fail(f"{block.where}: still running after {BLOCK_TIMEOUT_S} s; mark a long run "
-                    f"`<!-- docs-test: skip (...) -->`\n{(output or '')[-3000:]}", pytrace=False)
+        return (f"{block.where}: still running after {BLOCK_TIMEOUT_S} s; mark a long run "
+                f"`<!-- docs-test: skip (...) -->`\n{(output or '')[-3000:]}")
     if done.returncode != 0:
-        pytest.fail(f"{block.where} ({block.language}) failed with exit status {done.returncode} "
-                    f"in {folder}:\n{textwrap.indent(block.code, '    ')}\n"
-                    f"--- output (the end) ---\n{done.stdout[-4000:]}", pytrace=False)
+        return (f"{block.where} ({block.language}) failed with exit status {done.returncode} "
+                f"in {folder}:\n{textwrap.indent(block.code, '    ')}\n"
+                f"--- output (the end) ---\n{done.stdout[-4000:]}")
+    return ""
 
 
 @pytest.mark.parametrize("block", [block_param(b) for b in RUN_BLOCKS])
-def test_snippet_runs(block: Block, reader, page_runs):
-    run = page_runs(block.page)
-    for earlier in RUN_BLOCKS:  # what the page did before this block, in order
-        if earlier.page != block.page or earlier.number >= block.number:
-            continue
-        if earlier.marker == "skip" or earlier.number in run.done:
-            continue
-        if run.failed is not None:
-            pytest.fail(f"{block.where}: an earlier block of the page, {run.failed}, failed",
-                        pytrace=False)
-        try:
-            run_one(earlier, run.folder, reader["env"], reader["root"] / "scripts")
-        except BaseException:
-            run.failed = earlier.name
-            raise
-        run.done.add(earlier.number)
-    try:
-        run_one(block, run.folder, reader["env"], reader["root"] / "scripts")
-    except BaseException:
-        run.failed = run.failed or block.name
-        raise
-    run.done.add(block.number)
+def test_snippet_runs(block: Block, page_runs):
+    outcome = page_runs[block.name]
+    outcome.done.wait()
+    if outcome.failure:
+        pytest.fail(outcome.failure, pytrace=False)
 
 
 # The pages themselves
