@@ -250,16 +250,20 @@ class Trainer:
     def fit(self) -> dict:
         """Trains until --max-steps or a stop request, saves, and returns a summary of the run."""
         self._setup()
-        with StopRequest() as stop:
-            # made inside, so that loader workers inherit the handler rather than die on Ctrl-C
-            batches = iter(self._loader(self.samples))
-            while self.s.max_steps is None or self.step < self.s.max_steps:
-                self._optimizer_step(batches)
-                self._log_if_due()
-                self._save_outputs_if_due()
-                if self._stop_requested(stop):
-                    self.interrupted = True
-                    break
+        try:
+            with StopRequest() as stop:
+                # made inside, so that loader workers inherit the handler rather than die on Ctrl-C
+                batches = iter(self._loader(self.samples))
+                while self.s.max_steps is None or self.step < self.s.max_steps:
+                    self._optimizer_step(batches)
+                    self._log_if_due()
+                    self._save_outputs_if_due()
+                    if self._stop_requested(stop):
+                        self.interrupted = True
+                        break
+        except BaseException:
+            self.log.close()  # a run that stops on an error still ends its logs whole
+            raise
         return self._finish()
 
     # Setup
