@@ -70,9 +70,19 @@ class AutoencoderConfig:
                                 f"(it runs {supported!r}); pass an LDM KL-f8 autoencoder")
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in config.items() if k in names}
+        for key, value in values.items():
+            fits, kind = CONFIG_FIELDS[key]
+            if not fits(value):
+                raise CCLDError(f"{source}: {key} is {value!r:.60}, not {kind}; save the "
+                                "autoencoder again or pass the LDM autoencoder .ckpt")
         if "block_out_channels" in values:
             values["block_out_channels"] = tuple(int(c) for c in values["block_out_channels"])
-        return cls(**values)
+        made = cls(**values)
+        if any(c % made.norm_num_groups for c in made.block_out_channels):
+            raise CCLDError(f"{source}: block_out_channels {list(made.block_out_channels)} are not "
+                            f"all multiples of norm_num_groups {made.norm_num_groups}; save the "
+                            "autoencoder again or pass the LDM autoencoder .ckpt")
+        return made
 
     def to_diffusers(self) -> dict:
         blocks = len(self.block_out_channels)
@@ -81,6 +91,29 @@ class AutoencoderConfig:
                 "down_block_types": ["DownEncoderBlock2D"] * blocks,
                 "up_block_types": ["UpDecoderBlock2D"] * blocks,
                 "act_fn": "silu", "scaling_factor": 1.0, "force_upcast": True}
+
+
+def _whole_number(low: int, high: int):
+    def fits(v):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+    return fits, f"a whole number from {low} to {high}"
+
+
+def _flag(v) -> bool:
+    return isinstance(v, bool)
+
+
+# AutoencoderConfig's fields as a config.json may give them, bounded where a net can be built
+CONFIG_FIELDS = {
+    "in_channels": _whole_number(1, 16), "out_channels": _whole_number(1, 16),
+    "latent_channels": _whole_number(1, 64), "layers_per_block": _whole_number(1, 16),
+    "norm_num_groups": _whole_number(1, 1024), "sample_size": _whole_number(8, 8192),
+    "block_out_channels": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8
+                           and all(_whole_number(1, 4096)[0](c) for c in v),
+                           "a list of 1 to 8 whole numbers from 1 to 4096"),
+    "use_quant_conv": (_flag, "true or false"), "use_post_quant_conv": (_flag, "true or false"),
+    "mid_block_add_attention": (_flag, "true or false"),
+}
 
 
 class ResnetBlock(nn.Module):
@@ -391,6 +424,46 @@ def _default_config_path(path: Path) -> Path:
     return path.with_suffix(".yaml")
 
 
+YAML_BYTES = 64 << 10  # an autoencoder's yaml is about a kilobyte
+YAML_DEPTH = 16  # nesting levels (the LDM layout needs 5)
+
+
+def _whole(low: int, high: int):
+    def fits(v):
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+    return fits, f"a whole number from {low} to {high}"
+
+
+# The ddconfig's sizes, bounded where a KL autoencoder can be built (the published one: ch 128,
+# ch_mult [1, 2, 4, 4], num_res_blocks 2, z_channels 4, resolution 256)
+DDCONFIG_FIELDS = {
+    "ch": _whole(1, 1024), "num_res_blocks": _whole(1, 16), "z_channels": _whole(1, 64),
+    "in_channels": _whole(1, 16), "out_ch": _whole(1, 16), "resolution": _whole(8, 8192),
+    "ch_mult": (lambda v: isinstance(v, list) and 1 <= len(v) <= 8
+                and all(_whole(1, 16)[0](m) for m in v), "a list of 1 to 8 whole numbers from 1 to 16"),
+    "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                "a number from 0 to below 1"),
+}
+
+
+def _check_yaml_shape(text: str, path: Path, fix: str) -> None:
+    """Refuses, before anything is built from it, a yaml that uses aliases (an anchor repeated
+    through aliases grows without bound: "billion laughs") or nests deeper than YAML_DEPTH."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(event, yaml.AliasEvent):
+            raise CCLDError(f"{path}: uses yaml aliases (*{event.anchor}), which ccld does not "
+                            f"expand; write the values out, or {fix}")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > YAML_DEPTH:
+                raise CCLDError(f"{path}: nested more than {YAML_DEPTH} levels deep; {fix}")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def read_autoencoder_config(config_path: str | os.PathLike) -> dict:
     """`{'ddconfig': ..., 'embed_dim': ...}` from an LDM AutoencoderKL yaml."""
     import yaml
@@ -399,8 +472,14 @@ def read_autoencoder_config(config_path: str | os.PathLike) -> dict:
     if not config_path.is_file():
         raise CCLDError(f"{config_path}: no such autoencoder config file; pass the LDM yaml "
                         f"(e.g. ae_model.yaml) with {give('autoencoder_config')}")
+    fix = f"pass the LDM autoencoder yaml (e.g. ae_model.yaml) with {give('autoencoder_config')}"
     try:
-        doc = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        if config_path.stat().st_size > YAML_BYTES:
+            raise CCLDError(f"{config_path}: more than {YAML_BYTES >> 10} KiB, not an autoencoder "
+                            f"config; {fix}")
+        text = config_path.read_text(encoding="utf-8")
+        _check_yaml_shape(text, config_path, fix)
+        doc = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         detail = " ".join(str(e).split())[:160]
         raise CCLDError(f"{config_path}: not a readable yaml file ({detail}); pass the LDM "
@@ -423,6 +502,10 @@ def read_autoencoder_config(config_path: str | os.PathLike) -> dict:
     if missing:
         raise CCLDError(f"{config_path}: the ddconfig lacks {', '.join(missing)}; "
                         "pass the autoencoder's own yaml")
+    for key, (fits, kind) in DDCONFIG_FIELDS.items():
+        if key in dd and not fits(dd[key]):
+            raise CCLDError(f"{config_path}: ddconfig.{key} is {dd[key]!r:.60}, not {kind}; "
+                            "pass the autoencoder's own yaml")
     if not dd.get("double_z", True):
         raise CCLDError(f"{config_path}: double_z is false, which is not a KL autoencoder; "
                         "pass the KL-f8 autoencoder's yaml")
@@ -549,12 +632,15 @@ def _load_folder(folder: Path) -> KLAutoencoder:
     if not (folder / "config.json").is_file():
         raise CCLDError(f"{folder}: a folder without config.json; give an LDM autoencoder "
                         ".ckpt or a folder written by AutoencoderKL.save_pretrained")
+    from ..io.jsontext import JSONInputError, parse
+
     try:
-        raw = json.loads((folder / "config.json").read_text())
+        with open(folder / "config.json", "rb") as f:
+            raw = parse(f.read(1 << 20))  # a config is a few hundred bytes; bounded depth
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         config = AutoencoderConfig.from_dict(raw, str(folder / "config.json"))
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, JSONInputError) as e:
         detail = " ".join(str(e).split())[:160] or type(e).__name__
         raise CCLDError(f"{folder}: not a loadable diffusers autoencoder folder ({detail}); "
                         "save it again or pass the LDM autoencoder .ckpt") from None

@@ -282,6 +282,14 @@ _REQUIRED = {
 }
 
 
+# The largest size of each kind a config may give (ViT-B/16's are 512, 224, 3, 16, 12, 768, 12;
+# its text tower's 77 tokens of a 49408-word vocabulary): room for larger nets, none for sizes
+# that only try to allocate
+_MOST = {"d_embed": 8192, "image_size": 2048, "input_channels": 16, "patch_size": 256,
+         "n_layers": 128, "d_model": 16384, "n_heads": 512, "text_size": 4096,
+         "vocab_size": 1_000_000}
+
+
 def validate_cloob_config(config: dict, source: str = "CLOOB config") -> dict:
     """Checks the keys the model needs; one-line CCLDError naming the first problem."""
     fix = "use the schema of the released CLOOB configs (see ccld/models/cloob_configs/)"
@@ -308,9 +316,10 @@ def validate_cloob_config(config: dict, source: str = "CLOOB config") -> dict:
              for key in keys)]
     for name, part in sizes:
         value = part[name.rpartition(".")[2]]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CCLDError(f"{source}: {name} is {value!r}; it must be a whole number of at "
-                            f"least 1; {fix}")
+        most = _MOST[name.rpartition(".")[2]]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise CCLDError(f"{source}: {name} is {value!r:.40}; it must be a whole number from 1 "
+                            f"to {most}; {fix}")
     for section in (ci, ct):
         if section["d_model"] % section["n_heads"]:
             name = "image_encoder" if section is ci else "text_encoder"
@@ -328,14 +337,20 @@ def validate_cloob_config(config: dict, source: str = "CLOOB config") -> dict:
 
 
 def _read_config_file(path: Path) -> dict:
+    from ..io.jsontext import JSONInputError, parse
+
     try:
-        config = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            config = parse(f.read(1 << 20))  # a config is about a kilobyte; bounded depth
     except (OSError, UnicodeDecodeError) as e:
         raise CCLDError(f"{path}: cannot read the CLOOB config ({e.__class__.__name__}); "
                         "check the path") from None
-    except json.JSONDecodeError as e:
-        raise CCLDError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file or "
-                        f"pass a built-in {give('cloob_config')} ({', '.join(BUILTIN_CONFIGS)})") from None
+    except JSONInputError as e:
+        why = str(e)
+        if why.startswith("not JSON (") and why.endswith(")"):
+            why = why[len("not JSON ("):-1]
+        raise CCLDError(f"{path}: not valid JSON ({why}); fix the file or pass a built-in "
+                        f"{give('cloob_config')} ({', '.join(BUILTIN_CONFIGS)})") from None
     config = validate_cloob_config(config, str(path))
     config.setdefault("name", path.stem)
     return config
