@@ -1,4 +1,5 @@
 import json
+import re
 import struct
 import warnings
 import zlib
@@ -246,3 +247,20 @@ def test_save_png_keeps_the_parameters_an_image_carries(tmp_path):
     image.info["parameters"] = json.dumps({"seed": 4, "prompts": [["a cat", 3.0]]})
     save_png(image, tmp_path / "a.png")
     assert read_png_parameters(tmp_path / "a.png") == {"seed": 4, "prompts": [["a cat", 3.0]]}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "its 'parameters' text is nested 100000 levels deep"),
+    ('{"seed": 1' + "0" * 5000 + "}", "its 'parameters' text is a number of 5001 digits"),
+    ("not json", "its 'parameters' text is not JSON"),
+])
+def test_png_parameters_are_read_bounded(tmp_path, text, message):
+    from PIL import PngImagePlugin
+
+    from ccld.io.images import read_png_parameters
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (4, 4)).save(tmp_path / "p.png", pnginfo=info)
+    with pytest.raises(CCLDError, match=re.escape(message)):
+        read_png_parameters(tmp_path / "p.png")

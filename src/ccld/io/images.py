@@ -291,10 +291,14 @@ def read_png_parameters(path: str | os.PathLike) -> dict:
         raise CCLDError(f"{path}: not a readable PNG ({detail}); give a PNG written by ccld") from None
     if raw is None:
         return {}
+    from .jsontext import JSONInputError, parse
+
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, TypeError):
-        raise CCLDError(f"{path}: its 'parameters' text is not JSON; it was not written by ccld") from None
+        value = parse(raw) if isinstance(raw, (str, bytes)) else None
+    except JSONInputError as e:
+        raise CCLDError(f"{path}: its 'parameters' text is {e}; it was not written by ccld") from None
+    if value is None:
+        raise CCLDError(f"{path}: its 'parameters' text is not JSON; it was not written by ccld")
     if not isinstance(value, dict):
         raise CCLDError(f"{path}: its 'parameters' text is not a JSON object; it was not written by ccld")
     return value
