@@ -174,6 +174,27 @@ def model_flags(model_files) -> list[str]:
             for arg in (f"--{key.replace('_', '-')}", str(path))]
 
 
+def generate_with_files(model_flags, tmp_path, *extra, **swap) -> int:
+    """`ccld generate` on the fixture models with some of their files swapped (by option name:
+    unet=PATH, cloob=PATH, ...) and `extra` options."""
+    from ccld.apps.cli import main
+
+    flags = dict(zip(model_flags[::2], model_flags[1::2]))
+    flags.update({f"--{k.replace('_', '-')}": str(v) for k, v in swap.items()})
+    return main(["generate", "a castle", "--steps", "1", "-q", "--out", str(tmp_path / "out"),
+                 *extra, *[x for kv in flags.items() for x in kv]])
+
+
+def one_error_line(capsys, fragments, never=("Traceback",)) -> str:
+    """The one line the command wrote to stderr, holding every fragment and none of `never`."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+    assert not any(word in err[0] for word in never), err[0]
+    return err[0]
+
+
 @pytest.fixture(scope="session")
 def fixture_pipeline(model_files):
     """One fp32 CPU pipeline of the fixture models, shared: tests must not change its settings

@@ -11,23 +11,12 @@ import torch
 from PIL import Image
 
 from ccld.apps.cli import main
-
-
-def run(model_flags, tmp_path, **swap):
-    """`ccld generate` on the fixture models with some of their files swapped."""
-    flags = dict(zip(model_flags[::2], model_flags[1::2]))
-    flags.update({f"--{k.replace('_', '-')}": str(v) for k, v in swap.items()})
-    return main(["generate", "a castle", "--steps", "1", "-q", "--out", str(tmp_path / "out"),
-                 *[x for kv in flags.items() for x in kv]])
+from conftest import generate_with_files as run
+from conftest import one_error_line
 
 
 def one_line(capsys, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
-    assert "weights_only" not in err[0] and "Traceback" not in err[0]
-    return err[0]
+    return one_error_line(capsys, fragments, never=("weights_only", "Traceback"))
 
 
 def test_a_file_passed_to_the_wrong_flag_is_named_for_what_it_is(model_files, model_flags,

@@ -29,7 +29,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ccld import CCLDPipeline
-from ccld.apps.cli import main
 from ccld.errors import CCLDError
 from ccld.io.checkpoints import CheckedWeights, checked_weights, load_array_pickle, load_torch_file
 from ccld.models.autoencoder import decode_latents, load_autoencoder
@@ -42,7 +41,8 @@ from ccld.models.unet import (
     load_unet,
     unet_weights,
 )
-from conftest import max_rel_err
+from conftest import generate_with_files as run
+from conftest import max_rel_err, one_error_line
 
 try:  # numpy 2 (numpy 1 has only numpy.core)
     from numpy._core.multiarray import _reconstruct, scalar
@@ -54,21 +54,8 @@ except ImportError:  # pragma: no cover
 FLOATING = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
-def run(model_flags, tmp_path, *extra, **swap):
-    """`ccld generate` on the fixture models with some of their files swapped."""
-    flags = dict(zip(model_flags[::2], model_flags[1::2]))
-    flags.update({f"--{k.replace('_', '-')}": str(v) for k, v in swap.items()})
-    return main(["generate", "a castle", "--steps", "1", "-q", "--out", str(tmp_path / "out"),
-                 *extra, *[x for kv in flags.items() for x in kv]])
-
-
 def one_line(capsys, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
-    assert "Traceback" not in err[0] and "went non-finite" not in err[0]
-    return err[0]
+    return one_error_line(capsys, fragments, never=("Traceback", "went non-finite"))
 
 
 @pytest.fixture(scope="session")

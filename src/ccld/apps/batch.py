@@ -96,28 +96,19 @@ def row_words(name: str, giving: bool, what: str = "") -> str:
 def parse_json_row(text: str) -> dict:
     """A JSON row's settings, by name (`options_from_dict`)."""
     try:
-        values = parse(text)
+        values = parse(text, object_pairs_hook=_refuse_repeated_keys)
     except JSONInputError as e:
         raise CCLDError(f"{e}; write a JSON object per line, e.g. "
                         '{"prompts": ["a castle"], "seed": 3}') from None
-    repeated = _first_repeated_key(text)
-    if repeated is not None:
-        raise CCLDError(f"the key {repeated!r} is given twice; give it once")
     return options_from_dict(values, not_allowed=NOT_ROW_KEYS, who="a row may set")
 
 
-def _first_repeated_key(text: str) -> str | None:
-    """A key some object of the (already parsed, so bounded) JSON `text` gives twice."""
-    repeated = []
-
-    def pairs_hook(pairs: list) -> dict:
-        keys = [key for key, _ in pairs]
-        repeated.extend(key for key in keys if keys.count(key) > 1)
-        return dict(pairs)
-
-    json.loads(text, object_pairs_hook=pairs_hook)
-    return repeated[0] if repeated else None
-
+def _refuse_repeated_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise CCLDError(f"the key {repeated!r} is given twice; give it once")
+    return dict(pairs)
 
 def row_key(settings: Settings, run: dict, stochastic: bool) -> str:
     """The hash of what shapes a row's pictures: its settings and the run's models, precision

@@ -44,9 +44,10 @@ def _constant(name: str):
     raise JSONInputError(f"{name} is not JSON")
 
 
-def parse(text: str | bytes):
+def parse(text: str | bytes, object_pairs_hook=None):
     """The value of JSON `text`; JSONInputError saying why not (malformed, nested deeper than
-    MAX_DEPTH, an integer of more than MAX_DIGITS digits, NaN or Infinity)."""
+    MAX_DEPTH, an integer of more than MAX_DIGITS digits, NaN or Infinity). `object_pairs_hook`
+    as `json.loads` takes it."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -56,7 +57,8 @@ def parse(text: str | bytes):
     if depth > MAX_DEPTH:
         raise JSONInputError(f"nested {depth} levels deep (at most {MAX_DEPTH})")
     try:
-        return json.loads(text, parse_int=_integer, parse_constant=_constant)
+        return json.loads(text, parse_int=_integer, parse_constant=_constant,
+                          object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as e:
         raise JSONInputError(f"not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except RecursionError:  # (the depth check makes this unreachable; kept as a last guard)
