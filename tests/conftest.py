@@ -19,6 +19,10 @@ for _variable, _folder in {"CCLD_CACHE_DIR": "ccld", "HF_HOME": "huggingface",
                            "XDG_CACHE_HOME": "xdg", "TORCH_HOME": "torch"}.items():
     os.environ[_variable] = str(SESSION_CACHES / _folder)
 os.environ.pop("HF_HUB_CACHE", None)  # (it would win over HF_HOME)
+# The suite runs in one worker process per core (pytest-xdist, pyproject's addopts), each torch
+# single-threaded, as are the processes the tests start: the fixture nets are small, and a
+# second thread per worker would only spin against the other workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import huggingface_hub.constants as hf_constants  # noqa: E402
 import pytest  # noqa: E402
@@ -310,3 +314,9 @@ class FakePipe:
         settings = self._settings(prompts, image_prompts, settings, options)
         tiny = self.tiny_decoder is not None and not settings.full_decoder
         return {**settings.to_dict(), "decoder": "tiny" if tiny else "full"}
+
+
+def pytest_collection_modifyitems(items):
+    """The docs' pages first: they run in the background of one worker (tests/project/
+    test_docs.py) for about two minutes, which the other tests then overlap instead of trail."""
+    items.sort(key=lambda item: "test_snippet_runs" not in item.nodeid)

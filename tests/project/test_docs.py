@@ -21,6 +21,10 @@ the fixture files, and the built-in CLOOB configs the fixture's (the real CLOOB 
 checked against its sha256, so no small file can stand in for it otherwise). HOME, the caches
 (Hugging Face, XDG, ccld's) and TMPDIR are temporary folders and HF_HUB_OFFLINE is set: nothing
 downloads, and nothing outside the test's folders is written.
+
+`ccld` commands and Python blocks start as forks of one process that has imported torch and
+ccld (warm_processes.py), which saves a few seconds of imports in each of about fifty processes;
+CCLD_DOCS_COLD=1 starts each from scratch instead, as a reader's shell would.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ MARKER = re.compile(r"^<!--\s*docs-test:\s*(?P<kind>\w[\w-]*)\s*(?P<argument>.*?
 MARKER_KINDS = {"skip", "slow", "file"}
 FENCE = re.compile(r"^```(?P<language>[\w+-]*)\s*$")
 BLOCK_TIMEOUT_S = 900
+WARM = Path(__file__).with_name("warm_processes.py")
 
 
 @dataclass(frozen=True)
@@ -183,8 +188,9 @@ sys.meta_path.insert(0, PatchAfterImport())
 
 
 @pytest.fixture(scope="session")
-def reader(fixtures, tmp_path_factory) -> dict:
-    """The environment of the snippets' processes, with the fixtures as the published models."""
+def reader(fixtures, tmp_path_factory):
+    """The environment of the snippets' processes, with the fixtures as the published models,
+    and how to start Python on a script there."""
     from ccld.io.hub import DEFAULT_CLOOB
 
     root = tmp_path_factory.mktemp("docs")
@@ -217,7 +223,24 @@ def reader(fixtures, tmp_path_factory) -> dict:
         # tiny models on a small shared machine: a second thread costs more than it gives
         OMP_NUM_THREADS="1",
     )
-    return {"env": env, "root": root}
+    if os.environ.get("CCLD_DOCS_COLD"):  # every block's processes started from scratch
+        yield {"env": env, "root": root, "python": [sys.executable]}
+        return
+    # `ccld` and the Python blocks start warm: forks of one process that imported torch and
+    # ccld already (see warm_processes.py), a few seconds each saved on a small machine
+    socket_path = root / "warm.sock"
+    warm = [sys.executable, "-S", str(WARM)]
+    server = subprocess.Popen([*warm[:1], str(WARM), "serve", str(socket_path)], cwd=root,
+                              env=env, stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready", "the warm-process server did not start"
+    shims = root / "bin"
+    shims.mkdir()
+    (shims / "ccld").write_text(f'#!/bin/sh\nexec {" ".join(warm)} ccld "$@"\n')
+    (shims / "ccld").chmod(0o755)
+    env.update(PATH=os.pathsep.join([str(shims), env["PATH"]]), CCLD_WARM_SOCKET=str(socket_path))
+    yield {"env": env, "root": root, "python": [*warm, "python"]}
+    server.terminate()
+    server.wait()
 
 
 def write_user_files(folder: Path, fixtures: Path) -> None:
@@ -281,7 +304,7 @@ def page_runs(reader, fixtures, request):
             if failed is not None:
                 outcome.failure = f"{block.where}: an earlier block of the page, {failed}, failed"
             else:
-                outcome.failure = run_one(block, folder, reader["env"], reader["root"] / "scripts")
+                outcome.failure = run_one(block, folder, reader)
                 if outcome.failure:
                     failed = block.name
                     failed_pages.add(page)
@@ -300,13 +323,14 @@ def page_runs(reader, fixtures, request):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_one(block: Block, folder: Path, env: dict, scripts: Path) -> str:
+def run_one(block: Block, folder: Path, reader: dict) -> str:
     """Runs `block` in `folder`; "" if it succeeded, else what went wrong."""
+    env, scripts = reader["env"], reader["root"] / "scripts"
     scripts.mkdir(exist_ok=True)
     if block.language == "python":
         script = scripts / f"{block.name.replace('/', '-').replace(':', '-')}.py"
         script.write_text(block.code)
-        command = [sys.executable, str(script)]
+        command = [*reader["python"], str(script)]
     else:
         script = scripts / f"{block.name.replace('/', '-').replace(':', '-')}.sh"
         script.write_text(shell_script(block))
@@ -325,6 +349,7 @@ def run_one(block: Block, folder: Path, env: dict, scripts: Path) -> str:
     return ""
 
 
+@pytest.mark.xdist_group("docs-pages")  # one process follows the pages (see page_runs)
 @pytest.mark.parametrize("block", [block_param(b) for b in RUN_BLOCKS])
 def test_snippet_runs(block: Block, page_runs):
     outcome = page_runs[block.name]
