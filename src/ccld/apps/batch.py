@@ -307,6 +307,13 @@ class Processes:
 
         if requested == "auto" and not torch.cuda.is_available():
             return "cpu"
+        count = torch.cuda.device_count()
+        if self.local_rank >= count:  # before loading: the launcher would kill the others
+            raise CCLDError(f"process {self.rank} has LOCAL_RANK {self.local_rank}, but this machine "
+                            f"has {count} CUDA device(s); start at most {count} process(es) per "
+                            "machine (accelerate launch --num_processes, torchrun "
+                            "--nproc-per-node)")
+        torch.cuda.set_device(self.local_rank)  # its own GPU for everything left unplaced
         return f"cuda:{self.local_rank}"
 
     def manifest(self, out: Path) -> Path:

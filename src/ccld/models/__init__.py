@@ -1,6 +1,8 @@
 """The three frozen networks: the conditioned U-Net, CLOOB and the KL-f8 autoencoder."""
 
 import contextlib
+import functools
+import warnings
 
 import torch
 from torch import nn
@@ -116,3 +118,52 @@ def float32_weights(module: nn.Module):
         if copies:
             dtype = next(iter(copies.values())).dtype
             hold_weights_in(module, dtype, rounded=copies)  # the same copies again
+
+
+# Autocast, as each device and torch version has it
+
+@functools.lru_cache(maxsize=None)
+def autocast_available(device_type: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether this torch runs autocast on `device_type` (in `dtype`, where given). MPS has
+    none before torch 2.5 (`torch.autocast("mps")` raises), and on 2.5 switches bf16 off with a
+    warning; either way a net held in that dtype would then fail on mixed dtypes."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            context = torch.autocast(device_type, dtype=dtype) if dtype else torch.autocast(device_type)
+        except (RuntimeError, ValueError, AssertionError):
+            return False
+    return bool(getattr(context, "_enabled", True))
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device_type` now; None where it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no per-device form
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on `device_type` (nothing to switch off where this torch has
+    no autocast for it: MPS before torch 2.5 refuses even `enabled=False`)."""
+    if not autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def finite_or_float32(compute, module: nn.Module, device_type: str) -> torch.Tensor:
+    """`compute()` (a pass of `module`); where it ran under fp16 autocast and overflowed, again in
+    float32. fp16's range ends at 65504 and the KL autoencoder's activations can pass it (its
+    diffusers config says `force_upcast`), while bf16 and float32 keep float32's range."""
+    out = compute()
+    if autocast_dtype(device_type) == torch.float16 and not bool(torch.isfinite(out).all()):
+        with autocast_off(device_type), float32_weights(module):
+            out = compute()
+    return out

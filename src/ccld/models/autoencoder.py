@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from ..errors import CCLDError, give
 from ..io.checkpoints import load_state_file
-from . import empty_weights
+from . import empty_weights, finite_or_float32
 from .latent_preview import LatentPreview
 
 # The network: diffusers' AutoencoderKL (DownEncoderBlock2D / UpDecoderBlock2D, SiLU, GroupNorm),
@@ -655,10 +655,14 @@ def encode_moments(ae: KLAutoencoder, images: torch.Tensor) -> tuple[torch.Tenso
     dtype; logvar before any clamping (LDM's `quant_conv(encoder(x)).chunk(2)`; diffusers'
     `encode()` would clamp it to [-30, 20])."""
     param = next(ae.parameters())
-    return ae.encode_moments(images.to(device=param.device, dtype=param.dtype))
+    moments = finite_or_float32(
+        lambda: torch.cat(ae.encode_moments(images.to(device=param.device, dtype=param.dtype)), 1),
+        ae, param.device.type)
+    return moments.chunk(2, dim=1)
 
 
 def decode_latents(ae: KLAutoencoder, z: torch.Tensor) -> torch.Tensor:
     """Images in about [-1, 1] (not clamped) from latents: `decoder(post_quant_conv(z))`."""
     param = next(ae.parameters())
-    return ae.decode(z.to(device=param.device, dtype=param.dtype))
+    return finite_or_float32(lambda: ae.decode(z.to(device=param.device, dtype=param.dtype)),
+                             ae, param.device.type)

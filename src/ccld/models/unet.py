@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ..errors import CCLDError
 from ..sampling import uniform_timesteps
-from . import empty_weights, meta_aware_randn
+from . import autocast_off, empty_weights, meta_aware_randn
 
 MAPPING_WIDTH = 1024
 MAPPING_FOURIER = 128
@@ -51,8 +51,11 @@ class FourierFeatures(nn.Module):
                                    requires_grad=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        f = 2 * math.pi * t @ self.weight.T
-        return torch.cat([f.cos(), f.sin()], dim=-1)
+        # in float32 under autocast too: a reduced-precision matmul, cos and sin of times up to
+        # 2 pi |w| would be off by up to 0.1 (bf16)
+        with autocast_off(t.device.type):
+            f = 2 * math.pi * t.float() @ self.weight.float().T
+            return torch.cat([f.cos(), f.sin()], dim=-1)
 
 
 class GuidanceEmbedding(nn.Module):

@@ -16,7 +16,7 @@ from ..errors import CCLDError, give
 from ..io import checkpoints, hub
 from ..models import hold_weights_in
 from .metadata import model_identity
-from .precision import REDUCED_DTYPES, resolve_precision
+from .precision import REDUCED_DTYPES, check_device, resolve_precision
 
 PathLike = Union[str, os.PathLike]
 MODEL_INDEX = "model_index.json"
@@ -108,11 +108,12 @@ class PipelineLoading:
     def from_files(cls, unet: PathLike | None = None, autoencoder: PathLike | None = None,
                    autoencoder_config: PathLike | None = None, cloob: PathLike | None = None,
                    cloob_config: PathLike | dict | None = None,
-                   decoder: str | None = None, precision: str = "fp32"):
+                   decoder: str | None = None, precision: str | None = None):
         """Builds from release files; any part left out is the published default (downloaded
         once). Parts given as files load first, so a bad path is reported before any download.
         `decoder`: full (None), taesd or tiny:PATH, as `ccld generate --decoder` takes it;
-        `precision` as `to` takes it (given here, the weights are laid out for it once)."""
+        `precision` as `to` takes it (given here, the weights are laid out for it once; None:
+        fp32 on the CPU, `auto` once moved to a GPU)."""
         from ..models.autoencoder import import_converter_early, load_autoencoder
         from ..models.cloob import load_cloob
         from ..models.tiny_decoder import DecoderOption
@@ -124,8 +125,8 @@ class PipelineLoading:
         # The converted cache gives the U-Net what its release file cannot: channels-last
         # kernels, which float32 on a CPU then takes without a copy. Rounded to bf16 or fp16
         # (copied whatever the layout), or kept contiguous (fp32), it maps the file itself.
-        on_cpu = resolve_precision(precision, torch.device("cpu"))
-        cache_unet = precision != "fp32" and on_cpu == "fp32"
+        on_cpu = resolve_precision(precision or "fp32", torch.device("cpu"))
+        cache_unet = precision not in (None, "fp32") and on_cpu == "fp32"
         built_rounded = REDUCED_DTYPES.get(on_cpu)
 
         # part -> (the files given, or None; the default's files; how to load the files)
@@ -176,22 +177,26 @@ class PipelineLoading:
         """A pipeline from a folder written by `save_pretrained`, a known hub repo, or (None)
         the default student; `files` (unet=, autoencoder=, cloob=, ...) override single parts.
         `decoder` (full, taesd, tiny:PATH) replaces a folder's own choice (its `tiny_decoder/`
-        if it has one)."""
+        if it has one). `precision` left out is fp32 on the CPU (the reference's numbers) and
+        `auto` on a GPU (fp16), there or after a later `.to("cuda")`."""
         if source is not None and not isinstance(source, (str, os.PathLike)):
             raise CCLDError(f"from_pretrained({source!r:.40}): not a folder or a hub model's "
                             f"name but a {type(source).__name__}; pass a path or "
                             f"{hub.DEFAULT_UNET[0]!r}")
+        # the device first: a pipeline for a GPU is not laid out (rounded, cached) for the CPU
+        target = None if device is None else check_device(device)
+        build = precision if target is None or target.type == "cpu" else None
         if source is not None and Path(source).is_dir():
-            pipe = cls._from_folder(Path(source), decoder, precision or "fp32")
+            pipe = cls._from_folder(Path(source), decoder, build)
         elif source is None or str(source) == hub.DEFAULT_UNET[0]:
-            pipe = cls.from_files(decoder=decoder, precision=precision or "fp32", **files)
+            pipe = cls.from_files(decoder=decoder, precision=build, **files)
         elif str(source) == hub.TEACHER_REPO:
             names = [f for f in hub.hub_list_files(source)
                      if f.endswith((".ckpt", ".safetensors")) and not f.startswith("ae_model")]
             if not names:
                 raise CCLDError(f"the hub repo {source} holds no U-Net checkpoint")
             pipe = cls.from_files(unet=hub.hub_download(source, names[0]), decoder=decoder,
-                                  precision=precision or "fp32", **files)
+                                  precision=build, **files)
             pipe.latent_scale = hub.PUBLISHED_LATENT_SCALE  # the teacher's cfg_sample.py decodes so
         else:
             raise CCLDError(f"{source}: not a pipeline folder (no {MODEL_INDEX}) nor a known hub "
@@ -200,7 +205,7 @@ class PipelineLoading:
         return pipe.to(device, precision)
 
     @classmethod
-    def _from_folder(cls, folder: Path, decoder: str | None = None, precision: str = "fp32"):
+    def _from_folder(cls, folder: Path, decoder: str | None = None, precision: str | None = None):
         from ..models.autoencoder import load_autoencoder
         from ..models.cloob import cloob_from_state_dict
         from ..models.tiny_decoder import PIPELINE_SUBFOLDER, DecoderOption, load_tiny_decoder

@@ -133,12 +133,19 @@ def decoding_scale(unet, recorded: float | None = None, override: float | None =
     return float(unet.autoencoder_scale)
 
 
+# Pixels per decoder call: the KL decoder holds about 1 KiB of activations per float32 pixel, so
+# a batch of 16 pictures at 1024 px decoded at once would need tens of GB.
+DECODE_PIXELS = 4 * 256 * 256
+
+
 def decode(decoder, latents: torch.Tensor, scale: float) -> torch.Tensor:
     """Pixels in [-1, 1] (unclamped, float32) of latents in the U-Net's space, by `decoder`
-    (the KL autoencoder or a tiny decoder)."""
+    (the KL autoencoder or a tiny decoder), DECODE_PIXELS at a time."""
     from ..models.autoencoder import decode_latents
 
-    return decode_latents(decoder, latents * scale).float()
+    per_call = max(1, DECODE_PIXELS // (64 * latents.shape[-2] * latents.shape[-1]))
+    return torch.cat([decode_latents(decoder, chunk * scale).float()
+                      for chunk in latents.split(per_call)])
 
 
 def paint(unet, decoder, parts: Sequence[tuple[Guide, int]], noise: torch.Tensor,

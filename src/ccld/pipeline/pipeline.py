@@ -18,7 +18,7 @@ import torch
 from .. import sampling
 from ..errors import CCLDError, arg
 from ..limits import IMAGES_PER_CALL, IMAGES_PER_RUN, Limit
-from ..models import float32_weights
+from ..models import autocast_off, float32_weights
 from ..settings import DEFAULT_SIZE, Settings, number, picture_size
 from . import conditioning, metadata, scheduling
 from .loading import PipelineLoading
@@ -55,7 +55,7 @@ class CCLDPipeline(PipelineLoading):
     """
 
     def __init__(self, unet, autoencoder, cloob, sources: dict | None = None,
-                 latent_scale: float | None = None, decoder=None, precision: str = "fp32"):
+                 latent_scale: float | None = None, decoder=None, precision: str | None = None):
         self.unet = unet.eval().requires_grad_(False)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.cloob = cloob.eval().requires_grad_(False)
@@ -68,8 +68,8 @@ class CCLDPipeline(PipelineLoading):
             self.sources.setdefault("tiny_decoder", "tiny")
         # the decoding scale; None: the U-Net's stored autoencoder_scale (see `default_latent_scale`)
         self.latent_scale = latent_scale
-        # the reference's numerics until `to(..., precision=)` says else
-        self.layout = Layout(torch.device("cpu"), "fp32", False)
+        # the reference's numerics until `to(..., precision=)` says else (or a GPU: see Layout)
+        self.layout = Layout(torch.device("cpu"), "fp32", False, chosen=False)
         self._laid_out = None  # the layout the nets are laid out for, once `to` did it
         self.to(precision=precision)
 
@@ -320,7 +320,7 @@ class CCLDPipeline(PipelineLoading):
 
         if self.autoencoder.latent_preview is None:
             # in float32 whatever the pipeline's precision, so a map is the same everywhere
-            with (torch.autocast(self.device.type, enabled=False),
+            with (autocast_off(self.device.type),
                   float32_weights(self.autoencoder.decoder)):
                 self.autoencoder.latent_preview = fit_latent_preview(self.autoencoder)
         return self.autoencoder.latent_preview

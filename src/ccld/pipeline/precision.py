@@ -79,12 +79,35 @@ def check_device(device) -> torch.device:
     return parsed
 
 
+def check_autocast(precision: str, device: torch.device) -> None:
+    """A CCLDError naming the fix where this torch has no autocast in `precision` on `device`
+    (MPS before torch 2.5; bf16 on MPS), which the reduced precisions run under."""
+    from ..models import autocast_available
+
+    if precision != "fp32" and not autocast_available(device.type, REDUCED_DTYPES[precision]):
+        raise CCLDError(f"{arg('precision')} {precision} on {device.type}: this torch "
+                        f"({torch.__version__}) has no {precision} autocast there; use fp32"
+                        + (", or fp16 with torch 2.5 or later" if device.type == "mps" else ""))
+
+
+def faithful_cuda_arithmetic(layout: Layout) -> None:
+    """On a GPU, fp32 is the reference's arithmetic only without TF32, which cuDNN uses for
+    float32 convolutions by default on Ampere and newer: off for fp32 (and float32 matmuls too),
+    torch's defaults under the reduced precisions. (The switches are the process's.)"""
+    if layout.device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = layout.precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Where the networks run and in which arithmetic."""
+    """Where the networks run and in which arithmetic. A precision never chosen (`chosen`
+    False: a pipeline built without one) is the reference's fp32 on a CPU and `auto` on a GPU,
+    so `from_pretrained().to("cuda")` paints in fp16."""
     device: torch.device
     precision: str  # fp32, bf16 or fp16: resolved
     channels_last: bool
+    chosen: bool = True
 
     @classmethod
     def wanted(cls, current: Layout, device, precision: str | None,
@@ -94,13 +117,18 @@ class Layout:
         1e-5 of contiguous fp32; so a precision given without a layout is channels-last, except
         an explicit fp32, which keeps the reference's layout, bit for bit."""
         new_device = current.device if device is None else check_device(device)
+        chosen = current.chosen or precision is not None
+        if precision is None and not current.chosen:
+            precision = "fp32" if new_device.type == "cpu" else "auto"
         if precision is None:
             new_precision = current.precision
             layout = current.channels_last
         else:
             new_precision = resolve_precision(precision, new_device)
             layout = precision != "fp32"
-        return cls(new_device, new_precision, layout if channels_last is None else channels_last)
+        check_autocast(new_precision, new_device)
+        return cls(new_device, new_precision, layout if channels_last is None else channels_last,
+                   chosen)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -121,6 +149,7 @@ def lay_out(parts: dict, painting_nets: list, old: Layout, new: Layout) -> None:
     """Moves `parts` (every network, by name) from `old.device` to `new.device` and lays the
     painting nets out for its precision: the originals move and are laid out, rounded copies
     are made last (copies already held in the new dtype on the same device are kept)."""
+    faithful_cuda_arithmetic(new)
     for net in painting_nets:
         if new.device != old.device or held_dtype(net) != REDUCED_DTYPES.get(new.precision):
             release_held_weights(net)

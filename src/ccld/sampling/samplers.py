@@ -177,12 +177,13 @@ def dpmpp_2m(model: Model, x: torch.Tensor, timesteps: torch.Tensor, *,
     timesteps = torch.cat([timesteps, timesteps.new_zeros([1])])
     alphas, sigmas = t_to_alpha_sigma(timesteps)
     lambdas = torch.log(alphas) - torch.log(sigmas)
+    landing = sigmas.eq(0).tolist()  # read once: a test per step would wait on the device
     old_pred, h_last = None, None
     for i in range(len(timesteps) - 1):
         v = model(x, timesteps[i].expand(x.shape[0])).float()
         pred = x * alphas[i] - v * sigmas[i]
         _notify(callback, i, timesteps[i], x, pred)
-        if sigmas[i + 1] == 0:
+        if landing[i + 1]:
             x = pred  # the final step lands on the data prediction itself
             break
         h = lambdas[i + 1] - lambdas[i]

@@ -237,7 +237,10 @@ def prepare_pixels(image, size: int) -> torch.Tensor:
 
 
 def cloob_input(pixels: torch.Tensor, cloob_size: int) -> torch.Tensor:
-    """The reference trainer's CLOOB input: a bicubic resize of the [0, 1] crop."""
+    """The reference trainer's CLOOB input: a bicubic resize of the [0, 1] crop (on the CPU
+    for MPS, which lacks bicubic resizing before torch 2.5)."""
+    if pixels.device.type == "mps":
+        return cloob_input(pixels.cpu(), cloob_size).to(pixels.device)
     return F.interpolate(pixels, (cloob_size, cloob_size), mode="bicubic", align_corners=False)
 
 

@@ -25,6 +25,7 @@ import contextlib
 import torch
 from torch.nn import functional as F
 
+from ..errors import CCLDError
 from ..sampling import t_to_alpha_sigma, uniform_timesteps
 from .objective import LatentBatch, NoisedBatch, noised_batch, noised_latents
 
@@ -45,7 +46,6 @@ def guided_velocity(teacher: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
         return teacher(x, t, cond, guidance=guidance).float()
     fixed = getattr(teacher, "distilled_guidance", None)
     if fixed is not None:
-        assert bool((guidance == fixed[0]).all()), "a fixed-w student guides at its w only"
         return teacher(x, t, cond).float()
     v_uncond, v_cond = teacher(torch.cat([x, x]), torch.cat([t, t]),
                                torch.cat([torch.zeros_like(cond), cond])).float().chunk(2)
@@ -78,6 +78,13 @@ class _TeacherObjective:
     def __init__(self, teacher: torch.nn.Module, cond_drop: float, autocast, guidance_range,
                  student_takes_guidance: bool):
         self.teacher = teacher.eval().requires_grad_(False)
+        fixed = getattr(teacher, "distilled_guidance", None)
+        if (fixed is not None and not getattr(teacher, "guidance_input", False)
+                and guidance_range is not None
+                and tuple(map(float, guidance_range)) != (float(fixed[0]),) * 2):
+            # checked once here, not per batch on the device: such a teacher guides at its w only
+            raise CCLDError(f"the teacher is a student distilled for guidance {float(fixed[0]):g} "
+                            f"only; distill it at --guidance {float(fixed[0]):g}")
         self.guidance_range = guidance_range
         self.student_takes_guidance = student_takes_guidance
         self.cond_drop = cond_drop

@@ -24,8 +24,9 @@ def ema_update(model: torch.nn.Module, averaged: torch.nn.Module, decay: float) 
     averaged_params = dict(averaged.named_parameters())
     if params.keys() != averaged_params.keys():
         raise ValueError("the averaged model does not have the model's parameters")
-    for name, p in params.items():
-        averaged_params[name].lerp_(p.detach().to(averaged_params[name].dtype), 1 - decay)
+    targets = [averaged_params[name] for name in params]
+    sources = [p.detach().to(target.dtype) for p, target in zip(params.values(), targets)]
+    torch._foreach_lerp_(targets, sources, 1 - decay)  # one call, not one per tensor
     averaged_buffers = dict(averaged.named_buffers())
     for name, b in model.named_buffers():
         averaged_buffers[name].copy_(b)

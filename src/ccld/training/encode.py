@@ -194,15 +194,18 @@ def estimate_autoencoder_scale(data: TrainingData, accelerator, autoencoder=None
     generator = torch.Generator().manual_seed(derive_seed(seed, acc.process_index, 3))
     if autoencoder is not None:
         autoencoder.to(acc.device)
-    total = torch.zeros((), dtype=torch.float64, device=acc.device)
+    total = torch.zeros((), dtype=torch.float64)  # on the CPU: MPS has no float64
     for _, batch in zip(range(batches), loader):
         if "pixels" in batch:
             mean, logvar = encode_moments(autoencoder, batch["pixels"].to(acc.device) * 2 - 1)
         else:
             mean, logvar = batch["mean"].to(acc.device), batch["logvar"].to(acc.device)
         noise = torch.randn(mean.shape, generator=generator).to(acc.device)
-        total += sample_posterior(mean, logvar, noise).var().double()
-    variance = acc.reduce(total / batches, "mean").item()
+        total += sample_posterior(mean, logvar, noise).var().double().cpu()
+    mean_variance = total / batches
+    if acc.num_processes > 1:  # (MPS trains in one process)
+        mean_variance = acc.reduce(mean_variance.to(acc.device), "mean")
+    variance = mean_variance.item()
     if not math.isfinite(variance) or variance <= 0:
         raise CCLDError(f"the latents of {data.description} have variance {variance}; the "
                         "images or the autoencoder are broken")

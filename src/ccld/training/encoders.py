@@ -15,9 +15,9 @@ def encoder_files(args, recorded: dict | None = None) -> dict:
 
 
 def resolve_encoder_files(files: dict, accelerator, need_cloob: bool = True) -> dict:
-    """Absolute paths, downloading the released models for parts not given (main process first,
-    so that processes never write the same download at once); no CLOOB download unless
-    `need_cloob`."""
+    """Absolute paths, downloading the released models for parts not given and converting them
+    (main process first, so that processes never write the same download or cache entry at
+    once); no CLOOB download unless `need_cloob`."""
     from ..io import hub
 
     files = dict(files)
@@ -33,6 +33,12 @@ def resolve_encoder_files(files: dict, accelerator, need_cloob: bool = True) -> 
             files[key] = str(Path(files[key]).expanduser().resolve())
     if files["cloob_config"] and Path(files["cloob_config"]).expanduser().is_file():
         files["cloob_config"] = str(Path(files["cloob_config"]).expanduser().resolve())
+    if accelerator.num_processes > 1:
+        # a first run converts the encoders into ccld's cache: the main process alone, the
+        # others then read its entries (each converting at once would do the work N times)
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                load_encoders(files, need_cloob=need_cloob and files["cloob"] is not None)
     return files
 
 

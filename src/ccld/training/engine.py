@@ -95,6 +95,7 @@ def derive_seed(*numbers: int) -> int:
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+STOP_CHECK_EVERY = 10  # steps between the processes' agreeing whether one was asked to stop
 
 
 def lr_factor(schedule: str, step: int, max_steps: int | None) -> float:
@@ -297,7 +298,10 @@ class Trainer:
         self._prepare_models()
         self.timesteps = SobolTimesteps(derive_seed(s.seed, acc.process_index, 1), self.samples)
         self.meter = IntervalMeter(acc.device)
-        self.losses, self.step_times = [], []
+        self.losses, self.step_times, self.finite_steps = [], [], []
+        if acc.device.type == "cuda":  # the trained nets' shapes are fixed: tune, and use TF32
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.last_saved = self.step if self.resume is not None else None
         self.resume = None  # all taken: let the checkpoint (a mapping of its file) go
         self.interrupted = False
@@ -364,7 +368,7 @@ class Trainer:
         """AdamW on the gradients of `grad_accum` micro-batches, then the EMA update."""
         s, acc = self.s, self.acc
         started = time.perf_counter()
-        finite = torch.ones((), device=acc.device)
+        finite = torch.ones((), device=acc.device, dtype=torch.bool)
         for micro in range(s.grad_accum):
             batch = next(batches)
             latents = self._latent_batch(batch, micro)
@@ -374,14 +378,8 @@ class Trainer:
                 loss, parts = self.objective.loss(self.model, latents)
                 acc.backward(loss / s.grad_accum)
             self.meter.add_micro_batch(loss, parts, batch, s.grad_accum)
-            finite = finite * torch.isfinite(loss.detach())
-        # a non-finite loss would make every weight NaN at this update: the run stops before
-        # it, on every process alike, and what is on disk is its last good checkpoint
-        if acc.reduce(finite, "sum").item() < acc.num_processes:
-            raise CCLDError(f"step {self.step + 1}: the loss went non-finite (NaN or infinity); "
-                            "the run stopped before updating the weights, and its last "
-                            "checkpoint is its last good state; lower --lr, or train in "
-                            "--mixed-precision no")
+            finite = finite & torch.isfinite(loss.detach())
+        self.finite_steps.append(finite)  # read at the next log line or checkpoint, not now
         self.samples += s.batch_size * s.grad_accum
         for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
             group["lr"] = s.lr * lr_factor(s.lr_schedule, self.step, s.max_steps)
@@ -391,8 +389,6 @@ class Trainer:
             ema_update(self.raw_model, self.ema,
                        ema_decay(self.step, s.ema_decay_at, s.ema_warmup_steps))
         self.step += 1
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize(acc.device)
         self.step_times.append(time.perf_counter() - started)
         self.meter.add_step(self.step_times[-1])
 
@@ -411,10 +407,30 @@ class Trainer:
 
     # After each step
 
+    def _check_finite(self) -> None:
+        """Stops the run if a loss since the last check went non-finite (on every process alike:
+        all call it at the same steps). Checked where the run logs or saves, not at every step,
+        which would wait on the device each time; a non-finite step's update made the weights
+        NaN, so nothing after it is saved and the last checkpoint is the last good state."""
+        if not self.finite_steps:
+            return
+        finite = torch.stack(self.finite_steps).float()
+        first = self.step - len(self.finite_steps) + 1
+        self.finite_steps = []
+        if self.acc.num_processes > 1:
+            finite = self.acc.reduce(finite, "sum") / self.acc.num_processes
+        bad = (finite < 1).nonzero()
+        if len(bad):
+            raise CCLDError(f"step {first + int(bad[0])}: the loss went non-finite (NaN or "
+                            f"infinity); the run stopped at step {self.step} without saving "
+                            "since, and its last checkpoint is its last good state; lower --lr, "
+                            "or train in --mixed-precision no")
+
     def _log_if_due(self) -> None:
         s, step, kind = self.s, self.step, self.objective.kind
         if step % s.log_every != 0 and step != s.max_steps:
             return
+        self._check_finite()
         values = self.meter.report(self.acc, kind)
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         values["ema_decay"] = ema_decay(step - 1, s.ema_decay_at, s.ema_warmup_steps)
@@ -433,11 +449,15 @@ class Trainer:
             self._save()
 
     def _stop_requested(self, stop: StopRequest) -> bool:
-        """Whether any process was asked to stop: every process must stop at the same step."""
+        """Whether any process was asked to stop: every process must stop at the same step, so
+        with several they agree every STOP_CHECK_EVERY steps (an exchange that waits on the
+        devices), alone at every step."""
+        if self.acc.num_processes == 1:
+            return stop.requested
+        if self.step % STOP_CHECK_EVERY:
+            return False
         requested = torch.tensor(float(stop.requested), device=self.acc.device)
-        if self.acc.num_processes > 1:
-            requested = self.acc.reduce(requested, "sum")
-        return requested.item() > 0
+        return self.acc.reduce(requested, "sum").item() > 0
 
     def _finish(self) -> dict:
         """The last checkpoint unless the last step has one; the run's summary."""
@@ -479,6 +499,7 @@ class Trainer:
         processes compare their weights first)."""
         from accelerate.utils import gather_object
 
+        self._check_finite()  # nothing non-finite is saved
         step = self.step
         fingerprints = gather_object([weights_fingerprint(self.raw_model)])
         if self.acc.is_main_process:

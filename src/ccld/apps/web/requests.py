@@ -49,7 +49,6 @@ from ...settings import (
 log = logging.getLogger("ccld.apps.web")
 
 DEFAULT_MAX_UPLOAD_MB = UPLOAD_MB.default
-DECODE_CHUNK = 4  # images decoded at once, so 16 images do not need 16 images' activations
 KEEP_BATCHES = 64
 KEEP_MINUTES = 60.0
 # the form's fields, in the order of the API's parameters
@@ -294,7 +293,8 @@ def _previewing(pipe, report: _Progress, preview: Callable | None) -> Callable:
 def paint(pipe, settings: Settings, *, lock=None, progress: Callable | None = None,
           preview: Callable | None = None):
     """Samples and decodes the settings' images, holding `lock` (when given) meanwhile; their
-    pixels by the full decoder, in chunks of DECODE_CHUNK images. `preview`: see `_previewing`.
+    pixels by the full decoder (a few pictures per call: `ccld.pipeline.painting.decode`).
+    `preview`: see `_previewing`.
     Running out of memory is a message, not a crash."""
     report = _Progress(progress, settings.steps)
     report.stage(0.0, "Waiting for the model" if lock is not None else "Starting")
@@ -304,8 +304,7 @@ def paint(pipe, settings: Settings, *, lock=None, progress: Callable | None = No
             latents = pipe.generate_latents(settings=settings,
                                             callback=_previewing(pipe, report, preview))
             report.stage(1.0, "Decoding")
-            pixels = [pipe.decode(latents[i:i + DECODE_CHUNK], full_decoder=True).float().cpu()
-                      for i in range(0, settings.num_images, DECODE_CHUNK)]
+            pixels = [pipe.decode(latents, full_decoder=True).cpu()]
             del latents  # freed before the next request takes the lock and makes its own
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
