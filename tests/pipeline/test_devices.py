@@ -150,3 +150,15 @@ def test_the_ema_update_is_one_foreach_call_with_the_same_values():
     ema_update(model, averaged, 0.99)
     for got, want in zip(averaged.parameters(), expected):
         assert torch.allclose(got, want, atol=1e-7)
+
+
+def test_a_prompt_file_run_is_keyed_on_the_precision_and_batch_it_resolves_to():
+    """A run resumed on other hardware must not mix fp16 and bf16 pictures under one key."""
+    from argparse import Namespace
+
+    from ccld.apps.batch import run_settings
+
+    args = Namespace(precision=None, decoder=None)
+    on_gpu, on_cpu = run_settings(args, "cuda:0", None), run_settings(args, "cpu", None)
+    assert (on_gpu["precision"], on_gpu["batch_size"]) == ("fp16", 16)
+    assert on_cpu["precision"] in ("bf16", "fp32") and on_cpu["batch_size"] == 4
