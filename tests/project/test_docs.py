@@ -349,7 +349,6 @@ def run_one(block: Block, folder: Path, reader: dict) -> str:
     return ""
 
 
-@pytest.mark.xdist_group("docs-pages")  # one process follows the pages (see page_runs)
 @pytest.mark.parametrize("block", [block_param(b) for b in RUN_BLOCKS])
 def test_snippet_runs(block: Block, page_runs):
     outcome = page_runs[block.name]

@@ -154,6 +154,11 @@ def command_words(parser: argparse.ArgumentParser):
     return words
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the command's other lines read: one line, not the code that warned."""
+    print(f"ccld: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     global _finished_on_disk
     parser = None
@@ -161,6 +166,7 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         warnings.simplefilter("default")
+        warnings.showwarning = _one_line_warning
         from huggingface_hub.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # its retry chatter would bury our one-line errors

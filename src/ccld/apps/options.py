@@ -11,7 +11,6 @@ its weights is the model modules'.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -121,26 +120,33 @@ def distillation_summary(config: dict) -> dict:
                          f"{defaults['rows_per_image']} row(s) per image per step"}
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml")  # (a JSON file is told by its first bytes)
+
+
 def describe_checkpoint(path: str | os.PathLike) -> dict:
     """What a file is: kind, architecture, parameter count and latent scale where it has one."""
     from ..io.checkpoints import describe_foreign_state_dict, load_array_pickle, load_state_file
     from ..models.unet import infer_unet_config, is_unet_state_dict, unet_state_dict
+    from ..pipeline.loading import read_json_config
 
     p = Path(path)
     if p.is_dir():
         if (p / "model_index.json").is_file():
-            index = json.loads((p / "model_index.json").read_text())
+            index = read_json_config(p / "model_index.json", "pipeline index")
             scale = index.get("latent_scale")
             why = (f"{scale} (recorded when converted from a published WikiArt model)"
                    if scale is not None else "the U-Net's stored autoencoder_scale")
             info = {"kind": "ccld pipeline folder", "path": str(p), **index, "latent_scale": why}
-            try:
-                unet_config = json.loads((p / "unet" / "config.json").read_text())
-            except (OSError, json.JSONDecodeError):
+            if not (p / "unet" / "config.json").is_file():
                 return info
+            unet_config = read_json_config(p / "unet" / "config.json", "U-Net config")
             return {**info, "unet": unet_config, **distillation_summary(unet_config)}
         raise CCLDError(f"{p}: a folder without model_index.json; give a checkpoint file or a "
                         "folder written by `ccld convert`")
+    if p.suffix.lower() in CONFIG_SUFFIXES and p.is_file():
+        raise CCLDError(f"{p}: a config file, not a checkpoint; `ccld info` describes checkpoint "
+                        "files and pipeline folders (an autoencoder's yaml goes with "
+                        "--autoencoder-config, a CLOOB config with --cloob-config)")
     if p.suffix == ".pkl":
         obj = load_array_pickle(p)
         params = obj.get("params")

@@ -38,6 +38,9 @@ def _require_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise CCLDError(f"{path}: is a folder, not a {what} file; give the path of the file itself")
+    if path.exists() and not path.is_file():
+        raise CCLDError(f"{path}: not a regular file (a device, pipe or socket); give the path "
+                        f"of the {what} file")
     if not path.is_file():
         raise CCLDError(f"{path}: no such {what} file; check the path, or run `ccld download` "
                         "to fetch the published models")

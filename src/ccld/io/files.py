@@ -8,6 +8,7 @@ fsynced, and then replace the final name in one rename. Pipeline folders go thro
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -39,6 +40,12 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+# what to do about a write that failed for these reasons, whatever the caller's usual advice
+FIXES = {errno.ENOSPC: "free some space on that disk, or write somewhere else",
+         getattr(errno, "EDQUOT", -1): "free some of your disk quota, or write somewhere else",
+         errno.EROFS: "the disk is read-only: write somewhere else"}
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object],
                  what: str = "file",
                  fix: str = "check that the folder exists and is writable",
@@ -66,7 +73,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object],
         tmp.unlink(missing_ok=True)
         if exclusive and isinstance(e, FileExistsError):
             raise  # the name is taken: the caller picks another
-        raise CCLDError(f"{path}: could not write the {what} ({e.strerror or e}); {fix}") from None
+        raise CCLDError(f"{path}: could not write the {what} ({e.strerror or e}); "
+                        f"{FIXES.get(e.errno, fix)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

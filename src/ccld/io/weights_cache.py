@@ -455,6 +455,10 @@ def clear_converted() -> tuple[int, int]:
         return 0, 0
     removed = freed = 0
     for path in list(converted.iterdir()):
+        if path.is_symlink():  # the link goes; what it points to is not the cache's to delete
+            path.unlink(missing_ok=True)
+            removed += not os.path.lexists(path)
+            continue
         size = _folder_size(path) if path.is_dir() else path.stat().st_size
         if path.is_dir():
             _discard(path)

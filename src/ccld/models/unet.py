@@ -479,6 +479,9 @@ def infer_unet_config(sd: dict, source: str | os.PathLike = "checkpoint") -> dic
     missing = [k for k in (*_WIDTH_KEYS, _EMBED_KEY) if k not in sd]
     if missing:
         kind = describe_foreign_state_dict(sd)
+        if any(k.startswith("net.0.main.0.") for k in sd):
+            raise CCLDError(f"{source}: an incomplete CCLD U-Net (no {missing[0]}): the file is "
+                            "cut short or holds part of a net; download or export it again")
         raise CCLDError(f"{source}: not a CCLD U-Net checkpoint ({kind}; no {missing[0]}); "
                         "pass the diffusion model file, e.g. model_student.ckpt")
     _check_architecture_shapes(sd, source)
@@ -559,6 +562,12 @@ def unet_from_state_dict(sd: dict, source: str | os.PathLike = "checkpoint",
         unet = CCLDUNet(**config)
     sd = dict(sd)
     sd.setdefault("autoencoder_scale", torch.tensor(1.0))  # absent from some exports
+    wanted = unet.state_dict().keys()
+    missing = [k for k in wanted if k not in sd]
+    if missing and any(k.startswith("net.0.main.0.") for k in sd):
+        raise CCLDError(f"{source}: an incomplete CCLD U-Net: {len(missing)} of its {len(wanted)} "
+                        f"weights are missing (the first: {missing[0]}); the file is cut short or "
+                        "holds part of a net: download or export it again")
     try:
         unet.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
