@@ -46,9 +46,20 @@ FIXES = {errno.ENOSPC: "free some space on that disk, or write somewhere else",
          errno.EROFS: "the disk is read-only: write somewhere else"}
 
 
+DEFAULT_FIX = "check that the folder exists and is writable"
+
+
+def _fix_for(error: OSError, fix: str) -> str:
+    """The advice for a failed write: its cause's (FIXES), then the caller's own, if it has one."""
+    cause = FIXES.get(error.errno)
+    if cause is None:
+        return fix
+    return cause if fix == DEFAULT_FIX else f"{cause}; {fix}"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object],
                  what: str = "file",
-                 fix: str = "check that the folder exists and is writable",
+                 fix: str = DEFAULT_FIX,
                  exclusive: bool = False) -> Path:
     """Calls `write(file)` on a temporary file beside `path`, then moves it into place.
 
@@ -74,7 +85,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object],
         if exclusive and isinstance(e, FileExistsError):
             raise  # the name is taken: the caller picks another
         raise CCLDError(f"{path}: could not write the {what} ({e.strerror or e}); "
-                        f"{FIXES.get(e.errno, fix)}") from None
+                        f"{_fix_for(e, fix)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
