@@ -149,6 +149,12 @@ class Smoke:
             Image.fromarray(rng.integers(0, 256, (80, 96, 3), np.uint8)).save(folder / f"{i}.png")
         return folder
 
+    def encode_dataset(self) -> str:
+        self.ccld("encode-dataset", "--data", self.images(), "--out", self.work / "latents",
+                  "--image-size", "64", "--num-workers", "0", "-q", *self.encoders,
+                  *self.cpu_flag())
+        return "8 images at 64 px"
+
     def train(self, *extra: str) -> str:
         precision = "bf16" if self.device != "mps" else "no"
         self.ccld("train", "--data", self.work / "latents", "--out", self.work / "run", *TINY,
@@ -187,10 +193,7 @@ class Smoke:
                    unless="mps: one process" if self.device == "mps" else None)
         self.check("too-many-ranks", self.too_many_ranks,
                    unless=None if cuda else "needs CUDA devices to count")
-        self.check("encode-dataset", lambda: self.ccld(
-            "encode-dataset", "--data", self.images(), "--out", self.work / "latents",
-            "--image-size", "64", "--num-workers", "0", "-q", *self.encoders,
-            *self.cpu_flag()) and "")
+        self.check("encode-dataset", self.encode_dataset)
         self.check("train", self.train)
         self.check("train-resume", lambda: self.train("--resume", "--max-steps", "6")
                    .replace("mixed", "resumed to step 6, mixed"))
