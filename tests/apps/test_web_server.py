@@ -123,6 +123,13 @@ def test_model_loads_once_and_api_generates(server, tmp_path):
     assert server.log().count("loading the models") == 1
 
 
+def test_raw_page_has_its_title(server):
+    """Tabs, bookmarks and link previews read the served HTML, before any script runs."""
+    with urllib.request.urlopen(server.url, timeout=10) as r:
+        page = r.read().decode()
+    assert "<title>ccld: CLOOB-conditioned latent diffusion</title>" in page
+
+
 def test_api_uploads(server, tmp_path):
     from PIL import Image
 

@@ -4,6 +4,7 @@ stopped, then removes everything it wrote."""
 from __future__ import annotations
 
 import argparse
+import html
 import ipaddress
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 from ...errors import CCLDError
 from ...limits import SIZE, UPLOAD_MB, WEB_IMAGES
 from ...settings import DEFAULT_SIZE
-from .page import DEFAULT_NUM_IMAGES, DEFAULT_QUEUE_SIZE, build_app
+from .page import DEFAULT_NUM_IMAGES, DEFAULT_QUEUE_SIZE, TITLE, build_app
 from .requests import DEFAULT_MAX_UPLOAD_MB, KEEP_MINUTES, ResultStore, log
 
 
@@ -145,6 +146,49 @@ def _load_models(args):
     return pipe, concurrency
 
 
+class _PageTitle:
+    """ASGI middleware putting a `<title>` into the served page itself: Gradio sets it from a
+    script, so tabs, bookmarks and link previews that read the HTML saw none."""
+
+    def __init__(self, app, title: str):
+        self.app = app
+        self.tag = f"<title>{html.escape(title)}</title>".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != "/" or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        start, body = None, []
+
+        async def send_with_title(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if message["type"] != "http.response.body":
+                return await send(message)
+            body.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            page = b"".join(body)
+            headers = start["headers"]
+            html_page = any(k.lower() == b"content-type" and v.startswith(b"text/html")
+                            for k, v in headers)
+            if html_page and b"<title" not in page:
+                page = page.replace(b"<head>", b"<head>" + self.tag, 1)
+                headers = [(k, str(len(page)).encode() if k.lower() == b"content-length" else v)
+                           for k, v in headers]
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": page})
+
+        await self.app(scope, receive, send_with_title)
+
+
+def _title_middleware():
+    from starlette.middleware import Middleware
+
+    return Middleware(_PageTitle, title=TITLE)
+
+
 def _launch(demo, args, max_upload_bytes: int) -> None:
     """Starts serving `demo` in Gradio's threads and says where; an address it cannot listen on
     is a CCLDError."""
@@ -157,7 +201,7 @@ def _launch(demo, args, max_upload_bytes: int) -> None:
                     max_file_size=max_upload_bytes, allowed_paths=[str(demo.ccld_store.root)],
                     ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
                     enable_monitoring=False, footer_links=["api"], quiet=True,
-                    css=demo.ccld_css)
+                    css=demo.ccld_css, app_kwargs={"middleware": [_title_middleware()]})
     except OSError as e:
         reason = " ".join(str(e).split(". ")[:1]).strip()
         raise CCLDError(f"cannot listen on {args.host}:{args.port} ({reason}); pass another "
