@@ -88,3 +88,36 @@ def test_ccld_download_offline_exits_2_with_one_line(offline_hub, capsys):
     assert main(["download"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ccld: error: could not get model_student.ckpt")
+
+
+def test_teacher_choice_does_not_depend_on_listing_order():
+    names = ["b.ckpt", "ae_model.ckpt", "notes/ae_model.ckpt", "README.md", "z.safetensors",
+             "a_model_ema.ckpt", "y.safetensors"]
+    assert hub._unet_checkpoints(names) == ["a_model_ema.ckpt", "y.safetensors",
+                                            "z.safetensors", "b.ckpt"]
+    assert hub._unet_checkpoints(reversed(names)) == hub._unet_checkpoints(names)
+
+
+def test_cached_teacher_loads_offline_without_listing_the_hub(fixtures, offline_hub, monkeypatch):
+    from ccld import CCLDPipeline
+
+    def no_listing(repo_id):
+        raise AssertionError("the hub was listed although the teacher is cached")
+    monkeypatch.setattr(hub, "hub_list_files", no_listing)
+    repo, ckpt, yaml = hub.DEFAULT_AUTOENCODER
+    offline_hub(repo, ckpt, (fixtures / "autoencoder.ckpt").read_bytes())
+    offline_hub(repo, yaml, (fixtures / "autoencoder.yaml").read_bytes())
+    chosen = offline_hub(repo, "model_ema.ckpt", (fixtures / "unet.ckpt").read_bytes())
+    offline_hub(repo, "model.ckpt", b"not chosen: not the EMA weights")
+    assert hub.teacher_checkpoint() == chosen
+    pipe = CCLDPipeline.from_pretrained(hub.TEACHER_REPO, cloob=fixtures / "cloob.pkl",
+                                        cloob_config=fixtures / "cloob.json")
+    assert pipe.sources["unet"].endswith("model_ema.ckpt")
+    assert pipe.latent_scale == hub.PUBLISHED_LATENT_SCALE
+
+
+def test_uncached_teacher_offline_is_one_line(offline_hub):
+    offline_hub(hub.TEACHER_REPO, "ae_model.ckpt", b"only the autoencoder is cached")
+    with pytest.raises(CCLDError, match="could not list the hub repo huggan/ccld_wa: "
+                                        "HF_HUB_OFFLINE is set"):
+        hub.teacher_checkpoint()

@@ -81,6 +81,37 @@ def hub_download(repo_id: str, filename: str) -> Path:
         raise CCLDError(f"{what} ({_reason(e)}); check the network, or {OFFLINE_FIX}") from None
 
 
+def _unet_checkpoints(names) -> list[str]:
+    """The U-Net checkpoints among a teacher repo's file names, best first: EMA weights (what
+    sampling uses), then safetensors, then by name, so the choice never depends on listing order."""
+    found = [n for n in names if n.endswith((".ckpt", ".safetensors"))
+             and not Path(n).name.startswith("ae_model")]
+    return sorted(found, key=lambda n: ("ema" not in n.lower(), not n.endswith(".safetensors"), n))
+
+
+def teacher_checkpoint(repo_id: str = TEACHER_REPO) -> Path:
+    """The teacher U-Net checkpoint of `repo_id`. A copy in the hub cache is used without asking
+    the network (offline too); else the repo is listed once and its best checkpoint (see
+    `_unet_checkpoints`) downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        snapshot = None  # nothing of this repo cached yet
+    if snapshot is not None:
+        cached = _unet_checkpoints(str(p.relative_to(snapshot)) for p in snapshot.rglob("*")
+                                   if p.is_file())
+        if cached:
+            return snapshot / cached[0]
+    names = _unet_checkpoints(hub_list_files(repo_id))
+    if not names:
+        raise CCLDError(f"the hub repo {repo_id} holds no U-Net checkpoint; pass a U-Net file "
+                        "(--unet, or unet= in Python)")
+    return hub_download(repo_id, names[0])
+
+
 def hub_list_files(repo_id: str) -> list[str]:
     from huggingface_hub import constants, list_repo_files
 

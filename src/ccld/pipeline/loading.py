@@ -191,12 +191,9 @@ class PipelineLoading:
         elif source is None or str(source) == hub.DEFAULT_UNET[0]:
             pipe = cls.from_files(decoder=decoder, precision=build, **files)
         elif str(source) == hub.TEACHER_REPO:
-            names = [f for f in hub.hub_list_files(source)
-                     if f.endswith((".ckpt", ".safetensors")) and not f.startswith("ae_model")]
-            if not names:
-                raise CCLDError(f"the hub repo {source} holds no U-Net checkpoint")
-            pipe = cls.from_files(unet=hub.hub_download(source, names[0]), decoder=decoder,
-                                  precision=build, **files)
+            if files.get("unet") is None:
+                files["unet"] = hub.teacher_checkpoint(source)
+            pipe = cls.from_files(decoder=decoder, precision=build, **files)
             pipe.latent_scale = hub.PUBLISHED_LATENT_SCALE  # the teacher's cfg_sample.py decodes so
         else:
             raise CCLDError(f"{source}: not a pipeline folder (no {MODEL_INDEX}) nor a known hub "
