@@ -105,6 +105,11 @@ VARIATION_INDEX = Limit(0, IMAGES_PER_RUN.high - 1, "which picture of the varied
                         "`--variation-index`, `variation_index=` (its PNG's `index`)",
                         "a run's first picture is 0", whole=True)
 
+# Inpainting
+MASK_BLUR = Limit(0, 256, "how far an inpainting mask's edge is feathered, in pixels: "
+                  "`--mask-blur`, `mask_blur=`", "0 keeps a hard edge; 4 to 16 hides the seam",
+                  whole=True)
+
 # Images read (prompts, init images, training data)
 IMAGE_PIXELS = Limit(1, 64 * 1024 * 1024, "pixels of an image read (larger ones are refused "
                      "before decoding)", "resize it to a few megapixels first", whole=True)

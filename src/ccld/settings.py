@@ -1,13 +1,14 @@
 """The settings of a painting: one schema that every front-end builds and the pipeline takes.
 
 A `Settings` holds everything that shapes a painting: the prompts and their weights, the image
-prompts, the init image and its strength, the sampler (method, steps, eta), the guidance, the
-seed and which pictures of its run, the size, a variation, the decoding (latent scale, decoder),
-the batch size (which shapes a stochastic sampler's pictures) and the precision. Creating one
-validates every field against `ccld.limits` (finite, in range, of the right type; numpy and torch
-scalars count as numbers), and `to_dict`/`from_dict` are the one conversion to and from the JSON
-that PNG parameters, manifests and prompt-file rows hold. The CLI, the Python API, prompt files and
-the web form all build one; the pipeline's internals take it, not its fields.
+prompts, the init image, its strength and an inpainting mask, the sampler (method, steps, eta),
+the guidance, the seed and which pictures of its run, the size, a variation, the decoding
+(latent scale, decoder), the batch size (which shapes a stochastic sampler's pictures) and the
+precision. Creating one validates every field against `ccld.limits` (finite, in range, of the
+right type; numpy and torch scalars count as numbers), and `to_dict`/`from_dict` are the one
+conversion to and from the JSON that PNG parameters, manifests and prompt-file rows hold. The
+CLI, the Python API, prompt files and the web form all build one; the pipeline's internals take
+it, not its fields.
 
 Settings left as None are the model's own (`resolved`): a distilled student brings its sampler,
 steps and guidance, and a prompt without a weight is weighted by the guidance.
@@ -76,6 +77,12 @@ class Settings:
         "image to image: the picture to start from (a path, a PIL image or a tensor)"))
     strength: float | None = field(default=None, metadata=_doc(
         f"how far to noise the init image (default {DEFAULT_STRENGTH})", limits.STRENGTH))
+    mask: InitImage | None = field(default=None, metadata=_doc(
+        "inpainting: repaint the white part of this mask image (scaled to the picture) and keep "
+        "the rest of the init image exactly"))
+    mask_blur: int | None = field(default=None, metadata=_doc(
+        "feather the mask's edge by this many pixels (default 0: a hard edge)",
+        limits.MASK_BLUR))
     method: str | None = field(default=None, metadata=_doc(
         f"the sampler (default {DEFAULT_METHOD}, or a distilled student's own)"))
     steps: int | None = field(default=None, metadata=_doc(
@@ -131,6 +138,12 @@ class Settings:
         if self.strength is not None and self.init_image is None:
             raise CCLDError(f"{arg('strength')} is how far to noise an init image; give "
                             f"{give('init_image', 'PATH')} too, or leave {arg('strength')} out")
+        if self.mask is not None and self.init_image is None:
+            raise CCLDError(f"{arg('mask')} marks what to repaint of an init image; give "
+                            f"{give('init_image', 'PATH')} too, or leave {arg('mask')} out")
+        if self.mask_blur is not None and self.mask is None:
+            raise CCLDError(f"{arg('mask_blur')} feathers an inpainting mask; give "
+                            f"{give('mask', 'PATH')} too, or leave {arg('mask_blur')} out")
         if self.variation_of is None:
             for name in ("variation_index", "variation_strength"):
                 if getattr(self, name) is not None:
@@ -199,6 +212,8 @@ class Settings:
                        eta=sampler.eta(self.eta))
         if self.init_image is not None and self.strength is None:
             changes["strength"] = DEFAULT_STRENGTH
+        if self.mask is not None and self.mask_blur is None:
+            changes["mask_blur"] = 0
         if self.variation_of is not None:
             changes["variation_index"] = self.variation_index or 0
             if self.variation_strength is None:
@@ -238,6 +253,8 @@ class Settings:
         if self.init_image is not None:
             out["init_image"] = self.init_image.label
             out["strength"] = self.strength
+        if self.mask is not None:
+            out.update(mask=self.mask.label, mask_blur=self.mask_blur)
         if self.variation_of is not None:
             out.update(variation_of=self.variation_of, variation_index=self.variation_index,
                        variation_strength=self.variation_strength)
@@ -290,8 +307,9 @@ def options_from_dict(values: dict, *, records: bool = False, not_allowed=(),
     for name in ("prompts", "image_prompts"):
         if name in options:
             options[name] = _json_prompts(name, options[name])
-    if isinstance(options.get("init_image"), str):
-        options["init_image"] = InitImage(options["init_image"], options["init_image"])
+    for name in ("init_image", "mask"):
+        if isinstance(options.get(name), str):
+            options[name] = InitImage(options[name], options[name])
     return options
 
 
@@ -502,18 +520,21 @@ def _json_prompts(name: str, value):
 
 
 def _init_image(name: str, value):
+    """An init image or a mask: a path, PIL image or tensor, and how PNGs name it."""
     if value is None:
         return None
     if isinstance(value, InitImage):
         value, label = value.value, value.label
     else:
-        label = os.fspath(value) if isinstance(value, (str, os.PathLike)) else "image"
-    return InitImage(_image_value(name, value, "init image"), label)
+        label = (os.fspath(value) if isinstance(value, (str, os.PathLike))
+                 else "mask" if name == "mask" else "image")
+    return InitImage(_image_value(name, value, name.replace("_", " ")), label)
 
 
-_LOOKS_AT_FILES = ("prompts", "image_prompts", "init_image")
+_LOOKS_AT_FILES = ("prompts", "image_prompts", "init_image", "mask")
 _CHECKS = {
     "prompts": _prompts, "image_prompts": _prompts, "init_image": _init_image,
+    "mask": _init_image,
     "method": _method, "full_decoder": _flag, "precision": _precision,
     "channels_last": _optional_flag,
     "eta": _required_number(limits.ETA), "seed": _required_number(limits.SEED),

@@ -260,6 +260,9 @@ def write_user_files(folder: Path, fixtures: Path) -> None:
 
     painting(320, 256).save(folder / "starry_night.jpg", quality=90)  # an image prompt
     painting(256, 256).save(folder / "sketch.png")  # an init image
+    sky = Image.new("L", (256, 256), 0)  # an inpainting mask: repaint the top third
+    sky.paste(255, (0, 0, 256, 85))
+    sky.save(folder / "sky-mask.png")
     art = folder / "my-art"  # a folder of training images, with a subfolder
     (art / "more").mkdir(parents=True)
     for i in range(4):

@@ -32,7 +32,8 @@ from ..settings import (
 )
 
 # The options of `ccld generate` that are settings, by their settings' names (their dests)
-SETTING_OPTIONS = ("prompts", "image_prompts", "init_image", "strength", "num_images",
+SETTING_OPTIONS = ("prompts", "image_prompts", "init_image", "strength", "mask", "mask_blur",
+                   "num_images",
                    "batch_size", "seed", "steps", "method", "eta", "guidance", "latent_scale",
                    "width", "height", "variation_of", "variation_index", "variation_strength",
                    "precision")
@@ -62,6 +63,11 @@ def add_generate_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--init-image", metavar="PATH", help="start from this image (image to image)")
     g.add_argument("--strength", type=float, default=None,
                    help=f"how far to noise the init image, 0..1 (default {DEFAULT_STRENGTH})")
+    g.add_argument("--mask", metavar="PATH",
+                   help="with --init-image: inpaint, repainting the white part of this mask "
+                        "(scaled to the picture) and keeping the rest of the init image exactly")
+    g.add_argument("--mask-blur", type=int, default=None, metavar="PX",
+                   help="feather the mask's edge by PX pixels (default 0: a hard edge)")
     g.add_argument("-n", dest="num_images", type=int, default=None,
                    help=f"number of images (default 1, at most {IMAGES_PER_RUN.high}); any "
                         "number paints in the memory of one batch")

@@ -1,5 +1,5 @@
-"""Conditioning: the prompts' CLOOB embeddings, the init image's latent, and the plan of a
-painting (everything its batches share, worked out once)."""
+"""Conditioning: the prompts' CLOOB embeddings, the init image's latent (and inpainting mask),
+and the plan of a painting (everything its batches share, worked out once)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from torch.nn import functional as F
 from .. import sampling
 from ..errors import CCLDError
 from ..settings import Settings
+from .inpainting import Inpainting
+from .inpainting import prepare as prepare_inpainting
 from .painting import Guide, Trajectory, timesteps
 
 
@@ -78,6 +80,7 @@ class SamplingPlan:
     guide: Guide
     timesteps: torch.Tensor
     init_latent: torch.Tensor | None
+    inpainting: Inpainting | None = None
 
     @property
     def stochastic(self) -> bool:
@@ -92,7 +95,7 @@ class SamplingPlan:
         place for other rows' conditions; a painting of one `picture` is painted in the company
         its settings give."""
         return (self.stochastic or self.guide.one_row is not None
-                or self.settings.picture is not None)
+                or self.settings.picture is not None or self.inpainting is not None)
 
     def trajectory(self, generator: torch.Generator | None = None) -> Trajectory:
         """The walk its batches sample along; `generator` draws a stochastic sampler's noise."""
@@ -119,6 +122,11 @@ def plan(pipe, settings: Settings) -> SamplingPlan:
         init_latent = encode_init_image(pipe.autoencoder, settings.init_image.value,
                                         settings.height, settings.width, settings.latent_scale,
                                         pipe.device)
+    inpainting = None
+    if settings.mask is not None:
+        inpainting = prepare_inpainting(_pil(settings.init_image.value), _pil(settings.mask.value),
+                                        settings.height, settings.width, settings.mask_blur,
+                                        pipe.device)
     return SamplingPlan(settings, sampler, Guide.of(pipe.unet, embeds, settings.weights),
                         timesteps(pipe.unet, sampler, settings.steps, start, pipe.device),
-                        init_latent)
+                        init_latent, inpainting)

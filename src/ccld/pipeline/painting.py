@@ -84,16 +84,19 @@ class Trajectory:
 
 def sample(unet, parts: Sequence[tuple[Guide, int]], noise: torch.Tensor, path: Trajectory, *,
            init: Sequence[torch.Tensor | None] | None = None,
+           keep: Sequence[torch.Tensor | None] | None = None,
            callback: sampling.Callback = None, record: list | None = None) -> torch.Tensor:
     """Latents sampled from `noise` (one batch, rows as `parts` lists them) along `path`.
 
     `init`: each part's init latent (image to image; None for a part without one), noised to
-    the first time. Whether every step stayed finite is checked once, after the batch (a check
-    per step would stop the device at every step); a step that went NaN or infinite is named.
-    `record` gets (x, t) of every guided model call.
+    the first time. `keep`: each part's inpainting mask at latent size (1 keeps the init latent,
+    see `ccld.pipeline.inpainting`; None repaints everything). Whether every step stayed finite
+    is checked once, after the batch (a check per step would stop the device at every step); a
+    step that went NaN or infinite is named. `record` gets (x, t) of every guided model call.
     """
     times = path.times
-    x = noise.to(times.device)
+    x = start_noise = noise.to(times.device)
+    start = None
     if init is not None and any(latent is not None for latent in init):
         alpha, sigma = sampling.t_to_alpha_sigma(times[0])
         start = torch.cat([latent.expand(rows, *x.shape[1:]) if latent is not None
@@ -107,6 +110,13 @@ def sample(unet, parts: Sequence[tuple[Guide, int]], noise: torch.Tensor, path: 
             callback({**info, "steps": len(times)})
 
     model = guided_model(unet, parts)
+    kept = None
+    if keep is not None and any(mask is not None for mask in keep):
+        from .inpainting import blended_model
+
+        kept = torch.cat([(mask if mask is not None else torch.zeros_like(x[:1, :1])).expand(
+            rows, 1, *x.shape[2:]) for mask, (_, rows) in zip(keep, parts)])
+        model = blended_model(model, kept, start, start_noise)
     if record is not None:
         traced = model
 
@@ -116,6 +126,8 @@ def sample(unet, parts: Sequence[tuple[Guide, int]], noise: torch.Tensor, path: 
 
     latents = path.sampler(model, x, times, eta=path.eta, generator=path.generator,
                            callback=step)
+    if kept is not None:  # the kept latents are the init image's, noised to t = 0: itself
+        latents = torch.lerp(latents, start.to(latents.dtype), kept.to(latents.dtype))
     if finite and not bool(torch.stack(finite).all()):
         first = next(i for i, ok in enumerate(torch.stack(finite).tolist()) if not ok)
         require_finite(torch.tensor(float("nan")), f"sampling step {first + 1} of {len(times)}")

@@ -264,6 +264,7 @@ class CCLDPipeline(PipelineLoading):
             return sample(self.unet, [(plan.guide, settings.num_images)],
                           stream.take(settings.index, settings.num_images),
                           plan.trajectory(stream.generator), init=[plan.init_latent],
+                          keep=[None if plan.inpainting is None else plan.inpainting.keep],
                           callback=callback)
 
     # The parts, usable alone

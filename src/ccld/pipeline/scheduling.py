@@ -86,11 +86,12 @@ def paint(pipe, plans: Sequence[SamplingPlan], wanted: Sequence[Sequence[int]],
             with pipe.autocast():
                 latents = sample(pipe.unet, [(plans[n].guide, len(i)) for n, i in batch],
                                  _cat(noise), plan.trajectory(generator),
-                                 init=[plans[n].init_latent for n, _ in batch], callback=step)
+                                 init=[plans[n].init_latent for n, _ in batch],
+                                 keep=[_keep(plans[n]) for n, _ in batch], callback=step)
             pixels = pipe.decode(latents, plan.settings.latent_scale,
                                  full_decoder=plan.settings.full_decoder)
             del latents  # not held while the caller writes the images
-            yield from _images(pixels, batch, params, wanted_sets)
+            yield from _images(pixels, batch, params, wanted_sets, plans)
 
 
 def _noise(stream: NoiseStream, indices: list[int]):
@@ -104,13 +105,17 @@ def _noise(stream: NoiseStream, indices: list[int]):
     return torch.cat(parts)
 
 
+def _keep(plan: SamplingPlan):
+    return None if plan.inpainting is None else plan.inpainting.keep
+
+
 def _cat(tensors):
     import torch
 
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _images(pixels, batch: Batch, params, wanted_sets) -> Iterator[tuple[int, object]]:
+def _images(pixels, batch: Batch, params, wanted_sets, plans) -> Iterator[tuple[int, object]]:
     from ..io.images import tensor_to_pil
 
     pixels = iter(require_finite(pixels.float().cpu(), "decoding"))
@@ -125,5 +130,7 @@ def _images(pixels, batch: Batch, params, wanted_sets) -> Iterator[tuple[int, ob
         for index in indices:
             image = next(pixels)
             if index in wanted_sets[number]:
-                yield number, with_parameters(tensor_to_pil(image), params[number], index,
-                                              company)
+                picture = tensor_to_pil(image)
+                if plans[number].inpainting is not None:
+                    picture = plans[number].inpainting.composite(picture)
+                yield number, with_parameters(picture, params[number], index, company)
