@@ -110,6 +110,10 @@ MASK_BLUR = Limit(0, 256, "how far an inpainting mask's edge is feathered, in pi
                   "`--mask-blur`, `mask_blur=`", "0 keeps a hard edge; 4 to 16 hides the seam",
                   whole=True)
 
+# Parameter grids
+XY_VALUES = Limit(1, 12, "values of one `--xy` axis (a grid holds at most 12 x 12 pictures)",
+                  "split the grid in several runs", whole=True)
+
 # Images read (prompts, init images, training data)
 IMAGE_PIXELS = Limit(1, 64 * 1024 * 1024, "pixels of an image read (larger ones are refused "
                      "before decoding)", "resize it to a few megapixels first", whole=True)

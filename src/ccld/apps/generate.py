@@ -114,6 +114,11 @@ def add_generate_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--grid", action="store_true",
                    help=f"also write grid-NNNNN.png (numbered by the run's first image) of the "
                         f"first {GRID_IMAGES.high} images")
+    g.add_argument("--xy", nargs="+", metavar="NAME=V1,V2", default=None,
+                   help="a parameter grid: paint every combination of one or two settings' "
+                        "values (e.g. guidance=1,3,5 steps=5,11,20; any setting, or weight for "
+                        "the prompts' weight) from the same seed, and write xy-NNNNN.png, the "
+                        "labelled grid, beside the single PNGs")
     g.add_argument("--preview", action="store_true",
                    help=f"keep OUT/{PREVIEW_FILE} showing the current batch's clean prediction, "
                         "updated every few sampling steps (a quick linear look at the latents, "
@@ -157,6 +162,13 @@ def check_writable_folder(folder: Path, option: str) -> None:
 
 def cmd_generate(args) -> int:
     options = settings_options(args)
+    if args.xy is not None:
+        if args.prompts_file is not None or args.grid or args.preview:
+            raise CCLDError("--xy writes its own grid of one painting's settings; leave out "
+                            "--prompts-file, --grid and --preview")
+        if len(args.xy) > 2:
+            raise CCLDError(f"--xy takes one or two axes, not {len(args.xy)}; e.g. --xy "
+                            "guidance=1,3,5 steps=5,11,20")
     out = Path(args.out)
     if args.prompts_file is not None:
         if args.prompts or args.from_png:
@@ -175,6 +187,14 @@ def cmd_generate(args) -> int:
         settings = settings_from_png(args.from_png, **options)
     else:
         settings = Settings.build(**options)
+    cells = axes = None
+    if args.xy is not None:
+        from .xy import combinations, parse_axes
+
+        if settings.num_images > 1:
+            raise CCLDError("--xy paints one picture per combination; leave -n out")
+        axes = parse_axes(args.xy)
+        cells = combinations(settings, axes)  # every cell checked before anything slow
     check_writable_folder(out, "--out")
     for prompt in args.prompts:  # says how a prompt with a colon but no weight was read
         note = how_read(prompt, DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
@@ -186,6 +206,9 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args)
     if args.compile:
         compile_unet(pipe, settings)
+    if cells is not None:
+        write_xy_grid(pipe, cells, axes, out, progress=not args.quiet)
+        return 0
     images = pipe.iter_images(settings=settings, progress=not args.quiet,
                               callback=preview_writer(pipe, args, out, settings))
     write_numbered(images, out, grid=args.grid)
@@ -250,6 +273,24 @@ def write_numbered(images, out: Path, grid: bool) -> None:
         picture.info["parameters"] = json.dumps({**json.loads(in_grid[0].info["parameters"]),
                                                  "grid": True})
         print(save_numbered(picture, out, first, prefix="grid-")[0])
+
+
+def write_xy_grid(pipe, cells, axes, out: Path, progress: bool) -> None:
+    """Paints every cell of a parameter grid (sharing batches where they may), writes each as a
+    numbered PNG, in the grid's order, as soon as it is painted, then the labelled grid
+    xy-NNNNN.png, numbered like the first cell."""
+    from ..io.images import next_index, save_numbered
+    from .xy import grid_parameters, labelled_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    first = next_index(out)
+    pictures = [None] * len(cells)
+    for position, image in pipe.iter_many(cells, progress=progress):
+        print(save_numbered(image, out, first + position)[0])
+        pictures[position] = image
+    grid = labelled_grid(pictures, axes)
+    grid.info["parameters"] = json.dumps(grid_parameters(pictures[0], axes))
+    print(save_numbered(grid, out, first, prefix="xy-")[0])
 
 
 def compile_unet(pipe, settings: Settings) -> None:
