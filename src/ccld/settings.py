@@ -31,6 +31,9 @@ DEFAULT_STEPS = 11
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_STRENGTH = 0.6  # how far image to image noises the init image (1: ignore it)
 DEFAULT_SIZE = 256  # pixels; the size the published models were trained at
+DEFAULT_HIRES_STRENGTH = 0.5  # how far the hires refinement noises the upscaled picture
+UPSCALERS = ("pixels", "latents")  # how hires upscales: the decoded picture, or the latents
+DEFAULT_UPSCALE = "pixels"
 DEFAULT_VARIATION_STRENGTH = 0.25  # how far a variation moves from its seed's noise (1: all new)
 # The reference demo's recipe (`--reference`): plms, 15 steps, contiguous float32.
 REFERENCE_METHOD = "plms"
@@ -111,6 +114,16 @@ class Settings:
     variation_strength: float | None = field(default=None, metadata=_doc(
         f"how far from it (default {DEFAULT_VARIATION_STRENGTH:g}; 0 paints it again)",
         limits.VARIATION_STRENGTH))
+    hires: tuple[int, int] | None = field(default=None, metadata=_doc(
+        "a larger picture, (width, height) or \"WxH\": painted at width x height, upscaled, then "
+        "refined at this size by image to image"))
+    hires_strength: float | None = field(default=None, metadata=_doc(
+        f"how far the refinement noises the upscaled picture (default {DEFAULT_HIRES_STRENGTH})",
+        limits.STRENGTH))
+    hires_steps: int | None = field(default=None, metadata=_doc(
+        "sampling steps of the refinement (default: steps)", limits.STEPS))
+    hires_upscale: str | None = field(default=None, metadata=_doc(
+        f"how the first stage is upscaled: {' or '.join(UPSCALERS)} (default {DEFAULT_UPSCALE})"))
     latent_scale: float | None = field(default=None, metadata=_doc(
         "the decoding scale (default: the model's)", limits.LATENT_SCALE))
     full_decoder: bool = field(default=False, metadata=_doc(
@@ -144,6 +157,19 @@ class Settings:
         if self.mask_blur is not None and self.mask is None:
             raise CCLDError(f"{arg('mask_blur')} feathers an inpainting mask; give "
                             f"{give('mask', 'PATH')} too, or leave {arg('mask_blur')} out")
+        if self.hires is None:
+            for name in ("hires_strength", "hires_steps", "hires_upscale"):
+                if getattr(self, name) is not None:
+                    raise CCLDError(f"{arg(name)} shapes the refinement of a larger picture; give "
+                                    f"{give('hires', 'WxH')} too, or leave {arg(name)} out")
+        elif self.hires[0] < self.width or self.hires[1] < self.height or self.hires == (
+                self.width, self.height):
+            raise CCLDError(f"{arg('hires')} {self.hires[0]}x{self.hires[1]} is not larger than the "
+                            f"picture ({self.width}x{self.height}) it refines; give a larger size, "
+                            f"or a smaller {arg('width')} and {arg('height')}")
+        elif self.mask is not None:
+            raise CCLDError(f"{arg('hires')} and {arg('mask')} do not go together yet; inpaint at "
+                            "the picture's size, then paint it larger")
         if self.variation_of is None:
             for name in ("variation_index", "variation_strength"):
                 if getattr(self, name) is not None:
@@ -214,6 +240,12 @@ class Settings:
             changes["strength"] = DEFAULT_STRENGTH
         if self.mask is not None and self.mask_blur is None:
             changes["mask_blur"] = 0
+        if self.hires is not None:
+            changes.update(
+                hires_steps=changes["steps"] if self.hires_steps is None else self.hires_steps,
+                hires_strength=(DEFAULT_HIRES_STRENGTH if self.hires_strength is None
+                                else self.hires_strength),
+                hires_upscale=self.hires_upscale or DEFAULT_UPSCALE)
         if self.variation_of is not None:
             changes["variation_index"] = self.variation_index or 0
             if self.variation_strength is None:
@@ -255,6 +287,9 @@ class Settings:
             out["strength"] = self.strength
         if self.mask is not None:
             out.update(mask=self.mask.label, mask_blur=self.mask_blur)
+        if self.hires is not None:
+            out.update(hires=list(self.hires), hires_strength=self.hires_strength,
+                       hires_steps=self.hires_steps, hires_upscale=self.hires_upscale)
         if self.variation_of is not None:
             out.update(variation_of=self.variation_of, variation_index=self.variation_index,
                        variation_strength=self.variation_strength)
@@ -531,10 +566,34 @@ def _init_image(name: str, value):
     return InitImage(_image_value(name, value, name.replace("_", " ")), label)
 
 
+def _hires(name: str, value):
+    """A larger size: "WxH", a number (a square), or a (width, height) pair."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        width, sep, height = value.lower().partition("x")
+        if not sep:
+            raise CCLDError(f"{arg(name)} {value!r}: write the size as WxH, e.g. 512x512")
+        value = (width.strip(), height.strip())
+    elif not isinstance(value, (tuple, list)):
+        value = (value, value)
+    if len(value) != 2:
+        raise CCLDError(f"{arg(name)} must be a (width, height) pair (got {_shown(value)})")
+    sizes = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
+    return tuple(number(f"the width and height of {arg(name)}", v, limits.SIZE, optional=False)
+                 for v in sizes)
+
+
+def _upscale(name: str, value):
+    if value is not None and value not in UPSCALERS:
+        raise CCLDError(f"unknown {arg(name)} {_shown(value)}; choose from {', '.join(UPSCALERS)}")
+    return value
+
+
 _LOOKS_AT_FILES = ("prompts", "image_prompts", "init_image", "mask")
 _CHECKS = {
     "prompts": _prompts, "image_prompts": _prompts, "init_image": _init_image,
-    "mask": _init_image,
+    "mask": _init_image, "hires": _hires, "hires_upscale": _upscale,
     "method": _method, "full_decoder": _flag, "precision": _precision,
     "channels_last": _optional_flag,
     "eta": _required_number(limits.ETA), "seed": _required_number(limits.SEED),

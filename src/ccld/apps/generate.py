@@ -19,21 +19,24 @@ from ..limits import GRID_IMAGES, IMAGES_PER_CALL, IMAGES_PER_RUN, SEED
 from ..prompts import how_read
 from ..settings import (
     DEFAULT_GUIDANCE,
+    DEFAULT_HIRES_STRENGTH,
     DEFAULT_METHOD,
     DEFAULT_SIZE,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
+    DEFAULT_UPSCALE,
     DEFAULT_VARIATION_STRENGTH,
     REFERENCE_METHOD,
     REFERENCE_PRECISION,
     REFERENCE_STEPS,
+    UPSCALERS,
     Settings,
     check_options,
 )
 
 # The options of `ccld generate` that are settings, by their settings' names (their dests)
 SETTING_OPTIONS = ("prompts", "image_prompts", "init_image", "strength", "mask", "mask_blur",
-                   "num_images",
+                   "hires", "hires_strength", "hires_steps", "hires_upscale", "num_images",
                    "batch_size", "seed", "steps", "method", "eta", "guidance", "latent_scale",
                    "width", "height", "variation_of", "variation_index", "variation_strength",
                    "precision")
@@ -94,6 +97,17 @@ def add_generate_command(sub) -> argparse.ArgumentParser:
                         "size the models were trained at and paint best near)")
     g.add_argument("--height", type=int, default=None,
                    help=f"picture height in pixels, a multiple of 64 (default {DEFAULT_SIZE})")
+    g.add_argument("--hires", metavar="WxH", default=None,
+                   help="a larger picture (\"hires fix\"): paint at --width x --height, upscale, "
+                        "then refine at WxH by image to image (multiples of 64)")
+    g.add_argument("--hires-strength", type=float, default=None, metavar="S",
+                   help=f"how far the refinement noises the upscaled picture, 0..1 (default "
+                        f"{DEFAULT_HIRES_STRENGTH})")
+    g.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="sampling steps of the refinement (default: --steps)")
+    g.add_argument("--hires-upscale", choices=UPSCALERS, default=None,
+                   help=f"upscale the decoded picture (pixels, re-encoded) or the latents "
+                        f"(default {DEFAULT_UPSCALE})")
     g.add_argument("--variation-of", type=int, default=None, metavar="SEED",
                    help="paint variations of the picture this seed painted: each starting noise "
                         "is slerped from that picture's towards --seed's")

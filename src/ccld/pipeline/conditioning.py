@@ -12,6 +12,8 @@ from torch.nn import functional as F
 from .. import sampling
 from ..errors import CCLDError
 from ..settings import Settings
+from .hires import Hires
+from .hires import prepare as prepare_hires
 from .inpainting import Inpainting
 from .inpainting import prepare as prepare_inpainting
 from .painting import Guide, Trajectory, timesteps
@@ -81,6 +83,7 @@ class SamplingPlan:
     timesteps: torch.Tensor
     init_latent: torch.Tensor | None
     inpainting: Inpainting | None = None
+    hires: Hires | None = None
 
     @property
     def stochastic(self) -> bool:
@@ -95,7 +98,8 @@ class SamplingPlan:
         place for other rows' conditions; a painting of one `picture` is painted in the company
         its settings give."""
         return (self.stochastic or self.guide.one_row is not None
-                or self.settings.picture is not None or self.inpainting is not None)
+                or self.settings.picture is not None or self.inpainting is not None
+                or self.hires is not None)
 
     def trajectory(self, generator: torch.Generator | None = None) -> Trajectory:
         """The walk its batches sample along; `generator` draws a stochastic sampler's noise."""
@@ -129,4 +133,6 @@ def plan(pipe, settings: Settings) -> SamplingPlan:
                                         pipe.device)
     return SamplingPlan(settings, sampler, Guide.of(pipe.unet, embeds, settings.weights),
                         timesteps(pipe.unet, sampler, settings.steps, start, pipe.device),
-                        init_latent, inpainting)
+                        init_latent, inpainting,
+                        None if settings.hires is None
+                        else prepare_hires(pipe.unet, sampler, settings, pipe.device))

@@ -13,6 +13,7 @@ import itertools
 from typing import Iterator, Sequence
 
 from .conditioning import SamplingPlan
+from .hires import refine
 from .metadata import describe, with_parameters
 from .noise import NoiseStream
 from .painting import require_finite, sample
@@ -90,6 +91,8 @@ def paint(pipe, plans: Sequence[SamplingPlan], wanted: Sequence[Sequence[int]],
                                  keep=[_keep(plans[n]) for n, _ in batch], callback=step)
             pixels = pipe.decode(latents, plan.settings.latent_scale,
                                  full_decoder=plan.settings.full_decoder)
+            if plan.hires is not None:  # painted alone: the batch is one run's pictures
+                pixels = refine(pipe, plan, latents, pixels, batch[0][1])
             del latents  # not held while the caller writes the images
             yield from _images(pixels, batch, params, wanted_sets, plans)
 
