@@ -114,6 +114,11 @@ MASK_BLUR = Limit(0, 256, "how far an inpainting mask's edge is feathered, in pi
 XY_VALUES = Limit(1, 12, "values of one `--xy` axis (a grid holds at most 12 x 12 pictures)",
                   "split the grid in several runs", whole=True)
 
+# Animations
+FRAMES = Limit(2, 1000, "frames of one `ccld interpolate` animation (`--frames`)",
+               "paint a long animation in parts", whole=True)
+FPS = Limit(0.1, 60, "frames per second of an animation (`--fps`)", "8 to 24 is typical")
+
 # Images read (prompts, init images, training data)
 IMAGE_PIXELS = Limit(1, 64 * 1024 * 1024, "pixels of an image read (larger ones are refused "
                      "before decoding)", "resize it to a few megapixels first", whole=True)

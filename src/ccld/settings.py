@@ -45,7 +45,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIASES = {"n": "num_images"}
 # Keys of PNG parameters that record how a picture was painted, not what to paint: read back
 # by nobody (`from_dict` skips them)
-RECORDS = frozenset({"grid", "xy", "models", "ccld_version", "distilled", "decoder", "batch"})
+RECORDS = frozenset({"grid", "xy", "interpolation", "models", "ccld_version", "distilled",
+                     "decoder", "batch"})
 
 
 @dataclass(frozen=True)

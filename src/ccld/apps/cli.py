@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from .generate import add_generate_command
+    from .interpolate import add_interpolate_command
 
     add_generate_command(sub)
+    add_interpolate_command(sub)
 
     d = sub.add_parser("download", help="fetch the default models into the Hugging Face cache")
     d.add_argument("--cloob", default=None, help="built-in CLOOB config name")

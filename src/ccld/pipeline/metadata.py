@@ -89,6 +89,10 @@ def settings_from_png(path: str | os.PathLike, **overrides) -> Settings:
     params = read_png_parameters(path)
     if not params:
         raise CCLDError(f"{path}: a PNG without ccld's parameters; give a picture ccld painted")
+    if params.get("interpolation"):
+        raise CCLDError(f"{path}: a frame of `ccld interpolate`, whose condition is between its "
+                        "prompts; paint the animation again with the prompts, frames and seeds "
+                        "its 'interpolation' parameters record")
     if params.get("grid"):
         raise CCLDError(f"{path}: a grid of several pictures; give the PNG of one of them")
     try:
