@@ -153,8 +153,8 @@ class Settings:
             raise CCLDError(f"{arg('strength')} is how far to noise an init image; give "
                             f"{give('init_image', 'PATH')} too, or leave {arg('strength')} out")
         if self.mask is not None and self.init_image is None:
-            raise CCLDError(f"{arg('mask')} marks what to repaint of an init image; give "
-                            f"{give('init_image', 'PATH')} too, or leave {arg('mask')} out")
+            raise CCLDError(f"{arg('mask')} marks what to repaint of an init image, so it needs "
+                            f"one: {give('init_image', 'PATH')}, or leave {arg('mask')} out")
         if self.mask_blur is not None and self.mask is None:
             raise CCLDError(f"{arg('mask_blur')} feathers an inpainting mask; give "
                             f"{give('mask', 'PATH')} too, or leave {arg('mask_blur')} out")

@@ -307,7 +307,8 @@ def test_build_app_api_and_queue(store):
     endpoint = info["named_endpoints"]["/generate"]
     names = [p["parameter_name"] for p in endpoint["parameters"]]
     assert names == ["prompts", "image_prompts", "image_weight", "init_image", "strength",
-                     "method", "steps", "guidance", "seed", "num_images", "width", "height"]
+                     "method", "steps", "guidance", "seed", "num_images", "width", "height",
+                     "mask", "mask_blur", "hires_width", "hires_height", "hires_strength"]
     optional = {p["parameter_name"] for p in endpoint["parameters"] if p["parameter_has_default"]}
     assert optional == set(names) - {"prompts"}
     assert len(endpoint["returns"]) == 2
@@ -414,3 +415,28 @@ def test_a_web_response_reveals_no_server_path(pipe, store, fixtures):
     for record in (params, served):
         assert str(fixtures) not in repr(record) and str(store.root) not in repr(record)
     assert not any("/" in value for value in params["models"].values()), params["models"]
+
+
+def test_inpainting_and_a_larger_picture_from_the_form(pipe, store, tmp_path):
+    from PIL import Image
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(init)
+    half = Image.new("L", (64, 64), 0)
+    half.paste(255, (32, 0, 64, 64))
+    half.save(mask)
+    request = web.check_request(prompts="a cat", init_image=str(init), mask=str(mask),
+                                mask_blur=2.0, strength=1.0, max_upload_bytes=10**6, size=64)
+    assert (request.mask.label, request.mask_blur) == ("mask.png", 2)
+    larger = web.check_request(prompts="a cat", hires_width=128, hires_height=64.0,
+                               hires_strength=0.4, max_upload_bytes=10**6, size=64)
+    assert (larger.hires, larger.hires_strength) == ((128, 64), 0.4)
+    off = web.check_request(prompts="a cat", hires_width=0, hires_height=None,
+                            max_upload_bytes=10**6, size=64)
+    assert off.hires is None
+    with pytest.raises(gr.Error, match="larger width must be a multiple of 64"):
+        web.check_request(prompts="a cat", hires_width=100, hires_height=128,
+                          max_upload_bytes=10**6, size=64)
+    with pytest.raises(gr.Error, match="mask marks what to repaint of an init image, so it "
+                                       "needs one: upload one under Init image, or leave mask out"):
+        web.check_request(prompts="a cat", mask=str(mask), max_upload_bytes=10**6, size=64)

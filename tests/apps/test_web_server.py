@@ -232,7 +232,7 @@ def browser():
 
 
 @pytest.mark.browser
-def test_page_in_headless_chromium(server, browser):
+def test_page_in_headless_chromium(server, browser, tmp_path):
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -305,6 +305,32 @@ def test_page_in_headless_chromium(server, browser):
     expect(page.locator("#parameters")).to_contain_text('"variation_index": 1')
     expect(images).to_have_count(4, timeout=120_000)
     expect(seed).not_to_have_value("42")
+
+    # inpainting from an uploaded init image and mask, painted larger (the hires fix)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (30, 90, 200)).save(tmp_path / "start.png")
+    half = Image.new("L", (64, 64), 0)
+    half.paste(255, (32, 0, 64, 64))
+    half.save(tmp_path / "half-mask.png")
+    page.get_by_text("Image prompts and init image").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(tmp_path / "start.png"))
+    page.locator("#mask input[type=file]").set_input_files(str(tmp_path / "half-mask.png"))
+    expect(page.locator("#mask")).to_contain_text("half-mask.png", timeout=30_000)
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#generate").click()
+    expect(page.locator("#parameters")).to_contain_text('"mask": "half-mask.png"',
+                                                        timeout=120_000)
+    page.locator("#mask button[aria-label='Clear']").first.click()  # hires and a mask: not yet
+    page.get_by_text("Larger picture").click()
+    for side in ("width", "height"):
+        field = page.locator(f"#hires-{side} input")
+        field.fill("128")
+        field.press("Enter")
+    page.locator("#generate").click()
+    expect(page.locator("#parameters")).to_contain_text('"hires": [', timeout=120_000)
+    expect(page.locator("#parameters")).to_contain_text("128", timeout=10_000)
 
     page.wait_for_timeout(300)
     ARTIFACTS.mkdir(exist_ok=True)

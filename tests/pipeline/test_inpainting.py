@@ -79,7 +79,8 @@ def test_a_mask_that_says_nothing_is_named(fixture_pipeline):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(mask="MASK"), "mask marks what to repaint of an init image; give init_image"),
+    (dict(mask="MASK"), "mask marks what to repaint of an init image, so it needs one: "
+                             "init_image="),
     (dict(init_image="INIT", mask_blur=2), "mask_blur feathers an inpainting mask; give mask"),
     (dict(init_image="INIT", mask="MASK", mask_blur=-1), "mask_blur must be a whole number "
                                                          "from 0 to 256"),
@@ -118,5 +119,5 @@ def test_cli_mask_without_init_image_is_one_line(model_flags, tmp_path, capsys):
     assert main(["generate", "a cat", "--mask", str(tmp_path / "mask.png"), "--out",
                  str(tmp_path / "out"), *model_flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ccld: error: --mask marks what to repaint of an init image; give "
-                   "--init-image PATH too, or leave --mask out"]
+    assert err == ["ccld: error: --mask marks what to repaint of an init image, so it needs "
+                   "one: --init-image PATH, or leave --mask out"]

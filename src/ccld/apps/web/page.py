@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ...limits import SIZE, WEB_IMAGE_PROMPTS, WEB_IMAGES, WEB_PROMPTS, WEB_SEED, WEB_STEPS
 from ...settings import (
     DEFAULT_GUIDANCE,
+    DEFAULT_HIRES_STRENGTH,
     DEFAULT_METHOD,
     DEFAULT_SIZE,
     DEFAULT_STEPS,
@@ -47,7 +48,9 @@ gallery, params = client.predict(prompts="a snowy landscape, oil on canvas:3", i
 print(gallery[0]["image"], params["seed"])  # a local copy of the first PNG; its parameters
 ```
 Image prompts and the init image are uploads: `image_prompts=[handle_file("ref.png")]`,
-`init_image=handle_file("start.png")`; `width=` and `height=` set the size (multiples of 64).
+`init_image=handle_file("start.png")`; `width=` and `height=` set the size (multiples of 64);
+`mask=handle_file("mask.png")` inpaints its white part; `hires_width=` and `hires_height=`
+paint larger (0: off).
 """
 
 
@@ -90,12 +93,18 @@ class _Form:
     strength: object
     width: object
     height: object
+    mask: object
+    mask_blur: object
+    hires_width: object
+    hires_height: object
+    hires_strength: object
 
     def api_inputs(self) -> list:
         """The inputs of `generate`, in the order of its parameters (the API's)."""
         return [self.prompts, self.image_prompts, self.image_weight, self.init_image,
                 self.strength, self.method, self.steps, self.guidance, self.seed, self.num_images,
-                self.width, self.height]
+                self.width, self.height, self.mask, self.mask_blur, self.hires_width,
+                self.hires_height, self.hires_strength]
 
     def example_inputs(self) -> list:
         """The inputs an EXAMPLES row fills, in its order."""
@@ -116,7 +125,27 @@ def _upload_inputs():
         strength = _named_range_checks(gr.Slider(
             0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
             info="how far from the init image (1 ignores it)", elem_id="strength"))
-    return image_prompts, image_weight, init_image, strength
+        mask = gr.File(label="Mask (inpainting: repaint its white part of the init image)",
+                       file_count="single", elem_id="mask")
+        mask_blur = _named_range_checks(gr.Slider(
+            0, 64, value=0, step=1, label="Mask blur", info="pixels of feathering at its edge",
+            elem_id="mask-blur"))
+    return image_prompts, image_weight, init_image, strength, mask, mask_blur
+
+
+def _hires_inputs():
+    """A larger picture (the hires fix): its size (0: off) and the refinement's strength."""
+    import gradio as gr
+
+    with gr.Accordion("Larger picture", open=False):
+        with gr.Row():
+            width, height = (gr.Number(0, precision=0, label=f"Larger {side}",
+                                       info="0: off; painted at Width x Height, then refined",
+                                       elem_id=f"hires-{side}") for side in ("width", "height"))
+        strength = _named_range_checks(gr.Slider(
+            0.05, 1.0, value=DEFAULT_HIRES_STRENGTH, step=0.05, label="Refinement strength",
+            elem_id="hires-strength"))
+    return width, height, strength
 
 
 def _size_inputs(size: int):
@@ -176,11 +205,14 @@ def _input_column(num_images: int, size: int, defaults: dict) -> _Form:
                              elem_id="seed")
             dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
         width, height = _size_inputs(size)
-        image_prompts, image_weight, init_image, strength = _upload_inputs()
+        image_prompts, image_weight, init_image, strength, mask, mask_blur = _upload_inputs()
+        hires_width, hires_height, hires_strength = _hires_inputs()
     return _Form(prompts=prompts, generate=button, method=method, steps=steps, guidance=guidance,
                  num_images=count, seed=seed, dice=dice, image_prompts=image_prompts,
                  image_weight=image_weight, init_image=init_image, strength=strength,
-                 width=width, height=height)
+                 width=width, height=height, mask=mask, mask_blur=mask_blur,
+                 hires_width=hires_width, hires_height=hires_height,
+                 hires_strength=hires_strength)
 
 
 @dataclass(frozen=True)
@@ -222,12 +254,15 @@ def _generate_handler(pipe, *, store: ResultStore, lock, size: int, max_upload_b
 
     def run(prompts, image_prompts=None, image_weight=None, init_image=None, strength=None,
             method=None, steps=None, guidance=None, seed=None, num_images=None, width=None,
-            height=None, variation=None,
+            height=None, mask=None, mask_blur=None, hires_width=None, hires_height=None,
+            hires_strength=None, variation=None,
             progress=gr.Progress()):  # None defaults: optional in the API (components' values)
         form = dict(image_prompts=image_prompts, image_weight=image_weight,
                     init_image=init_image, strength=strength, method=method, steps=steps,
                     guidance=guidance, seed=seed, num_images=num_images, width=width,
-                    height=height, **(variation or {}))
+                    height=height, mask=mask, mask_blur=mask_blur, hires_width=hires_width,
+                    hires_height=hires_height, hires_strength=hires_strength,
+                    **(variation or {}))
         yield from generate_with_previews(pipe, prompts, store=store, size=size,
                                           max_upload_bytes=max_upload_bytes, lock=lock,
                                           progress=progress, **form)

@@ -24,6 +24,7 @@ from typing import Callable
 
 from ...errors import CCLDError
 from ...limits import (
+    SIZE,
     UPLOAD_MB,
     VARIATION_INDEX,
     VARIATION_STRENGTH,
@@ -53,7 +54,8 @@ KEEP_BATCHES = 64
 KEEP_MINUTES = 60.0
 # the form's fields, in the order of the API's parameters
 FORM_FIELDS = ("prompts", "image_prompts", "image_weight", "init_image", "strength", "method",
-               "steps", "guidance", "seed", "num_images", "width", "height")
+               "steps", "guidance", "seed", "num_images", "width", "height", "mask", "mask_blur",
+               "hires_width", "hires_height", "hires_strength")
 VARIATION_FIELDS = ("variation_of", "variation_index", "variation_strength")
 # what a field that is not sent at all is (a Python caller's)
 FORM_DEFAULTS = {"method": DEFAULT_METHOD, "steps": DEFAULT_STEPS, "num_images": 1}
@@ -61,10 +63,12 @@ FORM_DEFAULTS = {"method": DEFAULT_METHOD, "steps": DEFAULT_STEPS, "num_images":
 LABELS = {"num_images": "number of images", "image_prompts": "image prompts",
           "init_image": "init image", "variation_of": "variation of",
           "variation_index": "variation index", "variation_strength": "variation strength",
-          "latent_scale": "latent scale"}
+          "latent_scale": "latent scale", "mask_blur": "mask blur",
+          "hires": "larger size", "hires_strength": "larger picture's strength"}
 GIVING = {"prompts": "type a prompt in Prompts, TEXT or TEXT:WEIGHT a line",
           "image_prompts": "upload one under Image prompts",
-          "init_image": "upload one under Init image"}
+          "init_image": "upload one under Init image",
+          "mask": "upload one under Mask", "hires": "set a larger width and height"}
 
 
 def page_words(name: str, giving: bool, what: str = "") -> str:
@@ -255,6 +259,17 @@ def check_request(*, size: int = DEFAULT_SIZE, max_upload_bytes: int, **form) ->
     init, init_name = _load_upload(get("init_image"), "init image", max_upload_bytes)
     if init is not None:
         options.update(init_image=InitImage(init, init_name), strength=get("strength"))
+    mask, mask_name = _load_upload(get("mask"), "mask", max_upload_bytes)
+    if mask is not None:
+        options.update(mask=InitImage(mask, mask_name),
+                       mask_blur=None if _blank(get("mask_blur")) else get("mask_blur"))
+    hires = [get("hires_width"), get("hires_height")]
+    if not all(_blank(side) or side == 0 for side in hires):  # 0 or blank: no larger picture
+        with _page_errors():
+            width, height = (SIZE.check(f"larger {side}", value) for side, value in
+                             zip(("width", "height"), hires))
+        options.update(hires=(width, height), hires_strength=(
+            None if _blank(get("hires_strength")) else get("hires_strength")))
     with _page_errors():
         return Settings.build(prompts, image_prompts, **options)
 
