@@ -440,3 +440,25 @@ def test_inpainting_and_a_larger_picture_from_the_form(pipe, store, tmp_path):
     with pytest.raises(gr.Error, match="mask marks what to repaint of an init image, so it "
                                        "needs one: upload one under Init image, or leave mask out"):
         web.check_request(prompts="a cat", mask=str(mask), max_upload_bytes=10**6, size=64)
+
+
+def test_a_mask_drawn_on_the_init_image_becomes_the_mask_upload(store, tmp_path):
+    import numpy as np
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(init)
+    assert web.editor_background(str(init)) == {"background": str(init), "layers": [],
+                                                "composite": str(init)}
+    assert web.editor_background(None) is None
+    stroke = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    stroke.paste((255, 255, 255, 200), (40, 0, 64, 48))
+    path = web.mask_from_drawing({"background": None, "layers": [stroke], "composite": None},
+                                 store)
+    with Image.open(path) as mask:
+        assert mask.size == (64, 48) and mask.mode == "L"
+        pixels = np.asarray(mask)
+    assert (pixels[:, 40:] == 255).all() and (pixels[:, :40] == 0).all()
+    empty = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    assert web.mask_from_drawing({"layers": [empty]}, store) is None
+    assert web.mask_from_drawing({"layers": []}, store) is None
+    assert web.mask_from_drawing(None, store) is None

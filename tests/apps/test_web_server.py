@@ -315,6 +315,9 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     half.save(tmp_path / "half-mask.png")
     page.get_by_text("Image prompts and init image").click()
     page.locator("#init-image input[type=file]").set_input_files(str(tmp_path / "start.png"))
+    # the mask editor offers the uploaded init image to draw on (what a drawing becomes is
+    # tests/apps/test_web.py's: synthetic mouse strokes do not reach Gradio's canvas)
+    expect(page.locator("#mask-editor canvas").first).to_be_visible(timeout=30_000)
     page.locator("#mask input[type=file]").set_input_files(str(tmp_path / "half-mask.png"))
     expect(page.locator("#mask")).to_contain_text("half-mask.png", timeout=30_000)
     steps.fill("2")

@@ -36,13 +36,16 @@ from .requests import (
     FORM_FIELDS,
     ResultStore,
     check_request,
+    editor_background,
     generate,
     generate_with_previews,
+    mask_from_drawing,
     parse_prompts,
     pick_variation,
 )
 from .server import add_serve_command, cmd_serve
 
 __all__ = ["API_DOC", "EXAMPLES", "FORM_FIELDS", "TITLE", "ResultStore", "add_serve_command",
-           "build_app", "check_request", "cmd_serve", "examples_for", "generate",
-           "generate_with_previews", "model_defaults", "parse_prompts", "pick_variation"]
+           "build_app", "check_request", "cmd_serve", "editor_background", "examples_for",
+           "generate", "generate_with_previews", "mask_from_drawing", "model_defaults",
+           "parse_prompts", "pick_variation"]

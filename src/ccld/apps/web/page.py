@@ -21,7 +21,9 @@ from .requests import (
     DEFAULT_MAX_UPLOAD_MB,
     KEEP_MINUTES,
     ResultStore,
+    editor_background,
     generate_with_previews,
+    mask_from_drawing,
     pick_variation,
 )
 
@@ -95,6 +97,7 @@ class _Form:
     height: object
     mask: object
     mask_blur: object
+    mask_editor: object  # draws a mask on the init image into `mask` (not an API input)
     hires_width: object
     hires_height: object
     hires_strength: object
@@ -127,10 +130,14 @@ def _upload_inputs():
             info="how far from the init image (1 ignores it)", elem_id="strength"))
         mask = gr.File(label="Mask (inpainting: repaint its white part of the init image)",
                        file_count="single", elem_id="mask")
+        mask_editor = gr.ImageEditor(
+            label="... or draw it on the init image (what you paint is repainted)", type="pil",
+            sources=(), layers=False, transforms=(), image_mode="RGBA",
+            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="mask-editor")
         mask_blur = _named_range_checks(gr.Slider(
             0, 64, value=0, step=1, label="Mask blur", info="pixels of feathering at its edge",
             elem_id="mask-blur"))
-    return image_prompts, image_weight, init_image, strength, mask, mask_blur
+    return image_prompts, image_weight, init_image, strength, mask, mask_blur, mask_editor
 
 
 def _hires_inputs():
@@ -205,12 +212,14 @@ def _input_column(num_images: int, size: int, defaults: dict) -> _Form:
                              elem_id="seed")
             dice = gr.Button("⚄", elem_id="dice", size="lg")  # a die: a random seed
         width, height = _size_inputs(size)
-        image_prompts, image_weight, init_image, strength, mask, mask_blur = _upload_inputs()
+        (image_prompts, image_weight, init_image, strength, mask, mask_blur,
+         mask_editor) = _upload_inputs()
         hires_width, hires_height, hires_strength = _hires_inputs()
     return _Form(prompts=prompts, generate=button, method=method, steps=steps, guidance=guidance,
                  num_images=count, seed=seed, dice=dice, image_prompts=image_prompts,
                  image_weight=image_weight, init_image=init_image, strength=strength,
                  width=width, height=height, mask=mask, mask_blur=mask_blur,
+                 mask_editor=mask_editor,
                  hires_width=hires_width, hires_height=hires_height,
                  hires_strength=hires_strength)
 
@@ -274,11 +283,18 @@ def _selected_index(evt) -> int:
     return evt.index
 
 
-def _wire(form: _Form, results: _Results, run, concurrency: int) -> None:
+def _wire(form: _Form, results: _Results, run, concurrency: int, store: ResultStore) -> None:
     """Generate paints (also the API's `/generate`); Vary picks the variation and a seed, then
     paints (not an API: a client varies with `variation_of=` in Python); clicking a picture
-    selects it; the die rolls a seed in the browser."""
+    selects it; the die rolls a seed in the browser; an uploaded init image is put in the mask
+    editor, and what is drawn there becomes the Mask upload."""
     import gradio as gr
+
+    form.init_image.change(editor_background, form.init_image, form.mask_editor,
+                           api_visibility="private", queue=False)
+    # nothing drawn (a new background included) leaves an uploaded mask as it is
+    form.mask_editor.change(lambda value: mask_from_drawing(value, store) or gr.skip(),
+                            form.mask_editor, form.mask, api_visibility="private", queue=False)
 
     outputs = [results.gallery, results.params]
     form.generate.click(run, inputs=form.api_inputs(), outputs=outputs,
@@ -327,7 +343,7 @@ def build_app(pipe, *, store: ResultStore | None = None, concurrency: int = 1,
                         cache_examples=False)
         with gr.Accordion("API", open=False):
             api_doc = gr.Markdown(API_DOC.format(url=API_URL_UNKNOWN))
-        _wire(form, results, run, concurrency)
+        _wire(form, results, run, concurrency, store)
         # the address is the browser's: the server's --host and --port, or a proxy in front
         demo.load(None, None, api_doc, js=_API_DOC_JS, queue=False, api_visibility="private")
     demo.queue(max_size=max(1, int(queue_size)), default_concurrency_limit=concurrency)

@@ -183,6 +183,31 @@ def _load_upload(item, what: str, max_bytes: int):
     return image, name
 
 
+def editor_background(init_image) -> dict | None:
+    """The mask editor's value for a newly uploaded init image: that image to draw on."""
+    path = _upload_path(init_image)
+    return None if path is None else {"background": path, "layers": [], "composite": path}
+
+
+def mask_from_drawing(value, store: ResultStore) -> str | None:
+    """The mask drawn in the editor (what its strokes cover is white: repainted) as a PNG in
+    `store`, for the form's Mask upload; None where nothing is drawn."""
+    layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
+    if not layers:
+        return None
+    from PIL import Image, ImageChops
+
+    alpha = layers[0].convert("RGBA").getchannel("A")
+    for layer in layers[1:]:
+        alpha = ImageChops.lighter(alpha, layer.convert("RGBA").getchannel("A"))
+    mask = alpha.point(lambda a: 255 if a else 0)
+    if mask.getextrema()[1] == 0:
+        return None
+    path = store.new_batch() / "drawn-mask.png"
+    Image.Image.save(mask, path, format="PNG")
+    return str(path)
+
+
 def _load_image_prompts(items, weight: float, max_bytes: int) -> list:
     """The uploaded image prompts as `Prompt`s of `weight`, labelled with their file names."""
     if items is None or items == "":
