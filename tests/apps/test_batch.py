@@ -194,3 +194,26 @@ def test_two_processes_share_six_rows_and_write_one_manifest(model_flags, tmp_pa
         [r["file"] for r in rows] + ["manifest.jsonl"])  # no part left unmerged
     images = [pixels(out / r["file"]) for r in rows]
     assert all(np.abs(a - b).max() > 0 for i, a in enumerate(images) for b in images[i + 1:])
+
+
+def test_rows_inpaint_and_paint_larger_with_n(model_flags, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), (40, 160, 90)).save(init)
+    half = Image.new("L", (64, 64), 0)
+    half.paste(255, (32, 0, 64, 64))
+    half.save(mask)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompts": ["a cat"], "init_image": str(init), "mask": str(mask),
+                    "mask_blur": 2, "n": 2}) + "\n"
+        + json.dumps({"prompts": ["a dog"], "hires": [128, 64], "hires_steps": 1}) + "\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts-file", str(prompts), "--width", "64", "--height", "64",
+                 "--method", "ddim", "--out", str(out), *FAST, *model_flags]) == 0
+    rows = manifest(out)
+    assert [(r["row"], r["index"]) for r in rows] == [(0, 0), (0, 1), (1, 0)]
+    assert rows[0]["parameters"]["mask"] == str(mask)
+    for row in rows[:2]:  # the unmasked half is the init image's, exactly
+        assert (pixels(out / row["file"])[:, :24] == (40, 160, 90)).all()
+    with Image.open(out / rows[2]["file"]) as larger:
+        assert larger.size == (128, 64)
