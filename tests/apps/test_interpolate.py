@@ -73,3 +73,18 @@ def test_a_frame_is_not_painted_again_as_if_it_were_its_first_prompt(model_flags
     assert main(["generate", "--from-png", str(out / "00001.png"), "--out",
                  str(tmp_path / "again"), *model_flags]) == 2
     assert "a frame of `ccld interpolate`" in capsys.readouterr().err
+
+
+def test_painted_one_to_a_batch_the_end_frames_are_the_plain_paintings_exactly(model_flags,
+                                                                              tmp_path):
+    out = tmp_path / "frames"
+    assert main(["interpolate", "a red castle", "a blue sea", "a green hill", "--frames", "3",
+                 "--seed", "4", "--batch-size", "1", *SMALL, "--out", str(out),
+                 *model_flags]) == 0
+    frames = sorted(out.glob("0*.png"))
+    for prompt, frame in (("a red castle", frames[0]), ("a blue sea", frames[1]),
+                          ("a green hill", frames[2])):  # frame 1 sits on the middle prompt
+        plain = tmp_path / prompt.replace(" ", "-")
+        assert main(["generate", prompt, "--seed", "4", *SMALL, "--out", str(plain),
+                     *model_flags]) == 0
+        assert np.array_equal(pixels(plain / "00000.png"), pixels(frame))
