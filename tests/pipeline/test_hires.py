@@ -92,7 +92,7 @@ def test_the_refinement_at_1024_runs_a_picture_at_a_time(fixture_pipeline, monke
 
     calls = []
 
-    def fake_sample(unet, parts, noise, path, init=None):
+    def fake_sample(unet, parts, noise, path, init=None, callback=None):
         calls.append((tuple(noise.shape), tuple(init[0].shape)))
         return torch.zeros_like(noise)
 
@@ -111,3 +111,10 @@ def test_the_refinement_at_1024_runs_a_picture_at_a_time(fixture_pipeline, monke
     images = fixture_pipeline("a cat", hires=1024, num_images=3, **FAST)
     assert [image.size for image in images] == [(1024, 1024)] * 3
     assert calls == [((1, 4, 128, 128), (1, 4, 128, 128))] * 3
+
+
+def test_the_callback_sees_both_stages_steps(fixture_pipeline):
+    seen = []
+    fixture_pipeline("a cat", hires=128, size=64, hires_steps=3,
+                     callback=lambda info: seen.append(info["pred"].shape[-1]), **FAST)
+    assert seen == [8, 8, 16, 16, 16]  # 2 steps at 64 px (latents 8 wide), 3 at 128

@@ -58,11 +58,18 @@ def upscale(pipe, latents: torch.Tensor, pixels: torch.Tensor, hires: Hires,
     return mean / scale
 
 
-def refine(pipe, plan, latents: torch.Tensor, pixels: torch.Tensor, indices) -> torch.Tensor:
+def pictures_per_call(hires: Hires) -> int:
+    """Pictures refined at once: as many as DECODE_PIXELS holds, one at 1024x1024."""
+    return max(1, DECODE_PIXELS // (hires.height * hires.width))
+
+
+def refine(pipe, plan, latents: torch.Tensor, pixels: torch.Tensor, indices,
+           callback=None) -> torch.Tensor:
     """The second stage of pictures `indices` (places in the run) of `plan`: pixels at the
-    target size, from the first stage's `latents` and decoded `pixels`."""
+    target size, from the first stage's `latents` and decoded `pixels`. `callback(info)` is
+    called after every sampling step."""
     settings, hires = plan.settings, plan.hires
-    per_call = max(1, DECODE_PIXELS // (hires.height * hires.width))
+    per_call = pictures_per_call(hires)
     out = []
     for first in range(0, len(indices), per_call):
         chunk = slice(first, first + per_call)
@@ -73,7 +80,7 @@ def refine(pipe, plan, latents: torch.Tensor, pixels: torch.Tensor, indices) -> 
             generator = torch.Generator().manual_seed(settings.seed) if settings.eta else None
             refined = sample(pipe.unet, [(plan.guide, len(noise))], noise,
                              Trajectory(plan.sampler, hires.times, settings.eta, generator),
-                             init=[init])
+                             init=[init], callback=callback)
         out.append(pipe.decode(refined, settings.latent_scale,
                                full_decoder=settings.full_decoder))
     return torch.cat(out)

@@ -13,7 +13,7 @@ import itertools
 from typing import Iterator, Sequence
 
 from .conditioning import SamplingPlan
-from .hires import refine
+from .hires import pictures_per_call, refine
 from .metadata import describe, with_parameters
 from .noise import NoiseStream
 from .painting import require_finite, sample
@@ -72,7 +72,7 @@ def paint(pipe, plans: Sequence[SamplingPlan], wanted: Sequence[Sequence[int]],
     for number, plan in enumerate(plans):
         if plan.stochastic:  # its pictures depend on its batches, which its PNGs then record
             params[number]["batch_size"] = batch_size
-    total = sum(len(plans[batch[0][0]].timesteps) for batch in work)
+    total = sum(_steps(plans[batch[0][0]], batch) for batch in work)
     name = plans[0].sampler.name if len({id(p.sampler) for p in plans}) == 1 else "sampling"
     with tqdm(total=total, desc=f"{name} sampling", disable=not progress, leave=False) as bar:
         def step(info: dict) -> None:
@@ -92,7 +92,7 @@ def paint(pipe, plans: Sequence[SamplingPlan], wanted: Sequence[Sequence[int]],
             pixels = pipe.decode(latents, plan.settings.latent_scale,
                                  full_decoder=plan.settings.full_decoder)
             if plan.hires is not None:  # painted alone: the batch is one run's pictures
-                pixels = refine(pipe, plan, latents, pixels, batch[0][1])
+                pixels = refine(pipe, plan, latents, pixels, batch[0][1], callback=step)
             del latents  # not held while the caller writes the images
             yield from _images(pixels, batch, params, wanted_sets, plans)
 
@@ -106,6 +106,15 @@ def _noise(stream: NoiseStream, indices: list[int]):
         run = [index for _, index in run]
         parts.append(stream.take(run[0], len(run)))
     return torch.cat(parts)
+
+
+def _steps(plan: SamplingPlan, batch: Batch) -> int:
+    """The sampling steps a batch takes: its plan's, and a larger picture's refinement's."""
+    steps = len(plan.timesteps)
+    if plan.hires is not None:
+        calls = -(-len(batch[0][1]) // pictures_per_call(plan.hires))
+        steps += calls * len(plan.hires.times)
+    return steps
 
 
 def _keep(plan: SamplingPlan):
