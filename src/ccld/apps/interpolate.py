@@ -64,10 +64,12 @@ def cmd_interpolate(args) -> int:
     settings = Settings.build(prompts=[args.prompts[0]], **options)
     for text in args.prompts[1:]:  # each prompt checked as the first was
         Settings.build(prompts=[text])
+    from ..pipeline.interpolation import paint_frames, require_deterministic
+
+    require_deterministic(args.method)  # before the slow loading
     out = Path(args.out)
     check_writable_folder(out, "--out")
     from ..io.images import next_index, save_numbered
-    from ..pipeline.interpolation import paint_frames
     from .options import load_pipeline
 
     pipe = load_pipeline(args)
@@ -85,7 +87,7 @@ def cmd_interpolate(args) -> int:
     painted[0].save(animation, save_all=True, append_images=painted[1:],
                     duration=round(1000 / fps), loop=0, **extra)
     print(animation)
-    if frames > 1 and args.format == "gif":
+    if args.format == "gif":
         print("ccld: note: GIF holds 256 colours a frame; --format webp keeps them all",
               file=sys.stderr)
     return 0

@@ -36,6 +36,7 @@ class Hires:
 
 
 def prepare(unet, sampler, settings, device) -> Hires:
+    """The second stage of resolved settings with a `hires` size."""
     width, height = settings.hires
     return Hires(height, width, timesteps(unet, sampler, settings.hires_steps,
                                           settings.hires_strength, device), settings.hires_upscale)

@@ -33,6 +33,14 @@ def frame_position(frame: int, frames: int, prompts: int) -> tuple[int, float]:
     return segment, u - segment
 
 
+def require_deterministic(method: str | None, eta: float = 0.0) -> None:
+    """A CCLDError unless `method` (None: the default) samples without fresh noise at `eta`:
+    a frame must change only with its prompts and noise."""
+    if eta or (method is not None and sampling.get_sampler(method).eta(eta)):
+        raise CCLDError("interpolate needs a deterministic sampler, whose frames change only "
+                        "with their prompts and noise; leave --eta out and pick another --method")
+
+
 def paint_frames(pipe, prompts: Sequence[str], frames: int, settings: Settings,
                  seed_to: int | None = None, batch_size: int | None = None,
                  progress: bool = True) -> Iterator:
@@ -42,9 +50,7 @@ def paint_frames(pipe, prompts: Sequence[str], frames: int, settings: Settings,
 
     from ..io.images import tensor_to_pil
 
-    if settings.eta:
-        raise CCLDError("interpolate needs a deterministic sampler, whose frames change only "
-                        "with their prompts and noise; leave --eta out and pick another --method")
+    require_deterministic(settings.method, settings.eta)
     sampler = sampling.get_sampler(settings.method)
     times = timesteps(pipe.unet, sampler, settings.steps, 1.0, pipe.device)
     (guidance,) = {p.weight for p in settings.prompts}

@@ -195,7 +195,7 @@ def mask_from_drawing(value, store: ResultStore) -> str | None:
     layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
     if not layers:
         return None
-    from PIL import Image, ImageChops
+    from PIL import ImageChops
 
     alpha = layers[0].convert("RGBA").getchannel("A")
     for layer in layers[1:]:
@@ -204,7 +204,7 @@ def mask_from_drawing(value, store: ResultStore) -> str | None:
     if mask.getextrema()[1] == 0:
         return None
     path = store.new_batch() / "drawn-mask.png"
-    Image.Image.save(mask, path, format="PNG")
+    mask.save(path, format="PNG")
     return str(path)
 
 
