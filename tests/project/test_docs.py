@@ -15,10 +15,14 @@ background (`page_runs`), each test waiting for its block. The folder starts wit
 reader would have (`write_user_files`: an image prompt, an init image, a folder of training images, a U-Net
 checkpoint) and the page's `file` blocks.
 
-The published models are the fixture models here: a sitecustomize.py first on the snippets'
-PYTHONPATH makes ccld.io.hub's `default_unet`, `default_autoencoder` and `download_cloob` return
-the fixture files, and the built-in CLOOB configs the fixture's (the real CLOOB download is
-checked against its sha256, so no small file can stand in for it otherwise). HOME, the caches
+The published models are small models in the release formats here: the fixture CLOOB, the
+fixture U-Net's layout 16 channels wide (`docs_unet`) and the fixture autoencoder 32 channels
+wide at every level (`docs_autoencoder`). The snippets show that commands run, not what they
+compute, and at the fixtures' widths U-Net forwards and decodes were most of this test's time.
+A sitecustomize.py first on the snippets' PYTHONPATH makes
+ccld.io.hub's `default_unet`, `default_autoencoder` and `download_cloob` return those files, and
+the built-in CLOOB configs the fixture's (the real CLOOB download is checked against its sha256,
+so no small file can stand in for it otherwise). HOME, the caches
 (Hugging Face, XDG, ccld's) and TMPDIR are temporary folders and HF_HUB_OFFLINE is set: nothing
 downloads, and nothing outside the test's folders is written.
 
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -132,7 +137,43 @@ def block_param(block: Block):
     return pytest.param(block, id=block.name, marks=marks.get(block.marker, []))
 
 
-# The reader's machine: the published models are the fixtures, every cache is a temporary folder
+# The reader's machine: the published models are small ones, every cache is a temporary folder
+
+DOCS_UNET_CHANNELS = 16  # the fixture U-Net's 64 does four times the work, to the same effect
+
+
+def docs_unet(fixtures: Path, path: Path) -> Path:
+    """A random U-Net in the release format of the fixture's (a bare state dict, its latent
+    scale), of its multipliers but DOCS_UNET_CHANNELS wide."""
+    from ccld.models.unet import CCLDUNet, infer_unet_config
+
+    release = torch.load(fixtures / "unet.ckpt", map_location="cpu", weights_only=True)
+    config = infer_unet_config(release)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = CCLDUNet(DOCS_UNET_CHANNELS, config["channel_multipliers"],
+                        autoencoder_scale=float(release["autoencoder_scale"]))
+    torch.save(unet.state_dict(), path)
+    return path
+
+
+def docs_autoencoder(fixtures: Path, path: Path) -> tuple[Path, Path]:
+    """The fixture autoencoder in its release format (`{'state_dict'}` and the yaml), cut to its
+    first 32 channels wherever it is 64 or 128 wide: ch_mult 1,1,1,1, with no channel-changing
+    shortcuts left (LDM's group norms need 32 channels at least)."""
+    release = torch.load(fixtures / "autoencoder.ckpt", map_location="cpu", weights_only=True)
+    narrow = {}
+    for key, tensor in release["state_dict"].items():
+        if "nin_shortcut" not in key:
+            cut = tuple(slice(0, 32) if size in (64, 128) and not key.startswith("loss.")
+                        else slice(None) for size in tensor.shape)
+            narrow[key] = tensor[cut].clone()
+    torch.save({"state_dict": narrow}, path)
+    config = (fixtures / "autoencoder.yaml").read_text()
+    assert "ch_mult: [ 1,2,4,4 ]" in config, "the fixture autoencoder's config changed"
+    path.with_suffix(".yaml").write_text(config.replace("ch_mult: [ 1,2,4,4 ]", "ch_mult: [ 1,1,1,1 ]"))
+    return path, path.with_suffix(".yaml")
+
 
 SITECUSTOMIZE = '''\
 """Written by tests/project/test_docs.py: here the published models are the fixture models."""
@@ -141,8 +182,7 @@ import importlib.machinery
 import sys
 from pathlib import Path
 
-FIXTURES = Path({fixtures!r})
-MODELS = Path({models!r})  # the fixture CLOOB named as a release, and its config as the built-in
+MODELS = Path({models!r})  # the models, the CLOOB named as a release, its config as the built-in
 
 
 def patch_hub(hub):
@@ -152,8 +192,8 @@ def patch_hub(hub):
         path = MODELS / f"{{name or hub.DEFAULT_CLOOB}}-fixture.pkl"
         return path if path.is_file() else download_cloob(name)  # (its error for a bad name)
 
-    hub.default_unet = lambda: FIXTURES / "unet.ckpt"
-    hub.default_autoencoder = lambda: (FIXTURES / "autoencoder.ckpt", FIXTURES / "autoencoder.yaml")
+    hub.default_unet = lambda: MODELS / "unet.ckpt"
+    hub.default_autoencoder = lambda: (MODELS / "autoencoder.ckpt", MODELS / "autoencoder.yaml")
     hub.download_cloob = fixture_cloob
 
 
@@ -189,21 +229,22 @@ sys.meta_path.insert(0, PatchAfterImport())
 
 @pytest.fixture(scope="session")
 def reader(fixtures, tmp_path_factory):
-    """The environment of the snippets' processes, with the fixtures as the published models,
+    """The environment of the snippets' processes, with small models as the published ones,
     and how to start Python on a script there."""
     from ccld.io.hub import DEFAULT_CLOOB
 
     root = tmp_path_factory.mktemp("docs")
     models = root / "models"
     models.mkdir()
+    docs_unet(fixtures, models / "unet.ckpt")
+    docs_autoencoder(fixtures, models / "autoencoder.ckpt")
     shutil.copy(fixtures / "cloob.pkl", models / f"{DEFAULT_CLOOB}-fixture.pkl")  # a copy: the
     # training commands resolve links, and the config is told by the file's own name
     for config in (ROOT / "src" / "ccld" / "models" / "cloob_configs").glob("*.json"):
         shutil.copy(fixtures / "cloob.json", models / config.name)
     site = root / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(fixtures=str(fixtures),
-                                                                models=str(models)))
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(models=str(models)))
     home, hf, tmp = root / "home", root / "hf", root / "tmp"
     for folder in (home, hf, tmp):
         folder.mkdir()
@@ -215,7 +256,7 @@ def reader(fixtures, tmp_path_factory):
         PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1",
         HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
         HF_HOME=str(hf), HF_HUB_CACHE=str(hf / "hub"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-        # the session's converted-weights cache (conftest's), so the fixtures convert once
+        # the session's converted-weights cache (conftest's), so the models convert once
         CCLD_CACHE_DIR=os.environ.get("CCLD_CACHE_DIR") or str(root / "ccld_cache"),
         TMPDIR=str(tmp), MPLCONFIGDIR=str(home / ".matplotlib"), TORCH_HOME=str(home / ".torch"),
         TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TRITON_CACHE_DIR=str(tmp / "triton"),
@@ -243,7 +284,7 @@ def reader(fixtures, tmp_path_factory):
     server.wait()
 
 
-def write_user_files(folder: Path, fixtures: Path) -> None:
+def write_user_files(folder: Path, models: Path) -> None:
     """What a reader has before following a page: the files the snippets name."""
     import numpy as np
     from PIL import Image, ImageDraw
@@ -267,7 +308,7 @@ def write_user_files(folder: Path, fixtures: Path) -> None:
     (art / "more").mkdir(parents=True)
     for i in range(4):
         painting(288, 256).save(art / ("more" if i % 2 else "") / f"painting-{i}.jpg")
-    (folder / "teacher.ckpt").symlink_to(fixtures / "unet.ckpt")  # a U-Net checkpoint
+    (folder / "teacher.ckpt").symlink_to(models / "unet.ckpt")  # a U-Net checkpoint
 
 
 @dataclass
@@ -281,7 +322,7 @@ PARALLEL_PAGES = 2  # pages followed at once: each block is one single-threaded 
 
 
 @pytest.fixture(scope="session")
-def page_runs(reader, fixtures, request):
+def page_runs(reader, request):
     """block name -> its Outcome. On first use every page whose blocks this session selected is
     followed in the background, PARALLEL_PAGES at a time, each in its own working folder: its
     blocks in order, up to the last one selected (the earlier ones too, as a reader would), and
@@ -295,7 +336,7 @@ def page_runs(reader, fixtures, request):
         folder = reader["root"] / "pages" / page.replace("/", "-").removesuffix(".md")
         folder.mkdir(parents=True)
         folders[page] = folder
-        write_user_files(folder, fixtures)
+        write_user_files(folder, reader["root"] / "models")
         for block in ALL_BLOCKS:
             if block.page == page and block.marker == "file":
                 (folder / block.argument).write_text(block.code)
