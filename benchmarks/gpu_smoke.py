@@ -1,7 +1,7 @@
 """The GPU (and Mac) smoke test: every device path of ccld once, on the fixture models.
 
     python benchmarks/gpu_smoke.py                      # cuda if there is one, else mps, else cpu
-    python benchmarks/gpu_smoke.py --device cpu --skip compile   # what CI runs
+    python benchmarks/gpu_smoke.py --device cpu --skip compile,api-512   # what CI runs
 
 One line per check (ok / FAIL / skip, its seconds, and what it measured), then a summary; the
 exit status is 1 if any check failed. It paints, converts and trains with the small random-weight

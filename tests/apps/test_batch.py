@@ -16,7 +16,7 @@ from ccld.apps.cli import main
 from conftest import LAUNCH_ENV, accelerate_launch
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-FAST = ["--steps", "2", "-q"]
+FAST = ["--steps", "2", "--width", "128", "--height", "128", "-q"]  # (decodes are the time)
 
 
 def manifest(out: Path) -> list[dict]:
@@ -132,10 +132,11 @@ def test_a_killed_run_resumes_where_it_stopped(model_flags, tmp_path, monkeypatc
 
 
 def test_batched_rows_paint_what_each_paints_alone(fixture_pipeline):
-    requests = [dict(prompts="a castle", seed=3, num_images=2, steps=2),
-                dict(prompts=["a tree:2", ("a dog", -1)], seed=5, steps=2),  # other conditions
-                dict(prompts="a sea", seed=1, num_images=3, steps=2, method="ddpm"),  # alone
-                dict(prompts="a sea", seed=1, num_images=3, steps=2)]
+    quick = dict(steps=2, size=128)  # as FAST
+    requests = [dict(prompts="a castle", seed=3, num_images=2, **quick),
+                dict(prompts=["a tree:2", ("a dog", -1)], seed=5, **quick),  # other conditions
+                dict(prompts="a sea", seed=1, num_images=3, method="ddpm", **quick),  # alone
+                dict(prompts="a sea", seed=1, num_images=3, **quick)]
     wanted = [[0, 1], [0], [1], [2]]  # a resumed run's: the others' noise is skipped
     painted = list(fixture_pipeline.iter_many(requests, wanted=wanted, batch_size=4,
                                               progress=False))
@@ -208,8 +209,8 @@ def test_rows_inpaint_and_paint_larger_with_n(model_flags, tmp_path):
                     "mask_blur": 2, "n": 2}) + "\n"
         + json.dumps({"prompts": ["a dog"], "hires": [128, 64], "hires_steps": 1}) + "\n")
     out = tmp_path / "out"
-    assert main(["generate", "--prompts-file", str(prompts), "--width", "64", "--height", "64",
-                 "--method", "ddim", "--out", str(out), *FAST, *model_flags]) == 0
+    assert main(["generate", "--prompts-file", str(prompts), *FAST, "--width", "64", "--height",
+                 "64", "--method", "ddim", "--out", str(out), *model_flags]) == 0
     rows = manifest(out)
     assert [(r["row"], r["index"]) for r in rows] == [(0, 0), (0, 1), (1, 0)]
     assert rows[0]["parameters"]["mask"] == str(mask)

@@ -4,6 +4,8 @@ The server itself, the load test and the browser are in test_web_server.py.
 """
 
 import ast
+import importlib
+import importlib.util
 import inspect
 import os
 import threading
@@ -15,8 +17,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 import pytest
 from PIL import Image
 
-gr = pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[web]')")
-
 from ccld import sampling  # noqa: E402
 from ccld.apps import web  # noqa: E402
 from ccld.apps.cli import build_parser, main  # noqa: E402
@@ -24,6 +24,15 @@ from ccld.io.images import read_png_parameters  # noqa: E402
 from ccld.limits import WEB_SEED  # noqa: E402
 from ccld.pipeline import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, CCLDPipeline  # noqa: E402
 from conftest import FakePipe, api_client, free_port  # noqa: E402
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
+                                reason="the web app needs gradio (pip install -e '.[web]')")
+
+
+@pytest.fixture(scope="module")
+def gr():
+    # imported by the tests that run, not while every worker collects this file (5 s here)
+    return importlib.import_module("gradio")
 
 
 @pytest.fixture
@@ -59,7 +68,7 @@ def pipe(fixtures):
 
 def error_of(store, **kwargs) -> str:
     kwargs.setdefault("prompts", "a cat")
-    with pytest.raises(gr.Error) as e:
+    with pytest.raises(importlib.import_module("gradio").Error) as e:
         web.generate(FakePipe(), store=store, **kwargs)
     return e.value.message
 
@@ -134,7 +143,7 @@ def test_non_image_upload_gets_a_message(store, not_an_image):
     assert message.startswith("init image notes.png: not an image file ccld can read")
 
 
-def test_upload_size_limit(store, png):
+def test_upload_size_limit(gr, store, png):
     with pytest.raises(gr.Error, match=r"more than the 0.0001 MB upload limit"):
         web.generate(FakePipe(), "a cat", image_prompts=[png], store=store, max_upload_bytes=100)
 
@@ -225,7 +234,7 @@ def test_generate_paints_pngs_with_parameters(pipe, store, png):
         assert a.tobytes() == b.tobytes()
 
 
-def test_previews_come_from_the_tiny_decoder_and_the_pngs_from_the_full_one(store):
+def test_previews_come_from_the_tiny_decoder_and_the_pngs_from_the_full_one(gr, store):
     fake = FakePipe(tiny_decoder="a tiny decoder")
     outputs = list(web.generate_with_previews(fake, "a cat", steps=5, seed=1, num_images=2,
                                               store=store, size=64))
@@ -273,7 +282,7 @@ def test_width_and_height_from_the_page(store):
     assert (params["width"], params["height"]) == (64, 64)  # blank: the server's --size
 
 
-def test_vary_picks_the_selected_picture_and_a_new_seed(pipe, store):
+def test_vary_picks_the_selected_picture_and_a_new_seed(gr, pipe, store):
     _, params = web.generate(pipe, "a cat", steps=2, seed=5, num_images=2, store=store, size=64)
     variation, seed = web.pick_variation(params, 1, 0.0)
     assert variation == {"variation_of": 5, "variation_index": 1, "variation_strength": 0.0}
@@ -295,12 +304,12 @@ def test_vary_picks_the_selected_picture_and_a_new_seed(pipe, store):
         web.pick_variation(params, 0, 2)
 
 
-def test_pipeline_errors_become_messages(pipe, store):
+def test_pipeline_errors_become_messages(gr, pipe, store):
     with pytest.raises(gr.Error, match="width must be a multiple of 64"):
         web.generate(pipe, "a cat", steps=1, store=store, width=100)
 
 
-def test_build_app_api_and_queue(store):
+def test_build_app_api_and_queue(gr, store):
     demo = web.build_app(FakePipe(), store=store, concurrency=1, queue_size=5, size=64)
     assert isinstance(demo, gr.Blocks)
     info = demo.get_api_info()
@@ -417,7 +426,7 @@ def test_a_web_response_reveals_no_server_path(pipe, store, fixtures):
     assert not any("/" in value for value in params["models"].values()), params["models"]
 
 
-def test_inpainting_and_a_larger_picture_from_the_form(pipe, store, tmp_path):
+def test_inpainting_and_a_larger_picture_from_the_form(gr, pipe, store, tmp_path):
     from PIL import Image
 
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"

@@ -219,7 +219,8 @@ def test_cli_help(capsys):
 def test_defaults_are_the_fast_recipe_and_reference_is_the_demos(files, reference, tmp_path):
     from ccld.pipeline import DEFAULT_METHOD, DEFAULT_STEPS
 
-    args = [f"{PROMPT}:3", "-n", "2", "--seed", "42", "-q", "--device", "cpu", *cli_files(files)]
+    args = [f"{PROMPT}:3", "-n", "2", "--seed", "42", "--width", "64", "--height", "64", "-q",
+            "--device", "cpu", *cli_files(files)]  # (small: the recipe is what is checked)
     assert main(["generate", *args, "--out", str(tmp_path / "fast")]) == 0
     params = read_png_parameters(tmp_path / "fast" / "00000.png")
     assert (params["method"], params["steps"]) == (DEFAULT_METHOD, DEFAULT_STEPS) == ("unipc", 11)
@@ -263,7 +264,7 @@ def test_noise_drawn_in_batches_is_the_one_batch_noise():
 
 
 def test_batches_paint_the_pictures_of_one_batch(pipe):
-    kw = dict(num_images=3, steps=2, seed=9, progress=False)
+    kw = dict(num_images=3, steps=2, seed=9, size=128, progress=False)  # (decodes: the time)
     whole = pipe(PROMPT, **kw)
     batched = list(pipe.iter_images(PROMPT, batch_size=2, **kw))
     for a, b in zip(whole, batched, strict=True):  # the same noise; only float rounding,
@@ -272,7 +273,7 @@ def test_batches_paint_the_pictures_of_one_batch(pipe):
     assert [json.loads(b.info["parameters"])["index"] for b in batched] == [0, 1, 2]
     # a stochastic sampler's pictures depend on the batch size, which its PNGs then record
     ddpm = next(pipe.iter_images(PROMPT, num_images=3, batch_size=2, steps=1, method="ddpm",
-                                 progress=False))
+                                 size=64, progress=False))
     assert json.loads(ddpm.info["parameters"])["batch_size"] == 2
 
 
