@@ -4,7 +4,6 @@ The server itself, the load test and the browser are in test_web_server.py.
 """
 
 import ast
-import importlib
 import importlib.util
 import inspect
 import os
@@ -29,10 +28,14 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
                                 reason="the web app needs gradio (pip install -e '.[web]')")
 
 
+def gradio():
+    """gradio, imported by the tests that run, not while every worker collects this file (5 s)."""
+    return importlib.import_module("gradio")
+
+
 @pytest.fixture(scope="module")
 def gr():
-    # imported by the tests that run, not while every worker collects this file (5 s here)
-    return importlib.import_module("gradio")
+    return gradio()
 
 
 @pytest.fixture
@@ -68,7 +71,7 @@ def pipe(fixtures):
 
 def error_of(store, **kwargs) -> str:
     kwargs.setdefault("prompts", "a cat")
-    with pytest.raises(importlib.import_module("gradio").Error) as e:
+    with pytest.raises(gradio().Error) as e:
         web.generate(FakePipe(), store=store, **kwargs)
     return e.value.message
 

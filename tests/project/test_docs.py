@@ -18,11 +18,11 @@ checkpoint) and the page's `file` blocks.
 The published models are small models in the release formats here: the fixture CLOOB, the
 fixture U-Net's layout 16 channels wide (`docs_unet`) and the fixture autoencoder 32 channels
 wide at every level (`docs_autoencoder`). The snippets show that commands run, not what they
-compute, and at the fixtures' widths U-Net forwards and decodes were most of this test's time.
-A sitecustomize.py first on the snippets' PYTHONPATH makes
-ccld.io.hub's `default_unet`, `default_autoencoder` and `download_cloob` return those files, and
-the built-in CLOOB configs the fixture's (the real CLOOB download is checked against its sha256,
-so no small file can stand in for it otherwise). HOME, the caches
+compute; at the fixtures' widths U-Net forwards and decodes would be most of this test's time.
+A sitecustomize.py first on the snippets' PYTHONPATH makes ccld.io.hub's `default_unet`,
+`default_autoencoder` and `download_cloob` return those files, and the built-in CLOOB configs
+the fixture's (the real CLOOB download is checked against its sha256, so no small file can
+stand in for it otherwise). HOME, the caches
 (Hugging Face, XDG, ccld's) and TMPDIR are temporary folders and HF_HUB_OFFLINE is set: nothing
 downloads, and nothing outside the test's folders is written.
 
@@ -142,7 +142,7 @@ def block_param(block: Block):
 DOCS_UNET_CHANNELS = 16  # the fixture U-Net's 64 does four times the work, to the same effect
 
 
-def docs_unet(fixtures: Path, path: Path) -> Path:
+def docs_unet(fixtures: Path, path: Path) -> None:
     """A random U-Net in the release format of the fixture's (a bare state dict, its latent
     scale), of its multipliers but DOCS_UNET_CHANNELS wide."""
     from ccld.models.unet import CCLDUNet, infer_unet_config
@@ -154,10 +154,9 @@ def docs_unet(fixtures: Path, path: Path) -> Path:
         unet = CCLDUNet(DOCS_UNET_CHANNELS, config["channel_multipliers"],
                         autoencoder_scale=float(release["autoencoder_scale"]))
     torch.save(unet.state_dict(), path)
-    return path
 
 
-def docs_autoencoder(fixtures: Path, path: Path) -> tuple[Path, Path]:
+def docs_autoencoder(fixtures: Path, path: Path) -> None:
     """The fixture autoencoder in its release format (`{'state_dict'}` and the yaml), cut to its
     first 32 channels wherever it is 64 or 128 wide: ch_mult 1,1,1,1, with no channel-changing
     shortcuts left (LDM's group norms need 32 channels at least)."""
@@ -172,11 +171,10 @@ def docs_autoencoder(fixtures: Path, path: Path) -> tuple[Path, Path]:
     config = (fixtures / "autoencoder.yaml").read_text()
     assert "ch_mult: [ 1,2,4,4 ]" in config, "the fixture autoencoder's config changed"
     path.with_suffix(".yaml").write_text(config.replace("ch_mult: [ 1,2,4,4 ]", "ch_mult: [ 1,1,1,1 ]"))
-    return path, path.with_suffix(".yaml")
 
 
 SITECUSTOMIZE = '''\
-"""Written by tests/project/test_docs.py: here the published models are the fixture models."""
+"""Written by tests/project/test_docs.py: here the published models are small local ones."""
 import importlib.abc
 import importlib.machinery
 import sys
