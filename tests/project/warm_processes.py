@@ -1,5 +1,5 @@
 """Warm processes for the docs test: `ccld` commands and Python snippets start in a fork of one
-process that has already imported torch and ccld, instead of paying those imports (seconds on a
+process that has already imported torch, ccld and accelerate, instead of paying those imports (seconds on a
 small machine) in every one of the docs' ~50 processes.
 
     python warm_processes.py serve SOCKET        # the server: imports, then forks per command
@@ -103,9 +103,11 @@ def _serve_one(conn: socket.socket) -> None:
 
 def serve(path: str) -> None:
     import torch  # noqa: F401 - what every command would import first
+    from accelerate import Accelerator  # noqa: F401 - the training commands': seconds alone
 
     import ccld.apps.cli  # noqa: F401
     import ccld.pipeline  # noqa: F401
+    import ccld.training.commands  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the per-client forks reap themselves
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
