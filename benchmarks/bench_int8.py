@@ -19,31 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def best_time(fn, repeats: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def quantized(net, inputs, calibration: int):
@@ -83,7 +62,7 @@ def main(argv=None) -> int:
     import torch
     import torch._inductor.config as inductor_config
 
-    sys.path.insert(0, str(ROOT / "src"))
+    from bench_inference import best_time, cpu_name  # (beside this script)
     from ccld.models.unet import CCLDUNet
 
     inductor_config.freezing = True
