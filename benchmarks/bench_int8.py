@@ -5,13 +5,14 @@
     python benchmarks/bench_int8.py --base-channels 64 --json out.json
 
 One guided step (batch 2, 32x32 latents) of a random-weight U-Net: eager float32 channels-last
-(ccld's float32 path), the same net compiled by inductor with freezing, and its convolutions
-quantized to int8 by PT2E with the x86 inductor quantizer (weights per channel, activations
-calibrated on noised latents at several timesteps), then compiled. Prints the time of each,
-its ratio to eager float32, the one-off costs (export and calibration, each compile's first
-call) and the int8 output's error relative to float32's. Random weights say little about a
-trained model's quantization error: the error column only shows that the path computes the
-same function. Inductor's caches go to a temporary folder, so each compile is a cold one.
+(what `auto` runs on a CPU without native bf16), the same net compiled by inductor with
+freezing, and its convolutions quantized to int8 by PT2E with the x86 inductor quantizer
+(weights per channel, activations calibrated on noised latents at several timesteps), then
+compiled. Prints the time of each, its ratio to eager float32, the one-off costs (export and
+calibration, each compile's first call) and the int8 output's error relative to float32's.
+Random weights say little about a trained model's quantization error: the error only shows
+that the path computes the same function. Inductor's caches go to a temporary folder, removed
+at the end, so each compile is a cold one (unless TORCHINDUCTOR_CACHE_DIR names another).
 """
 
 from __future__ import annotations
@@ -58,9 +59,15 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_int8: needs torchao (pip install torchao), PyTorch's home of PT2E", file=sys.stderr)
         return 2
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ccld-bench-inductor-"))
+    with tempfile.TemporaryDirectory(prefix="ccld-bench-inductor-") as cache:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+        return measure(args, sys.argv[1:] if argv is None else argv)
+
+
+def measure(args, argv: list[str]) -> int:
     import torch
     import torch._inductor.config as inductor_config
+    import torchao
 
     from bench_inference import best_time, cpu_name  # (beside this script)
     from ccld.models.unet import CCLDUNet
@@ -73,7 +80,7 @@ def main(argv=None) -> int:
               torch.rand(2), torch.randn(2, 512))
     figures = {"recorded": time.strftime("%Y-%m-%d"),
                "command": " ".join(["python", "benchmarks/bench_int8.py",
-                                    *(sys.argv[1:] if argv is None else argv)]),
+                                    *argv]),
                "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "torchao": torchao.__version__, "base_channels": args.base_channels,
                "channel_multipliers": multipliers}
