@@ -1,6 +1,6 @@
 """Warm processes for the docs test: `ccld` commands and Python snippets start in a fork of one
-process that has already imported torch, ccld and accelerate, instead of paying those imports (seconds on a
-small machine) in every one of the docs' ~50 processes.
+process that has already imported torch (with torch._dynamo), ccld and accelerate, instead of
+paying those imports (seconds on a small machine) in every one of the docs' ~50 processes.
 
     python warm_processes.py serve SOCKET        # the server: imports, then forks per command
     python warm_processes.py ccld ARGS...        # a client: runs `ccld ARGS...` in a fork
@@ -103,6 +103,7 @@ def _serve_one(conn: socket.socket) -> None:
 
 def serve(path: str) -> None:
     import torch  # noqa: F401 - what every command would import first
+    import torch._dynamo  # noqa: F401 - a torch optimizer's first use imports it: 2 s here
     from accelerate import Accelerator  # noqa: F401 - the training commands': seconds alone
 
     import ccld.apps.cli  # noqa: F401
