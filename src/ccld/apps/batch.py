@@ -375,8 +375,6 @@ def paint(args, out: Path, mine: list[tuple[Row, list[int]]], processes: Process
 
     args.device = device
     pipe = load_pipeline(args, options.get("precision"))
-    if args.compile:
-        pipe.compile()
     images = pipe.iter_many([row.settings for row, _ in mine],
                             wanted=[indices for _, indices in mine],
                             names=[row.name for row, _ in mine],

@@ -121,9 +121,11 @@ def add_generate_command(sub) -> argparse.ArgumentParser:
                    help=f"the reference demo's exact recipe: {REFERENCE_METHOD}, "
                         f"{REFERENCE_STEPS} steps, contiguous {REFERENCE_PRECISION} (options given "
                         "explicitly still win)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the U-Net first (pays a warm-up, reported; worth it for "
-                        "many images)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the U-Net for this run's batch shape if the cache lacks it (on "
+                        "the CPU: a minute or more, once; later runs load it in milliseconds; "
+                        "on a GPU: torch.compile, every run). By default a compiled U-Net already "
+                        "in the cache is used; --no-compile never uses one")
     g.add_argument("--out", default="out", help="output folder (default out)")
     g.add_argument("--grid", action="store_true",
                    help=f"also write grid-NNNNN.png (numbered by the run's first image) of the "
@@ -218,8 +220,6 @@ def cmd_generate(args) -> int:
 
     args.precision = settings.precision  # a PNG's own, unless --precision says otherwise
     pipe = load_pipeline(args)
-    if args.compile:
-        compile_unet(pipe, settings)
     if cells is not None:
         write_xy_grid(pipe, cells, axes, out, progress=not args.quiet)
         return 0
@@ -307,13 +307,3 @@ def write_xy_grid(pipe, cells, axes, out: Path, progress: bool) -> None:
     print(save_numbered(grid, out, first, prefix="xy-")[0])
 
 
-def compile_unet(pipe, settings: Settings) -> None:
-    """torch.compile the U-Net and warm it up on this run's batch shape, saying what it cost."""
-    import time
-
-    started = time.perf_counter()
-    pipe.compile()
-    batch = min(settings.batch_size or pipe.default_batch_size, settings.num_images,
-                IMAGES_PER_CALL.high)
-    pipe.generate_latents(settings=settings.replace(num_images=batch, steps=1, index=0))
-    print(f"ccld: torch.compile warm-up took {time.perf_counter() - started:.1f} s", file=sys.stderr)

@@ -79,10 +79,14 @@ def load_pipeline(args, precision: str | None = None) -> CCLDPipeline:
                                        cloob=args.cloob, cloob_config=args.cloob_config,
                                        decoder=args.decoder, precision=built_in)
     try:
-        return pipe.to(device, precision=precision)
+        pipe.to(device, precision=precision)
     except (RuntimeError, AssertionError) as e:
         raise CCLDError(f"cannot use device {device!r} ({str(e).splitlines()[0][:120]}); "
                         "pass --device cpu or an available device") from None
+    wanted = getattr(args, "compile", None)  # --compile True, --no-compile False, else None
+    if wanted is not False:  # None: a compiled U-Net already in the cache, never a compile
+        pipe.compile(build=bool(wanted))
+    return pipe
 
 
 def download_defaults(cloob_name: str | None = None) -> list[Path]:

@@ -110,10 +110,18 @@ class CCLDPipeline(PipelineLoading):
                         "and load it with CCLDPipeline.from_pretrained(FOLDER), or load it in "
                         "each process")
 
-    def compile(self, **options) -> CCLDPipeline:
-        """torch.compile the U-Net in place (its state dict keeps its keys); the next sampling
-        pays the compilation, later ones with the same shapes run the compiled graph."""
-        self.unet.compile(**options)
+    def compile(self, build: bool = True) -> CCLDPipeline:
+        """Runs the U-Net compiled; its state dict keeps its keys. On the CPU: AOTInductor
+        packages kept in ccld's cache, one per input shape (`ccld.pipeline.compiled`); with
+        `build`, the first shape the cache lacks is compiled now (a minute or more, reported)
+        and stored for every later process, which loads it in milliseconds; other shapes run
+        eager. On a GPU: `torch.compile` in place, paid again by each process."""
+        if self.device.type == "cpu":
+            from . import compiled
+
+            compiled.install(self.unet, build=build)
+        elif build:
+            self.unet.compile()
         return self
 
     def autocast(self):
