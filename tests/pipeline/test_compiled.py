@@ -36,7 +36,7 @@ class FakeCompiler:
         monkeypatch.setattr(compiled, "_build", self.build)
         monkeypatch.setattr(compiled, "_load", self.load)
 
-    def build(self, path, unet, inputs):
+    def build(self, path, unet, inputs, autocast=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("package")
         self.built.append(path.name)
@@ -72,6 +72,7 @@ def test_the_key_changes_with_everything_the_compiled_code_depends_on(unet, monk
     with monkeypatch.context() as m:
         m.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
         assert compiled.package_key(unet, x) != key
+    assert compiled.package_key(unet, x, torch.bfloat16) != key  # autocast
     assert compiled.package_key(unet, x) == key
 
 
@@ -161,7 +162,7 @@ def test_a_failed_compile_or_a_damaged_package_never_costs_the_painting(unet, ca
         assert notes == [f"the compiled U-Net {place.name} does not load (Failed to initialize "
                          "zip archive); painting without it"]
 
-        def broken(path, unet, inputs):
+        def broken(path, unet, inputs, autocast=None):
             raise RuntimeError("C++ compile error\nthe compiler's whole output")
         monkeypatch.setattr(compiled, "_build", broken)
         compiled.install(unet, build=True, say=notes.append)
@@ -172,16 +173,13 @@ def test_a_failed_compile_or_a_damaged_package_never_costs_the_painting(unet, ca
     assert not place.exists() and fake.loaded == []
 
 
-def test_calls_the_packages_do_not_cover_run_eager(cache, monkeypatch):
+def test_a_guidance_input_runs_eager(cache, monkeypatch):
     fake = FakeCompiler(monkeypatch)
     torch.manual_seed(0)
     student = CCLDUNet(8, (1, 1, 1, 1), guidance_input=True).eval()
-    x = inputs()
     with torch.inference_mode():
         forwards = compiled.install(student, build=True, say=lambda _: None)
-        student(*x, guidance=torch.full((2,), 3.0))  # a guidance input
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast
-            student(*x)
+        student(*inputs(), guidance=torch.full((2,), 3.0))
         compiled.uninstall(student)
     assert forwards.compiled_calls == 0 and fake.built == []
 
@@ -232,5 +230,12 @@ def test_a_real_package_computes_the_eager_forward_in_a_later_process(cache, tmp
         later = compiled.install(net)  # as a later process does: from the cache alone
         assert torch.allclose(net(*x), expected, rtol=1e-5, atol=1e-6)
         assert later.compiled_calls == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a package of its own, holding the casts
+            compiled.uninstall(net)
+            reduced = net(*x)
+            compiled.install(net, build=True, say=lambda _: None)
+            again = net(*x)
+        assert again.dtype == reduced.dtype == torch.bfloat16
+        assert torch.allclose(again.float(), reduced.float(), rtol=0.02, atol=0.02)
         compiled.uninstall(net)
-    assert len(list(cache.glob("unet-*.pt2"))) == 1
+    assert len(list(cache.glob("unet-*.pt2"))) == 2

@@ -5,11 +5,14 @@ A package holds the compiled code only, not the weights: the U-Net's own tensors
 when it is loaded (`load_constants(..., user_managed=True)`), so the cache holds no second copy
 of the weights and one package serves every checkpoint of the same architecture and layout.
 A package is found by a key of everything its code depends on (see `package_key`); anything
-else (another shape, a changed torch or CPU, autocast, a guidance input) runs the eager forward.
+else (another shape, a changed torch or CPU, a guidance input) runs the eager forward. Under
+autocast (bf16 or fp16) the package is exported inside the same autocast, so it holds the casts
+autocast would make.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,14 +49,22 @@ def _tensor_spec(tensor: torch.Tensor) -> list:
     return [list(tensor.shape), list(tensor.stride()), str(tensor.dtype).removeprefix("torch.")]
 
 
-def package_key(unet: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
-    """The cache key of the package that runs `unet` on tensors like `inputs`: the package
-    format, torch's version, the CPU, the net's config, every weight's name, shape, strides and
-    dtype (its precision and layout), and the inputs' shapes, strides and dtypes."""
+def autocast_dtype() -> torch.dtype | None:
+    """The dtype the CPU's autocast computes in here, or None where it is off."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
+def package_key(unet: nn.Module, inputs: tuple[torch.Tensor, ...],
+                autocast: torch.dtype | None = None) -> str:
+    """The cache key of the package that runs `unet` on tensors like `inputs` under `autocast`:
+    the package format, torch's version, the CPU, the net's config, every weight's name, shape,
+    strides and dtype (its precision and layout), the inputs' shapes, strides and dtypes, and
+    the autocast dtype."""
     weights = [[name, *_tensor_spec(t)] for name, t in _constants(unet).items()]
     described = {"format": PACKAGE_FORMAT, "torch": torch.__version__, "cpu": cpu_identity(),
                  "class": type(unet).__qualname__, "config": getattr(unet, "config", None),
-                 "weights": weights, "inputs": [_tensor_spec(t) for t in inputs]}
+                 "weights": weights, "inputs": [_tensor_spec(t) for t in inputs],
+                 "autocast": None if autocast is None else str(autocast).removeprefix("torch.")}
     text = json.dumps(described, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -93,12 +104,15 @@ def _load(path: Path, unet: nn.Module):
     return lambda *inputs: loader.run(list(inputs))[0]
 
 
-def _build(path: Path, unet: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Exports and compiles `unet` for `inputs`, written to `path` whole or not at all."""
+def _build(path: Path, unet: nn.Module, inputs: tuple[torch.Tensor, ...],
+           autocast: torch.dtype | None = None) -> None:
+    """Exports `unet` for `inputs` (under `autocast`) and compiles it, written to `path` whole
+    or not at all."""
     import torch._inductor
 
+    casts = contextlib.nullcontext() if autocast is None else torch.autocast("cpu", autocast)
     # export traces outside inference mode (the pipeline paints inside it)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), casts:
         inputs = tuple(t.clone() for t in inputs)
         exported = torch.export.export(_Eager(unet), inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,18 +151,19 @@ class CompiledForwards:
         return type(self.unet).forward(self.unet, x, t, embed, guidance)
 
     def __call__(self, x, t, embed, guidance=None):
-        if guidance is not None or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        if guidance is not None or x.device.type != "cpu":
             return self.eager(x, t, embed, guidance)
-        inputs = (x, t, embed)
+        inputs, autocast = (x, t, embed), autocast_dtype()
         # a package uses the tensors it was loaded with in place: moved or re-laid-out weights
         # (`CCLDPipeline.to`) are handed to it again
         weights = tuple(t.data_ptr() for t in _constants(self.unet).values())
-        seen = weights, tuple(tuple(map(tuple, _tensor_spec(t)[:2])) + (t.dtype,) for t in inputs)
+        seen = (weights, autocast,
+                tuple(tuple(map(tuple, _tensor_spec(t)[:2])) + (t.dtype,) for t in inputs))
         if seen not in self._keys:
-            self._keys[seen] = package_key(self.unet, inputs)
+            self._keys[seen] = package_key(self.unet, inputs, autocast)
         key = self._keys[seen]
         if key not in self._runs or self._runs[key][0] != weights:
-            self._runs[key] = weights, self._find(key, inputs)
+            self._runs[key] = weights, self._find(key, inputs, autocast)
         run = self._runs[key][1]
         if run is None:
             return self.eager(x, t, embed)
@@ -163,7 +178,7 @@ class CompiledForwards:
             folder = Path(self._session.name)
         return folder / f"unet-{key}.pt2"
 
-    def _find(self, key: str, inputs: tuple[torch.Tensor, ...]):
+    def _find(self, key: str, inputs: tuple[torch.Tensor, ...], autocast: torch.dtype | None):
         path = self._place(key)
         if path.is_file():
             try:
@@ -185,7 +200,7 @@ class CompiledForwards:
                  "load it from the cache)")
         started = time.perf_counter()
         try:
-            _build(path, self.unet, inputs)
+            _build(path, self.unet, inputs, autocast)
             run = _load(path, self.unet)
         except Exception as e:  # a compiler failure must never cost the painting
             self.say(f"compiling the U-Net failed ({type(e).__name__}: {first_line(e)}); "
