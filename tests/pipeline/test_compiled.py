@@ -203,6 +203,21 @@ def test_the_command_line_builds_uses_and_refuses_packages(model_flags, tmp_path
     assert pictures[0] == pictures[1] == pictures[2]
 
 
+def test_cache_info_lists_the_packages_and_clear_removes_them(unet, cache, monkeypatch, capsys):
+    from ccld.apps.cli import main
+
+    FakeCompiler(monkeypatch)
+    with torch.inference_mode():
+        compiled.install(unet, build=True, say=lambda _: None)
+        unet(*inputs())
+        compiled.uninstall(unet)
+    assert main(["cache", "info"]) == 0
+    assert f"compiled U-Nets (`--compile`): {cache}, 1 package," in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert "and 1 compiled U-Net (0.0 MB)" in capsys.readouterr().out
+    assert compiled.packages() == []
+
+
 class Tiny(nn.Module):
     """A net with the U-Net's call, small enough for AOTInductor to compile in seconds."""
 

@@ -58,18 +58,29 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
 def cmd_cache(args) -> int:
     from ..io import weights_cache
+    from ..pipeline import compiled
 
     converted = weights_cache.converted_dir()
+    packages = compiled.packages()
+    package_bytes = sum(path.stat().st_size for path in packages)
     if args.action == "clear":
         if converted is None:
             print(f"the converted-weights cache is off ({weights_cache.ENV_VAR}=off); "
                   "nothing to clear")
             return 0
         removed, freed = weights_cache.clear_converted()
-        print(f"removed {removed} entries ({_megabytes(freed)}) from {converted}; "
-              "downloads are kept")
+        for path in packages:
+            path.unlink(missing_ok=True)
+        print(f"removed {removed} entries ({_megabytes(freed)}) from {converted}"
+              + (f" and {_count(len(packages), 'compiled U-Net')} ({_megabytes(package_bytes)})"
+                 if packages else "")
+              + "; downloads are kept")
         return 0
     print(f"cache folder: {weights_cache.cache_root()}")
     if converted is None:
@@ -82,6 +93,9 @@ def cmd_cache(args) -> int:
         print(f"  {entry.folder.name}  {_megabytes(entry.size):>10}  {entry.kind:<10} {sources}")
     total = sum(entry.size for entry in entries)
     print(f"{len(entries)} entries, {_megabytes(total)}")
+    if packages:
+        print(f"compiled U-Nets (`--compile`): {packages[0].parent}, "
+              f"{_count(len(packages), 'package')}, {_megabytes(package_bytes)}")
     return 0
 
 

@@ -210,6 +210,12 @@ class CompiledForwards:
         return run
 
 
+def packages() -> list[Path]:
+    """The compiled packages in the cache (`ccld cache info` lists them, `clear` removes them)."""
+    folder = compiled_dir()
+    return sorted(folder.glob("unet-*.pt2")) if folder is not None and folder.is_dir() else []
+
+
 def install(unet: nn.Module, build: bool = False, say=_say) -> CompiledForwards:
     """Makes `unet` run its cached compiled forwards (see `CompiledForwards`); its state dict
     and every other method are unchanged. `uninstall` undoes it."""
