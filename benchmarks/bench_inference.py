@@ -3,13 +3,16 @@
     python benchmarks/bench_inference.py                 # release-size random-weight files
     python benchmarks/bench_inference.py --files DIR     # reuse files written earlier there
     python benchmarks/bench_inference.py --only forward  # one section
+    python benchmarks/bench_inference.py --only throughput --pictures 4   # a quick look
 
 Everything runs on random-weight files in the published formats and sizes
 (`benchmarks/release_files.py`: student U-Net `.ckpt`, LDM autoencoder `.ckpt` + yaml, CLOOB
 Haiku pickle): speed and memory do not depend on the weights. Each painting runs in a fresh
 process, as a user's would. Sections:
   imports  what each dependency costs to import, in a fresh process
-  forward  one guided step of the student (batch 2): contiguous fp32 against the default path
+  forward  one guided step of the student (batch 2): contiguous fp32 against the default path,
+           and the default with the U-Net compiled (an AOTInductor package: its one-off build
+           time and the time a later process takes to load it)
   paint    one 256x256 image end to end, `ccld generate` as a user runs it: the baseline (the
            reference recipe: plms-15, contiguous fp32, from the release files, no converted cache)
            against the default on a first run (empty cache) and a second run (cache filled);
@@ -20,6 +23,10 @@ process, as a user's would. Sections:
            the package, the later ones load it). Then the same runs instrumented stage by stage
            (import, load cold or from the cache, text encode, U-Net per forward and in all,
            decode full or tiny).
+  throughput  16 pictures (`--pictures`) in one `ccld generate -n 16` process, once each: the
+           reference recipe, the default with the U-Net eager, the default's first `--compile`
+           run (which builds the package) and a later run (which loads it), per picture.
+           (ccld has no int8 U-Net yet: no int8 row.)
 Each painting runs `--repeats` times (a first run each time with a new empty cache), timed by
 the median, after a sync so that no run pays for the previous one's writes still going to disk.
 Only ratios are meaningful on a shared machine; absolute times only on a dedicated one.
@@ -42,6 +49,7 @@ from pathlib import Path
 import torch
 
 PROMPT = "a snowy landscape, oil on canvas"
+SECTIONS = ["imports", "forward", "paint", "throughput"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -117,12 +125,48 @@ def bench_forward():
         with pipe.autocast():
             rows[f"{name}: {pipe.precision}{', channels-last' if pipe.channels_last else ''}"] = \
                 best_time(lambda: unet(x, t, e))
+    compiled_note = compiled_forward(pipe, (x, t, e), rows)
     base = next(iter(rows.values()))
     print(f"\n## guided forward (student U-Net, batch 2 = one guided step, {flops / 1e9:.1f} GFLOP)")
     print("| path | s/forward | GFLOP/s | x reference |")
     print("| --- | --- | --- | --- |")
     for name, seconds in rows.items():
         print(f"| {name} | {seconds:.3f} | {flops / seconds / 1e9:.0f} | {base / seconds:.2f} |")
+    print(compiled_note)
+
+
+def compiled_forward(pipe, inputs, rows: dict) -> str:
+    """Adds the default path with the U-Net compiled (`--compile`: an AOTInductor package, in a
+    temporary cache) to `rows`; returns a line with its build and load times and its largest
+    difference from the eager default."""
+    from ccld.pipeline import compiled
+
+    if compiled.compiler_missing():
+        return f"(no compiled row: {compiled.compiler_missing()})"
+    unet, previous = pipe.unet, os.environ.get("CCLD_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache, pipe.autocast():
+        os.environ["CCLD_CACHE_DIR"] = cache
+        try:
+            eager = unet(*inputs).float()
+            forwards = compiled.install(unet, build=True, say=lambda _: None)
+            started = time.perf_counter()
+            out = unet(*inputs).float()
+            build_s = time.perf_counter() - started
+            if forwards.compiled_calls != 1:
+                return "(no compiled row: the package did not build)"
+            layout = ", channels-last" if pipe.channels_last else ""
+            rows[f"default (auto) + compiled U-Net: {pipe.precision}{layout}"] = \
+                best_time(lambda: unet(*inputs))
+            package = compiled.packages()[0]
+            load_s = best_time(lambda: compiled._load(package, unet), repeats=3, warmup=1)
+        finally:
+            compiled.uninstall(unet)
+            os.environ.pop("CCLD_CACHE_DIR")
+            if previous is not None:
+                os.environ["CCLD_CACHE_DIR"] = previous
+    return (f"compiled U-Net: built once in {build_s:.0f} s, its package loads in {load_s:.3f} s "
+            f"(a later process pays only this), largest difference from eager "
+            f"{float((out - eager).abs().max()):.1e}")
 
 
 # Painting end to end
@@ -248,12 +292,51 @@ def bench_paint(files: dict, work: Path, repeats: int):
               f"{s['decode']:.2f} |")
 
 
+# Many pictures in one process
+
+THROUGHPUT_RUNS = [  # name, options; every run but the baseline's shares one filled cache
+    ("baseline: --reference, no cache", ["--reference"]),
+    ("default, eager U-Net (--no-compile)", ["--no-compile"]),
+    ("default + --compile, first run (compiles the batch shape)", ["--compile"]),
+    ("default, later run (compiled U-Net from the cache)", []),
+]
+
+
+def bench_throughput(files: dict, work: Path, pictures: int):
+    """`ccld generate -n PICTURES` in one process per run, once each (minutes a run): the
+    per-picture time with the U-Net eager and compiled, and what the first compile costs."""
+    model = [arg for option, path in files.items() for arg in (option, path)]
+    args = [PROMPT, "--seed", "0", "-q", "--device", "cpu", *model]
+    cache = {**os.environ, "CCLD_CACHE_DIR": str(work / "throughput-cache")}
+    run_child([sys.executable, "-m", "ccld", "generate", *args, "--steps", "1",
+               "--out", str(work / "fill")], cache)  # converts the release files, untimed
+    rows = []
+    for name, extra in THROUGHPUT_RUNS:
+        env = {**os.environ, "CCLD_CACHE_DIR": "off"} if "--reference" in extra else cache
+        out = work / "throughput" / str(len(rows))
+        os.sync()
+        wall, _ = run_child([sys.executable, "-m", "ccld", "generate", *args, "-n", str(pictures),
+                             "--out", str(out), *extra], env, work / "rss.txt")
+        rows.append((name, wall, peak_rss_mb(work / "rss.txt")))
+    base = rows[0][1]
+    print(f"\n## throughput: {pictures} pictures of 256x256 in one `ccld generate -n {pictures}` "
+          f"process ({cpu_name()}; one run each)")
+    print("| run | wall s | s/picture | x baseline | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, wall, rss in rows:
+        print(f"| {name} | {wall:.1f} | {wall / pictures:.2f} | {base / wall:.2f} | {rss:.0f} |")
+    print(f"the first compile cost {rows[2][1] - rows[3][1]:.0f} s once; a later run loads the "
+          "package in milliseconds (the forward section times the load)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["imports", "forward", "paint"], action="append")
+    p.add_argument("--only", choices=SECTIONS, action="append")
     p.add_argument("--files", type=Path, help="folder for the release-format files (reused)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each painting, timed by their median (default 3)")
+    p.add_argument("--pictures", type=int, default=16,
+                   help="pictures of each throughput run (default 16)")
     p.add_argument("--isa", choices=["avx2"],
                    help="compute as a CPU with only this instruction set would (torch's kernels "
                         "and oneDNN's capped, so `auto` is float32): an AVX2-only machine's "
@@ -264,21 +347,24 @@ def main():
         # torch is imported) and every child it runs
         os.environ.update(ATEN_CPU_CAPABILITY=args.isa, ONEDNN_MAX_CPU_ISA=args.isa.upper())
         os.execv(sys.executable, [sys.executable, *sys.argv])
-    sections = args.only or ["imports", "forward", "paint"]
+    sections = args.only or SECTIONS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, CPU "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
     if "imports" in sections:
         bench_imports()
     if "forward" in sections:
         bench_forward()
-    if "paint" in sections:
+    if {"paint", "throughput"} & set(sections):
         sys.path.insert(0, str(HERE))
         from release_files import write_release_files
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = args.files or Path(tmp) / "release"
             files = write_release_files(folder)
-            bench_paint(files, Path(tmp), args.repeats)
+            if "paint" in sections:
+                bench_paint(files, Path(tmp), args.repeats)
+            if "throughput" in sections:
+                bench_throughput(files, Path(tmp), args.pictures)
 
 
 if __name__ == "__main__":
