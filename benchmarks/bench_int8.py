@@ -3,6 +3,7 @@
     pip install torchao                      # PyTorch's PT2E quantization lives there now
     python benchmarks/bench_int8.py          # the student's size: 192 channels, 1,1,2,2
     python benchmarks/bench_int8.py --base-channels 64 --json out.json
+    python benchmarks/bench_int8.py --toy-error      # int8's error on the trained toy model
 
 One guided step (batch 2, 32x32 latents) of a random-weight U-Net: eager float32 channels-last
 (what `auto` runs on a CPU without native bf16), the same net compiled by inductor with
@@ -11,8 +12,10 @@ freezing, and its convolutions quantized to int8 by PT2E with the x86 inductor q
 compiled. Prints the time of each, its ratio to eager float32, the one-off costs (export and
 calibration, each compile's first call) and the int8 output's error relative to float32's.
 Random weights say little about a trained model's quantization error: the error only shows
-that the path computes the same function. Inductor's caches go to a temporary folder, removed
-at the end, so each compile is a cold one (unless TORCHINDUCTOR_CACHE_DIR names another).
+that the path computes the same function. `--toy-error` measures it on the trained toy model
+of `make_toy_model.py` instead, as `bench_solvers.py` measures solvers (against plms-500).
+Inductor's caches go to a temporary folder, removed at the end, so each compile is a cold one
+(unless TORCHINDUCTOR_CACHE_DIR names another).
 """
 
 from __future__ import annotations
@@ -26,25 +29,112 @@ import time
 from pathlib import Path
 
 
-def quantized(net, inputs, calibration: int):
-    """`net` with its convolutions int8 (PT2E, x86 inductor quantizer), calibrated on noised
-    latents at `calibration` timesteps. (Linears stay float32: torchao 0.18's inductor pass for
-    quantized linears with post-ops fails on torch 2.13.)"""
+def quantized(net, example, calibration):
+    """`net` with its convolutions int8 (PT2E, x86 inductor quantizer: weights per channel),
+    exported at `example`'s shapes and its activations calibrated on the `calibration` inputs.
+    (Linears stay float32: torchao 0.18's inductor pass for quantized linears with post-ops
+    fails on torch 2.13.)"""
     import torch
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = x86.X86InductorQuantizer().set_module_type_qconfig(
         torch.nn.Conv2d, x86.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(torch.export.export(net, inputs).module(), quantizer)
-    generator = torch.Generator().manual_seed(1)
-    x, _, embed = inputs
+    prepared = prepare_pt2e(torch.export.export(net, example).module(), quantizer)
     with torch.no_grad():
-        for i in range(calibration):
-            t = torch.full((x.shape[0],), (i + 0.5) / calibration)
-            prepared(torch.randn(x.shape, generator=generator), t,
-                     torch.randn(embed.shape, generator=generator))
+        for inputs in calibration:
+            prepared(*inputs)
     return convert_pt2e(prepared)
+
+
+def noised_inputs(example, count: int) -> list:
+    """Random latents and embeddings at `count` evenly spread timesteps."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    x, _, embed = example
+    return [(torch.randn(x.shape, generator=generator), torch.full((x.shape[0],), (i + 0.5) / count),
+             torch.randn(embed.shape, generator=generator)) for i in range(count)]
+
+
+def toy_error(args, argv: list[str]) -> int:
+    """The int8 U-Net's error on the trained toy model (benchmarks/make_toy_model.py), as the
+    solver table measures it: the relative RMS error of the final latent against plms-500 from
+    the same noise and held-out condition (guidance 3), for UniPC-11 (the default) in float32
+    and with int8 convolutions, against plms-15's; and what int8 adds, the error of its
+    UniPC-11 latent against float32's. Activations are calibrated on the model's own UniPC-11
+    trajectories from other noise (every U-Net call's inputs)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import bench_solvers as solvers  # (beside this script)
+    from ccld.models.unet import load_unet
+
+    if not solvers.TOY_UNET.is_file():
+        print(f"bench_int8: {solvers.TOY_UNET} is missing: run benchmarks/make_toy_model.py",
+              file=sys.stderr)
+        return 2
+    unet = load_unet(solvers.TOY_UNET).float().eval()
+    held = load_file(str(solvers.TOY_HELDOUT))["embed"].float()
+    digest = solvers.weights_digest(unet)
+
+    def case(net, seed):
+        noise = torch.randn([1, 4, 16, 16], generator=torch.Generator().manual_seed(seed))
+        return solvers.guided_case(net, digest, held[seed % len(held)][None], noise)
+
+    calls = []
+
+    def recorded(x, t, embed):
+        calls.append((x.clone(), t.clone(), embed.clone()))
+        return unet(x, t, embed)
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for seed in range(1000, 1000 + args.calibration):  # noise never measured below
+            solvers.run_setting(case(recorded, seed), "unipc", 11)
+    with torch.no_grad():
+        int8 = torch.compile(quantized(unet, calls[0], calls))
+        int8(*calls[0])
+    setup_s = time.perf_counter() - started
+    # bench_solvers.py's reference solutions, shared
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccld" / "bench_solvers"
+    rows = []
+    with torch.no_grad():
+        for seed in range(args.seeds):
+            float32, quantized_case = case(unet, seed), case(int8, seed)
+            ref = solvers.reference(float32, 500, cache)
+            fp32_out = solvers.run_setting(float32, "unipc", 11)
+            int8_out = solvers.run_setting(quantized_case, "unipc", 11)
+            rows.append({"seed": seed,
+                         "plms15": solvers.relative_rms(solvers.run_setting(float32, *solvers.DEMO), ref),
+                         "unipc11_fp32": solvers.relative_rms(fp32_out, ref),
+                         "unipc11_int8": solvers.relative_rms(int8_out, ref),
+                         "int8_added": solvers.relative_rms(int8_out, fp32_out)})
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "seed"}
+    added_ratio = max(r["int8_added"] / r["plms15"] for r in rows)
+    print(f"toy U-Net {unet.base_channels} x {','.join(map(str, unet.channel_multipliers))}, "
+          f"{args.seeds} seeds, int8 convolutions calibrated on {len(calls)} U-Net calls "
+          f"({args.calibration} UniPC-11 trajectories; quantize and compile {setup_s:.0f} s)")
+    print("relative RMS error of the final latent against plms-500 (mean over seeds):")
+    for name, key in (("plms-15 fp32", "plms15"), ("unipc-11 fp32", "unipc11_fp32"),
+                      ("unipc-11 int8", "unipc11_int8"), ("int8 against fp32 unipc-11", "int8_added")):
+        print(f"  {name:<28}{mean[key]:.4f}")
+    print(f"int8's added error / plms-15's error: worst seed {added_ratio:.2f} (the bound: 0.25)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "recorded": time.strftime("%Y-%m-%d"),
+            "command": " ".join(["python", "benchmarks/bench_int8.py", *argv]),
+            "cpu": cpu_name_of(), "torch": torch.__version__,
+            "what": " ".join(toy_error.__doc__.split()),
+            "calibration_calls": len(calls), "mean": mean, "worst_added_over_plms15": added_ratio,
+            "per_seed": rows}, indent=2) + "\n")
+    return 0
+
+
+def cpu_name_of() -> str:
+    from bench_inference import cpu_name
+
+    return cpu_name()
 
 
 def main(argv=None) -> int:
@@ -53,6 +143,10 @@ def main(argv=None) -> int:
     parser.add_argument("--channel-multipliers", default="1,1,2,2")
     parser.add_argument("--calibration", type=int, default=8, help="calibration timesteps")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--toy-error", action="store_true",
+                        help="instead: int8's error on the trained toy model against plms-500 "
+                             "(--calibration UniPC-11 trajectories, --seeds seeds)")
+    parser.add_argument("--seeds", type=int, default=8, help="toy-error seeds (default 8)")
     args = parser.parse_args(argv)
     try:
         import torchao  # noqa: F401
@@ -61,7 +155,8 @@ def main(argv=None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="ccld-bench-inductor-") as cache:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
-        return measure(args, sys.argv[1:] if argv is None else argv)
+        run = toy_error if args.toy_error else measure
+        return run(args, sys.argv[1:] if argv is None else argv)
 
 
 def measure(args, argv: list[str]) -> int:
@@ -88,7 +183,7 @@ def measure(args, argv: list[str]) -> int:
         reference = net(*inputs)
         figures["fp32_eager_s"] = best_time(lambda: net(*inputs))
         start = time.perf_counter()
-        int8 = quantized(net, inputs, args.calibration)
+        int8 = quantized(net, inputs, noised_inputs(inputs, args.calibration))
         figures["int8_export_and_calibration_s"] = time.perf_counter() - start
         start = time.perf_counter()
         int8 = torch.compile(int8)
