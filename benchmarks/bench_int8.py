@@ -23,15 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-def quantized(net, example, calibration):
+def quantized(net, example, calibration, keep_float: str | None = None):
     """`net` with its convolutions int8 (PT2E, x86 inductor quantizer: weights per channel),
-    exported at `example`'s shapes and its activations calibrated on the `calibration` inputs.
+    exported at `example`'s shapes and its activations calibrated on the `calibration` inputs;
+    convolutions whose module names match the regular expression `keep_float` stay float32.
     (Linears stay float32: torchao 0.18's inductor pass for quantized linears with post-ops
     fails on torch 2.13.)"""
     import torch
@@ -40,6 +42,9 @@ def quantized(net, example, calibration):
 
     quantizer = x86.X86InductorQuantizer().set_module_type_qconfig(
         torch.nn.Conv2d, x86.get_default_x86_inductor_quantization_config())
+    for name, module in net.named_modules():  # (a module's name outranks its type)
+        if keep_float and isinstance(module, torch.nn.Conv2d) and re.search(keep_float, name):
+            quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(torch.export.export(net, example).module(), quantizer)
     with torch.no_grad():
         for inputs in calibration:
@@ -93,7 +98,7 @@ def toy_error(args, argv: list[str]) -> int:
         for seed in range(1000, 1000 + args.calibration):  # noise never measured below
             solvers.run_setting(case(recorded, seed), "unipc", 11)
     with torch.no_grad():
-        int8 = torch.compile(quantized(unet, calls[0], calls))
+        int8 = torch.compile(quantized(unet, calls[0], calls, args.keep_float))
         int8(*calls[0])
     setup_s = time.perf_counter() - started
     # bench_solvers.py's reference solutions, shared
@@ -114,7 +119,8 @@ def toy_error(args, argv: list[str]) -> int:
     added_ratio = max(r["int8_added"] / r["plms15"] for r in rows)
     print(f"toy U-Net {unet.base_channels} x {','.join(map(str, unet.channel_multipliers))}, "
           f"{args.seeds} seeds, int8 convolutions calibrated on {len(calls)} U-Net calls "
-          f"({args.calibration} UniPC-11 trajectories; quantize and compile {setup_s:.0f} s)")
+          f"({args.calibration} UniPC-11 trajectories; quantize and compile {setup_s:.0f} s)"
+          + (f"; float32: convolutions matching {args.keep_float!r}" if args.keep_float else ""))
     print("relative RMS error of the final latent against plms-500 (mean over seeds):")
     for name, key in (("plms-15 fp32", "plms15"), ("unipc-11 fp32", "unipc11_fp32"),
                       ("unipc-11 int8", "unipc11_int8"), ("int8 against fp32 unipc-11", "int8_added")):
@@ -126,8 +132,8 @@ def toy_error(args, argv: list[str]) -> int:
             "command": " ".join(["python", "benchmarks/bench_int8.py", *argv]),
             "cpu": cpu_name_of(), "torch": torch.__version__,
             "what": " ".join(toy_error.__doc__.split()),
-            "calibration_calls": len(calls), "mean": mean, "worst_added_over_plms15": added_ratio,
-            "per_seed": rows}, indent=2) + "\n")
+            "calibration_calls": len(calls), "keep_float": args.keep_float, "mean": mean,
+            "worst_added_over_plms15": added_ratio, "per_seed": rows}, indent=2) + "\n")
     return 0
 
 
@@ -147,6 +153,9 @@ def main(argv=None) -> int:
                         help="instead: int8's error on the trained toy model against plms-500 "
                              "(--calibration UniPC-11 trajectories, --seeds seeds)")
     parser.add_argument("--seeds", type=int, default=8, help="toy-error seeds (default 8)")
+    parser.add_argument("--keep-float", metavar="REGEX",
+                        help="convolutions whose module names match stay float32, e.g. "
+                             r"'^net\.(0|8)\.|_proj$' (the outermost blocks and attention)")
     args = parser.parse_args(argv)
     try:
         import torchao  # noqa: F401
