@@ -73,6 +73,7 @@ def toy_error(args, argv: list[str]) -> int:
     from safetensors.torch import load_file
 
     import bench_solvers as solvers  # (beside this script)
+    from bench_inference import cpu_name
     from ccld.models.unet import load_unet
 
     if not solvers.TOY_UNET.is_file():
@@ -130,17 +131,11 @@ def toy_error(args, argv: list[str]) -> int:
         args.json.write_text(json.dumps({
             "recorded": time.strftime("%Y-%m-%d"),
             "command": " ".join(["python", "benchmarks/bench_int8.py", *argv]),
-            "cpu": cpu_name_of(), "torch": torch.__version__,
+            "cpu": cpu_name(), "torch": torch.__version__,
             "what": " ".join(toy_error.__doc__.split()),
             "calibration_calls": len(calls), "keep_float": args.keep_float, "mean": mean,
             "worst_added_over_plms15": added_ratio, "per_seed": rows}, indent=2) + "\n")
     return 0
-
-
-def cpu_name_of() -> str:
-    from bench_inference import cpu_name
-
-    return cpu_name()
 
 
 def main(argv=None) -> int:
