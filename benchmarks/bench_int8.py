@@ -102,13 +102,11 @@ def toy_error(args, argv: list[str]) -> int:
         int8 = torch.compile(quantized(unet, calls[0], calls, args.keep_float))
         int8(*calls[0])
     setup_s = time.perf_counter() - started
-    # bench_solvers.py's reference solutions, shared
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccld" / "bench_solvers"
     rows = []
     with torch.no_grad():
         for seed in range(args.seeds):
             float32, quantized_case = case(unet, seed), case(int8, seed)
-            ref = solvers.reference(float32, 500, cache)
+            ref = solvers.reference(float32, 500, solvers.REFERENCE_CACHE)
             fp32_out = solvers.run_setting(float32, "unipc", 11)
             int8_out = solvers.run_setting(quantized_case, "unipc", 11)
             rows.append({"seed": seed,

@@ -47,6 +47,7 @@ TOY_HELDOUT = HERE / "fixtures" / "toy_heldout.safetensors"
 STUDENT = (192, (1, 1, 2, 2))
 GUIDANCE = 3.0
 DEMO = ("plms", 15)  # the reference demo's default: the accuracy to match
+REFERENCE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccld" / "bench_solvers"
 
 SOLVER_SETTINGS = [("plms", 15), ("plms", 10), ("iplms", 10), ("plms2", 10), ("ddim", 10),
                    ("dpm++2m", 8), ("dpm++2m", 10), ("dpm++2m", 12), ("dpm++2m", 15),
@@ -205,8 +206,7 @@ def main():
                    help="noise seeds, e.g. 0-7 or 0,3,5 (default: 0-7 trained, 0-1 random, "
                         "whose 32x32 student forwards cost ~25x more)")
     p.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                   / "ccld" / "bench_solvers", help="where reference solutions are kept")
+                   default=REFERENCE_CACHE, help="where reference solutions are kept")
     p.add_argument("--no-cache", action="store_true", help="recompute the references")
     args = p.parse_args()
     cache = None if args.no_cache else args.cache_dir
